@@ -1,0 +1,3 @@
+"""ablate: how should I choose my self-attention parameters?"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""The ``ablate`` command: train, study, report, bench, ui. Bad input exits 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ablate.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ablate", description="Ablations of self-attention, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one configuration (a run config or a study file's base)")
+    p.add_argument("config", help="YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("study", help="run (or resume) an Optuna study declared in a YAML file, then its report")
+    p.add_argument("spec", help="studies/NAME.yaml")
+    p.add_argument("--trials", type=int, default=None, help="stop after this many trials in this invocation")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: $ABLATE_STORAGE or runs/optuna.db)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before workers stop taking trials")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+    p = sub.add_parser("report", help="write reports/<study>/index.html from the MLflow and Optuna stores")
+    p.add_argument("studies", nargs="*", help="study names or studies/*.yaml files")
+    p.add_argument("--all", action="store_true", help="every study in the store")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--out", default="reports")
+
+    p = sub.add_parser("bench", help="time attention backends and scaling variants; writes reports/bench/")
+    p.add_argument("--out", default="reports/bench")
+    p.add_argument("--quick", action="store_true", help="a few shapes, few repeats")
+
+    p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the local store")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args) or 0
+    except ConfigError as err:
+        print(f"ablate {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    if args.command == "train":
+        from ablate.tracking import train_from_file
+
+        return train_from_file(args.config, args.overrides)
+    if args.command == "study":
+        from ablate.study import run_study
+
+        return run_study(
+            args.spec,
+            trials=args.trials,
+            workers=args.workers,
+            storage=args.storage,
+            timeout=args.timeout,
+            overrides=args.overrides,
+            report=not args.no_report,
+        )
+    if args.command == "report":
+        from ablate.report import report_command
+
+        return report_command(args.studies, all_studies=args.all, storage=args.storage, out=args.out)
+    if args.command == "bench":
+        from ablate.bench import run_bench
+
+        return run_bench(args.out, quick=args.quick)
+    if args.command == "ui":
+        from ablate.tracking import open_ui
+
+        return open_ui(args.port)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Typed, frozen configuration of one training run, built from YAML and validated before any work starts.
+
+Precedence is one rule: dataclass defaults, then the YAML file, then ``--set key=value`` overrides.
+Every problem is a :class:`ConfigError` whose message is one line naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCALINGS = ("sqrt", "inverse", "none", "learned", "qknorm", "logn")
+BACKENDS = ("sdpa", "manual")
+TASKS = ("charlm", "recall", "listops")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad input: ``str()`` is one line, ``<source>: <key>: <problem>``."""
+
+    def __init__(self, key: str, problem: str, source: str = "") -> None:
+        self.key, self.problem, self.source = key, problem, source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.key}: {self.problem}"
+
+    def at(self, source: str, prefix: str = "") -> ConfigError:
+        """The same error, located in ``source`` and under the key ``prefix``."""
+        key = f"{prefix}.{self.key}" if prefix and not self.key.startswith(prefix + ".") else self.key
+        return ConfigError(key, self.problem, self.source or source)
+
+
+def choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture. Vocabulary, length and head type come from the task, not from here."""
+
+    embed_dim: int = 128
+    num_heads: int = 4
+    head_dim: int | None = None
+    """Width of one head; ``None`` derives ``embed_dim // num_heads``. Set, it decouples head size from width."""
+    num_layers: int = 2
+    mlp_ratio: float = 4.0
+    attn_dropout: float = 0.0
+    """Dropout on the attention weights, as in ``torch.nn.MultiheadAttention``."""
+    resid_dropout: float = 0.0
+    """Dropout after ``attn_out`` and after the MLP, ablated apart from ``attn_dropout``."""
+    scaling: str = choice("sqrt", SCALINGS, "how attention logits are scaled")
+    backend: str = choice("sdpa", BACKENDS, "sdpa: fused kernel; manual: the formula written out")
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("embed_dim", "num_heads", "num_layers"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.head_dim is None or self.head_dim >= 1, "head_dim", f"must be >= 1, got {self.head_dim}")
+        _check(
+            self.head_dim is not None or self.embed_dim % self.num_heads == 0,
+            "num_heads",
+            f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+            "change one or set head_dim explicitly",
+        )
+        _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        for key in ("attn_dropout", "resid_dropout"):
+            _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the model learns. Fields of other tasks are ignored by each task."""
+
+    name: str = choice("charlm", TASKS, "charlm: real text; recall: MQAR; listops: nested expressions")
+    seq_len: int = 128
+    # charlm
+    source: str = "python-docs"
+    """``python-docs`` (ships with CPython), a path to a .txt file or folder, or ``hf:<name>[:<config>]``."""
+    text_column: str = "text"
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    # recall and listops: generated examples
+    num_train: int = 20000
+    num_val: int = 1000
+    num_test: int = 1000
+    num_pairs: int = 8
+    """recall: key-value pairs per sequence (queries ask for each of them)."""
+    vocab_size: int = 64
+    """recall: number of distinct key and value tokens."""
+    max_depth: int = 3
+    """listops: deepest nesting of operators."""
+    max_args: int = 4
+    """listops: most operands of one operator."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        for key in ("num_train", "num_val", "num_test", "num_pairs", "vocab_size", "max_depth", "max_args"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("val_fraction", "test_fraction"):
+            _check(0.0 < getattr(self, key) < 0.5, key, f"must be in (0, 0.5), got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one run trains. Same config and seed on the CPU give the same loss curve."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    """AdamW decay, applied to weight matrices only (not to biases, norms, embeddings' positions or gains)."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at ``lr * min_lr_ratio``."""
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    """Batches of the fixed validation sample seen at intermediate evaluations; the final one uses the full split."""
+    log_every: int = 10
+    seed: int = 0
+    device: str = choice("auto", DEVICES, "auto picks cuda, then mps, then cpu")
+    precision: str = choice("auto", PRECISIONS, "auto: bf16 autocast on CUDA, fp32 elsewhere")
+    compile: bool = False
+    threads: int | None = None
+    """torch intra-op threads; ``None`` leaves torch's default."""
+    diverge_factor: float = 4.0
+    """A loss above ``diverge_factor`` times the initial loss (or non-finite) ends the run as diverged."""
+    checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "eval_every", "eval_batches", "log_every"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.warmup_steps, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        _check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        _check(self.diverge_factor > 1, "diverge_factor", f"must be > 1, got {self.diverge_factor}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+RUN_SECTIONS = ("model", "task", "train")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building configs from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp``, or a ConfigError naming ``key``. Ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys, wrong types and values outside ``choices``."""
+    where = prefix or cls.__name__
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise ConfigError(key, f"unknown key; allowed: {', '.join(fields)}")
+        kwargs[name] = _coerce(value, hints[name], key)
+        allowed = fields[name].metadata.get("choices")
+        if allowed and kwargs[name] not in allowed:
+            raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.at("", prefix) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"model.num_heads=8"`` -> ``("model.num_heads", 8)``; the value is read as YAML (``null``, ``1e-3``, ``true``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", f"expected key=value, got {text!r}")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
+    return key.strip(), value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``dotted == "a.b"``, creating mappings on the way."""
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"{part!r} is not a mapping")
+        node = child
+    node[last] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file, or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("file", "not found", str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        raise ConfigError("yaml", f"not valid YAML (line {line + 1 if line is not None else '?'})", str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("file", "must contain a YAML mapping at the top level", str(path))
+    return data
+
+
+def run_config_from(data: dict, overrides: list[str] = (), source: str = "") -> RunConfig:
+    """A RunConfig from the ``model``/``task``/``train`` sections of ``data`` (other keys ignored), then overrides."""
+    data = {key: dict(data.get(key) or {}) for key in RUN_SECTIONS}
+    try:
+        for text in overrides:
+            key, value = parse_override(text)
+            if key.split(".")[0] not in RUN_SECTIONS:
+                raise ConfigError(key, f"unknown key; allowed sections: {', '.join(RUN_SECTIONS)}")
+            set_path(data, key, value)
+        return from_dict(RunConfig, data)
+    except ConfigError as err:
+        raise err.at(source) from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """A run config file, or a study file whose base configuration is trained."""
+    return run_config_from(read_yaml(path), overrides, str(path))
+
+
+def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """``config`` with dotted keys replaced (``{"model.num_heads": 8}``), validated again."""
+    data = to_dict(config)
+    for key, value in values.items():
+        set_path(data, key, value)
+    return from_dict(RunConfig, data)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"num_heads": 8}}`` -> ``{"model.num_heads": 8}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def to_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,59 @@
+"""The names shared by tracking, the study runner and the report: one place, so they cannot drift apart.
+
+MLflow layout: one experiment per study (``ablate`` for single runs); in it one parent run per study and one
+nested child run per trial. Params are the resolved config flattened with dots (``model.num_heads``) plus
+``derived.*``. Metric names follow ``train/loss``, ``val/loss``, ``val/bpc``, ``val/acc``, ``perf/tokens_per_s``.
+"""
+
+DEFAULT_EXPERIMENT = "ablate"
+
+# Tags (MLflow) ---------------------------------------------------------------------------------------------------
+TAG_STUDY = "ablate.study"  # study name, on the parent and every child run
+TAG_ROLE = "ablate.role"  # "study" on the parent run, "trial" on a child run, "run" on a single `ablate train` run
+TAG_TRIAL = "ablate.trial"  # Optuna trial number
+TAG_KIND = "ablate.kind"  # "ablation" or "search": which design produced the data
+TAG_PHASE = "ablate.phase"  # ablation: "tune" (nuisance exploration) or "seed" (re-run of a variant's best point)
+TAG_VARIANT = "ablate.variant"  # "base" or "<param>=<value>", e.g. "model.num_heads=8"
+TAG_FACTOR = "ablate.factor"  # the scientific parameter a variant changes ("" for base)
+TAG_STATUS = "ablate.status"  # the trainer's status: completed, diverged, stopped (pruned), failed
+TAG_REASON = "ablate.reason"  # why a run diverged, stopped or failed
+TAG_GIT_COMMIT = "git.commit"
+TAG_GIT_DIRTY = "git.dirty"
+TAG_DEVICE = "ablate.device"
+TAG_BACKEND = "ablate.backend"
+
+# Optuna user attributes -------------------------------------------------------------------------------------------
+ATTR_RUN_ID = "mlflow_run_id"  # on a trial: its MLflow child run
+ATTR_PARENT_RUN_ID = "mlflow_parent_run_id"  # on a study
+ATTR_KIND = "kind"  # on a study: "ablation" or "search"
+ATTR_SPEC = "spec"  # on a study: the study file's mapping, as loaded
+ATTR_PHASE = "phase"  # on a trial, as TAG_PHASE
+ATTR_VARIANT = "variant"  # on a trial, as TAG_VARIANT
+ATTR_FACTOR = "factor"  # on a trial, as TAG_FACTOR
+ATTR_SEED = "seed"  # on a trial: train.seed
+
+# Metrics ----------------------------------------------------------------------------------------------------------
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TOKENS_PER_S = "perf/tokens_per_s"
+VAL_LOSS = "val/loss"  # at intermediate evaluations: the fixed validation sample; final: the full split
+BEST_VAL_LOSS = "best/val/loss"
+WALL_S = "perf/wall_s"
+PEAK_MEM_MB = "perf/peak_mem_mb"
+PARAMS = "cost/params"
+FLOPS_PER_TOKEN = "cost/flops_per_token"
+FLOPS_TOTAL = "cost/flops_total"
+
+
+def val_metric(task_metric: str) -> str:
+    """``"bpc"`` -> ``"val/bpc"``; the task's own metric."""
+    return f"val/{task_metric}"
+
+
+def entropy_metric(layer: int, head: int) -> str:
+    return f"attn/entropy/l{layer}h{head}"
+
+
+def max_logit_metric(layer: int) -> str:
+    return f"attn/max_logit/l{layer}"
