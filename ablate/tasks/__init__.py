@@ -1,0 +1,37 @@
+"""The tasks the studies train on, built with Hugging Face `datasets` and cached by fingerprint.
+
+``build_task(cfg, seed)`` gives a :class:`Task`: its ``data`` (a DatasetDict, already tokenised), what the model
+needs (``vocab_size``, ``seq_len``, ``num_classes``), its ``metric`` and iterators of :class:`Batch`.
+
+- ``charlm``: characters of real text (python-docs, local .txt, or ``hf:<name>[:<config>]``), metric bpc.
+- ``recall``: multi-query associative recall, loss and accuracy only at the query positions.
+- ``listops``: nested-expression classification with padding, metric accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ablate.config import TASKS, ConfigError, TaskConfig
+from ablate.tasks import charlm, generated
+from ablate.tasks.base import IGNORE, SPLITS, Batch, Task, cache_dir
+
+BUILDERS: dict[str, Callable[[TaskConfig, int], Task]] = {
+    "charlm": charlm.build,
+    "recall": generated.build_recall,
+    "listops": generated.build_listops,
+}
+assert set(BUILDERS) == set(TASKS), "config.TASKS and the task registry must name the same tasks"
+
+
+def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
+    """The task ``cfg`` names, built (or loaded from the cache) for ``seed``; bad configs raise ConfigError first.
+
+    Generated tasks (recall, listops) draw their examples from ``seed``; charlm's split does not depend on it.
+    """
+    if cfg.name not in BUILDERS:
+        raise ConfigError("task.name", f"unknown task {cfg.name!r}; allowed: {', '.join(BUILDERS)}")
+    return BUILDERS[cfg.name](cfg, seed)
+
+
+__all__ = ["IGNORE", "SPLITS", "Batch", "Task", "build_task", "cache_dir"]

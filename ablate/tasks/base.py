@@ -1,0 +1,179 @@
+"""What every task shares: the Batch and Task types, the fast iterators, and building splits through `datasets`.
+
+A task's rows live in a ``datasets.DatasetDict`` (train/validation/test) with the columns ``inputs`` (seq_len ids),
+``targets`` (seq_len ids with -100 where unscored, or one class id) and, for padded tasks, ``length``. The Arrow
+files are cached under ``$HF_DATASETS_CACHE/ablate`` by a fingerprint of everything the data depends on, so the
+trials of a study build a task once. Iterators turn each split into torch tensors once and then only index them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from ablate.config import ConfigError
+
+SPLITS = ("train", "validation", "test")
+IGNORE = -100  # targets at unscored positions; F.cross_entropy(..., ignore_index=-100)
+DEVICE_CACHE_BYTES = 1 << 30  # splits up to this size live on the accelerator; larger ones are copied per batch
+FORMAT_VERSION = 1  # bump when the rows a config produces change, so stale caches are not reused
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch on its device. ``targets`` is (B, T) for LM-style tasks and (B,) for classification."""
+
+    inputs: torch.Tensor  # (B, T) long
+    targets: torch.Tensor  # (B, T) long with -100 at unscored positions, or (B,) long
+    pad_mask: torch.Tensor | None = None  # (B, T) bool, True at real tokens; None when nothing is padded
+
+
+@dataclass(eq=False)
+class Task:
+    """A built task: its data, what a model needs to know about it, and iterators of torch batches."""
+
+    name: str
+    data: datasets.DatasetDict
+    vocab_size: int
+    seq_len: int
+    num_classes: int | None  # None: LM-style (targets per position, causal model)
+    metric: str  # "bpc" or "acc"
+    digest: str  # short hash of everything the data depends on; equal digests mean identical data
+    vocab: tuple[str, ...] = ()  # id -> token text, for decoding samples
+    description: str = ""  # one line for logs and reports
+    _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    def decode(self, ids: Any) -> str:
+        """Token ids (list or tensor) as text; ids outside the vocabulary (-100) are skipped."""
+        joiner = "" if self.name == "charlm" else " "
+        return joiner.join(self.vocab[i] for i in map(int, ids) if 0 <= i < len(self.vocab))
+
+    def batches(self, split: str, batch_size: int, *, seed: int, device: Any = "cpu") -> Iterator[Batch]:
+        """Shuffled batches without end, for training: each epoch is a new permutation drawn from ``seed``."""
+        if batch_size < 1:
+            raise ConfigError("train.batch_size", f"must be >= 1, got {batch_size}")
+        tensors = self._split_tensors(split, device)
+        gen = torch.Generator().manual_seed(seed)
+        return (_batch(tensors, idx, device) for idx in _index_stream(len(tensors["inputs"]), batch_size, gen))
+
+    def eval_batches(
+        self, split: str, batch_size: int, *, device: Any = "cpu", limit: int | None = None
+    ) -> Iterator[Batch]:
+        """The split in its fixed order, the last batch possibly smaller; at most ``limit`` batches."""
+        tensors = self._split_tensors(split, device)
+        n = len(tensors["inputs"])
+        starts = range(0, n, batch_size)
+        if limit is not None:
+            starts = starts[:limit]
+        return (_batch(tensors, slice(s, s + batch_size), device) for s in starts)
+
+    def num_examples(self, split: str) -> int:
+        return self.data[split].num_rows
+
+    def _split_tensors(self, split: str, device: Any) -> dict[str, torch.Tensor]:
+        """The split as tensors, kept on ``device`` when small enough so a batch is one gather, no copy per step."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if split not in self._tensors:
+            self._tensors[split] = _to_tensors(self.data[split], self.seq_len)
+        device = torch.device(device)
+        key = f"{split}@{device}"
+        if device.type != "cpu" and key not in self._tensors:
+            host = self._tensors[split]
+            if sum(t.nbytes for t in host.values()) <= DEVICE_CACHE_BYTES:
+                self._tensors[key] = {name: t.to(device) for name, t in host.items()}
+        return self._tensors.get(key, self._tensors[split])
+
+
+def _to_tensors(ds: datasets.Dataset, seq_len: int) -> dict[str, torch.Tensor]:
+    """The whole split as long tensors (and a bool pad mask from ``length``), converted once."""
+    arrays = ds.with_format("numpy")[:]
+    out = {key: torch.from_numpy(arrays[key]).long() for key in ("inputs", "targets")}
+    if "length" in arrays:
+        out["pad_mask"] = torch.arange(seq_len)[None, :] < torch.from_numpy(arrays["length"])[:, None]
+    return out
+
+
+def _index_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Batches of indices from consecutive permutations of range(n); a batch may span two epochs."""
+    perm, pos = torch.randperm(n, generator=gen), 0
+    while True:
+        parts, need = [], batch_size
+        while need:
+            if pos == n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            take = min(need, n - pos)
+            parts.append(perm[pos : pos + take])
+            pos, need = pos + take, need - take
+        yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _batch(tensors: dict[str, torch.Tensor], idx: torch.Tensor | slice, device: Any) -> Batch:
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t[idx].to(device, non_blocking=True)
+
+    mask = tensors.get("pad_mask")
+    return Batch(move(tensors["inputs"]), move(tensors["targets"]), None if mask is None else move(mask))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building
+
+
+def cache_dir() -> Path:
+    """Where built tasks are cached; read at call time so ``HF_DATASETS_CACHE`` set after import still counts."""
+    root = os.environ.get("HF_DATASETS_CACHE") or datasets.config.HF_DATASETS_CACHE
+    return Path(root) / "ablate"
+
+
+def digest_of(spec: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able spec (config fields, seed, text hash, format version)."""
+    text = json.dumps({**spec, "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def row_features(seq_len: int, classification: bool, padded: bool) -> datasets.Features:
+    ids = datasets.List(datasets.Value("int32"), length=seq_len)
+    cols = {"inputs": ids, "targets": datasets.Value("int32") if classification else ids}
+    if padded:
+        cols["length"] = datasets.Value("int32")
+    return datasets.Features(cols)
+
+
+def build_splits(
+    name: str,
+    digest: str,
+    rows: Callable[..., Iterator[dict]],
+    gen_kwargs: dict[str, Any],
+    sizes: dict[str, int],
+    features: datasets.Features,
+) -> datasets.DatasetDict:
+    """Rows of train, then validation, then test from one generator, cached under the fingerprint ``digest``.
+
+    The fingerprint replaces datasets' hash of ``gen_kwargs`` (large texts need no hashing) and names the cache.
+    """
+    try:
+        ds = datasets.Dataset.from_generator(
+            rows,
+            features=features,
+            gen_kwargs=gen_kwargs,
+            cache_dir=str(cache_dir()),
+            fingerprint=f"ablate-{name}-{digest}",
+        )
+    except datasets.exceptions.DatasetGenerationError as err:
+        if isinstance(err.__cause__, ConfigError):  # a generator found the config impossible
+            raise err.__cause__ from None
+        raise
+    splits, start = {}, 0
+    for split in SPLITS:
+        splits[split] = ds.select(range(start, start + sizes[split]))  # contiguous: a slice, no index mapping
+        start += sizes[split]
+    return datasets.DatasetDict(splits)

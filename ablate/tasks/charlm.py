@@ -1,0 +1,139 @@
+"""charlm: character-level language modelling on real text, reported in bits per character.
+
+The text is split into three contiguous blocks (train, then validation, then test at the end), so no window crosses
+a split. Each block is cut into windows of seq_len + 1 characters with stride seq_len (every character is predicted
+once per epoch): inputs = window[:-1], targets = window[1:]. The vocabulary is the characters of train plus id 0,
+the unknown character, which stands for anything seen only in validation or test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from ablate.config import ConfigError, TaskConfig
+from ablate.tasks.base import Task, build_splits, cache_dir, digest_of, row_features
+
+UNKNOWN = "\ufffd"  # id 0
+DOC_SEPARATOR = "\n\n"
+
+
+def build(cfg: TaskConfig, seed: int) -> Task:
+    """The seed is unused: the split of a text is fixed (the trainer's seed only orders batches)."""
+    text = load_text(cfg.source, cfg.text_column)
+    blocks = split_text(text, cfg)
+    vocab = (UNKNOWN, *sorted(set(blocks["train"]) - {UNKNOWN}))
+    text_sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    spec = {"task": "charlm", "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction, "text_sha256": text_sha}  # fmt: skip
+    digest = digest_of(spec)
+    sizes = {split: (len(block) - 1) // cfg.seq_len for split, block in blocks.items()}
+    data = build_splits(
+        "charlm",
+        digest,
+        _rows,
+        {"blocks": blocks, "vocab": vocab, "seq_len": cfg.seq_len},
+        sizes,
+        row_features(cfg.seq_len, classification=False, padded=False),
+    )
+    return Task(
+        name="charlm",
+        data=data,
+        vocab_size=len(vocab),
+        seq_len=cfg.seq_len,
+        num_classes=None,
+        metric="bpc",
+        digest=digest,
+        vocab=vocab,
+        description=f"charlm on {cfg.source}: {len(text):,} characters, vocabulary {len(vocab)}, "
+        f"windows train/val/test {sizes['train']}/{sizes['validation']}/{sizes['test']}",
+    )
+
+
+def load_text(source: str, text_column: str = "text") -> str:
+    """The whole corpus of ``source`` as one string, or a ConfigError naming ``task.source``."""
+    if source == "python-docs":
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        text = DOC_SEPARATOR.join(topics[key] for key in sorted(topics))  # sorted: the same order everywhere
+    elif source.startswith("hf:"):
+        text = _load_hf(source, text_column)
+    else:
+        text = _load_files(source)
+    if not text.strip():
+        raise ConfigError("task.source", f"{source!r} has no text")
+    return text
+
+
+def _load_files(source: str) -> str:
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ConfigError("task.source", f"folder {source!r} has no .txt files")
+    else:
+        raise ConfigError(
+            "task.source", f"{source!r}: no such file or folder; use python-docs, a .txt file or folder, or hf:<name>"
+        )
+    try:
+        return DOC_SEPARATOR.join(f.read_text(encoding="utf-8") for f in files)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("task.source", f"{source!r}: cannot read as UTF-8 text ({err})") from None
+
+
+def _load_hf(source: str, text_column: str) -> str:
+    """``hf:<name>[:<config>]`` through ``datasets.load_dataset``; every split, in the order train, validation,
+    test, then any others, joined into one text (the contiguous split is then ours)."""
+    name, _, config = source[len("hf:") :].partition(":")
+    if not name:
+        raise ConfigError("task.source", f"{source!r}: expected hf:<name>[:<config>]")
+    try:
+        dd = datasets.load_dataset(name, config or None, cache_dir=str(cache_dir().parent))
+    except Exception as err:  # noqa: BLE001 - hub, network and format errors all mean: this source is unusable
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("task.source", f"{source!r}: cannot load ({detail})") from None
+    order = ("train", "validation", "test")
+    names = [s for s in order if s in dd] + sorted(s for s in dd if s not in order)
+    columns = dd[names[0]].column_names
+    if text_column not in columns:
+        raise ConfigError("task.text_column", f"{text_column!r} is not a column of {source!r}; it has {columns}")
+    return DOC_SEPARATOR.join(DOC_SEPARATOR.join(t for t in dd[s][text_column] if t) for s in names)
+
+
+def split_text(text: str, cfg: TaskConfig) -> dict[str, str]:
+    """Train, validation and test as contiguous blocks, each long enough for one window."""
+    n = len(text)
+    n_val, n_test = int(n * cfg.val_fraction), int(n * cfg.test_fraction)
+    n_train = n - n_val - n_test
+    blocks = {"train": text[:n_train], "validation": text[n_train : n_train + n_val], "test": text[n_train + n_val :]}
+    for split, block in blocks.items():
+        if len(block) < cfg.seq_len + 1:
+            raise ConfigError(
+                "task.seq_len",
+                f"{cfg.seq_len} is longer than the {split} block of {cfg.source!r} ({len(block)} of {n} characters); "
+                "lower task.seq_len, raise the split's fraction or use more text",
+            )
+    return blocks
+
+
+def encode(text: str, vocab: tuple[str, ...]) -> np.ndarray:
+    """Character ids through a lookup table over code points (vectorised); unseen characters become 0."""
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    table = np.zeros(max(int(points.max(initial=0)), max(ord(c) for c in vocab)) + 1, dtype=np.int32)
+    for i, ch in enumerate(vocab[1:], start=1):
+        table[ord(ch)] = i
+    return table[points]
+
+
+def _rows(blocks: dict[str, str], vocab: tuple[str, ...], seq_len: int):
+    for split in ("train", "validation", "test"):
+        ids = encode(blocks[split], vocab)
+        for start in range(0, len(ids) - seq_len, seq_len):
+            window = ids[start : start + seq_len + 1]
+            yield {"inputs": window[:-1], "targets": window[1:]}
