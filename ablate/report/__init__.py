@@ -1,0 +1,235 @@
+"""``ablate report``: one self-contained HTML page per study (plus results.csv and summary.md), answer first.
+
+Reads the Optuna storage and the MLflow store, never torch: the report runs anywhere the stores can be read.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ablate import names
+from ablate.report import analysis, html, plots
+from ablate.report.load import StudyData, dataset_digests, default_storage, load_study, study_names
+
+__all__ = ["build_report", "report_command", "load_study"]
+
+ATTENTION_PNG = "attention/attention_maps.png"
+
+
+def report_command(studies: list[str], *, all_studies: bool = False, storage: str | None = None,
+                   out: str = "reports") -> int:
+    """Write ``<out>/<study>/index.html`` for each study name or study file; 0 on success, 2 if none found."""
+    from ablate.config import ConfigError, read_yaml
+
+    targets: list[tuple[str, str | None, str | None]] = []
+    for item in studies:
+        if item.endswith((".yaml", ".yml")):
+            spec = read_yaml(item)
+            name = spec.get("name") or Path(item).stem
+            targets.append((name, storage or spec.get("storage"), spec.get("tracking_uri")))
+        else:
+            targets.append((item, storage, None))
+    if all_studies:
+        targets += [(n, storage, None) for n in study_names(storage)]
+    if not targets:
+        raise ConfigError("report", "name a study (or a studies/*.yaml file), or pass --all")
+    for name, store, uri in dict.fromkeys(targets):
+        try:
+            path = build_report(name, storage=store, tracking_uri=uri, out=out)
+        except KeyError:
+            raise ConfigError("report", f"no study named {name!r} in {store or default_storage()}") from None
+        print(f"ablate report: {name}: {path}")
+    return 0
+
+
+def build_report(name: str, *, storage: str | None = None, tracking_uri: str | None = None,
+                 out: str | Path = "reports", log_artifacts: bool = True) -> Path:
+    """Build the report of study ``name``; returns the path of its index.html."""
+    data = load_study(name, storage, tracking_uri)
+    folder = Path(out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    plots.theme()
+    ctx = _context(data)
+    (folder / "index.html").write_text(html.render(ctx), encoding="utf-8")
+    results_table(data).to_csv(folder / "results.csv", index=False)
+    notes = [w["text"] for w in ctx["edges"]]
+    summary = html.markdown(f"{name}: {ctx['headline']}", ctx["answers"], ctx["variant_df"], notes)
+    (folder / "summary.md").write_text(summary, encoding="utf-8")
+    if log_artifacts and data.parent.get("run_id"):
+        for file in ("index.html", "results.csv", "summary.md"):
+            data.client.log_artifact(data.parent["run_id"], str(folder / file), "report")
+    return folder / "index.html"
+
+
+def results_table(data: StudyData) -> pd.DataFrame:
+    """results.csv: a row per trial, the params that varied, best and final metrics, and its MLflow run id."""
+    t = data.trials
+    lead = [c for c in ("trial", "state", "status", "phase", "variant", "seed", "value") if c in t]
+    metrics = [c for c in t.columns if "/" in c and not c.startswith(("attn/", "train/"))]
+    return t[lead + analysis.varied_params(data) + sorted(metrics) + ["run_id"]]
+
+
+def _context(data: StudyData) -> dict:
+    t = data.trials
+    counts = t["state"].value_counts().to_dict() if not t.empty else {}
+    statuses = t["status"].value_counts().to_dict() if not t.empty else {}
+    ctx = {
+        "name": data.name, "kind": data.kind, "description": str(data.spec.get("description", "")),
+        "task_metric": data.task_metric, "edges": analysis.edge_warnings(data),
+        "health": html.table(analysis.health(data)) if not t.empty else None,
+        "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
+        "figures": {}, "search": None, "attention": _attention(data),
+        "provenance": _provenance(data, counts, statuses), "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
+    }
+    if data.kind == "ablation":
+        _ablation(data, ctx)
+    else:
+        _search(data, ctx)
+    ctx["figures"]["curves"] = plots.curves(data, _best_runs(data))
+    ctx["figures"]["pareto"] = plots.pareto(data)
+    return ctx
+
+
+def _ablation(data: StudyData, ctx: dict) -> None:
+    table = analysis.variant_table(data) if not data.trials.empty else pd.DataFrame()
+    if table.empty:
+        ctx["headline"] = "no trials yet"
+        return
+    ctx["answers"] = analysis.recommendations(data, table)
+    n_improve = sum(a["verdict"] == "improves" for a in ctx["answers"])
+    ctx["headline"] = (f"{n_improve} of {len(ctx['answers'])} scientific parameters have a value that beats the "
+                       "base beyond seed noise")
+    ctx["variant_df"] = _variant_display(table, data.task_metric)
+    ctx["variants"] = html.table(ctx["variant_df"])
+    ctx["figures"]["isolation"] = plots.isolation(data, table)
+    ctx["figures"]["lr"] = plots.lr_sensitivity(data, _nuisance_param(data))
+
+
+def _nuisance_param(data: StudyData) -> str:
+    keys = list(data.spec.get("nuisance") or {})
+    return "train.lr" if "train.lr" in keys or not keys else keys[0]
+
+
+def _search(data: StudyData, ctx: dict) -> None:
+    imp = analysis.importances(data)
+    best = analysis.best_trials(data)
+    ctx["headline"] = (f"search study: best val/loss {html.num(best['value'].iloc[0])} (trial "
+                       f"{int(best['trial'].iloc[0])}); no ablation conclusions are drawn from adaptive search"
+                       if len(best) else "search study: no completed trials yet")
+    top = list(imp["param"][:2]) if len(imp) >= 2 else analysis.varied_params(data)[:2]
+    ctx["search"] = {
+        "importances": html.table(imp) if not imp.empty else None,
+        "best": html.table(best) if len(best) else None,
+        "pair": " × ".join(top),
+    }
+    ctx["figures"]["importance"] = plots.importance(imp)
+    ctx["figures"]["interaction"] = plots.interaction(data, *top) if len(top) == 2 else None
+
+
+def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
+    """Table 3 as strings: mean ± CI half-width and the Welch interval of the difference from the base."""
+    def pm(mean: float, half: float) -> str:
+        return f"{mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
+
+    def delta(r: pd.Series) -> str:
+        if r["variant"] == "base":
+            return "—"
+        ci = "" if math.isnan(r["diff_lo"]) else f" [{r['diff_lo']:+.4f}, {r['diff_hi']:+.4f}]"
+        return f"{r['diff']:+.4f}{ci}"
+
+    out = pd.DataFrame({
+        "variant": table["variant"], "changed": table["changed"], "params": table[names.PARAMS],
+        "FLOPs/token": table[names.FLOPS_PER_TOKEN],
+        "val/loss (mean ± 95% CI)": [pm(m, h) for m, h in zip(table["mean"], table["ci"], strict=False)],
+    })
+    if metric:
+        out[f"{metric} (mean ± CI)"] = [pm(m, h) for m, h in zip(table["metric_mean"], table["metric_ci"],
+                                                                   strict=False)]
+    out["Δ val/loss vs base [95% CI]"] = [delta(r) for _, r in table.iterrows()]
+    out["beyond seed noise"] = ["—" if v == "base" else ("yes" if d else "no")
+                                for v, d in zip(table["variant"], table["distinguishable"], strict=False)]
+    out["tokens/s"] = table[names.TOKENS_PER_S]
+    out["wall s"] = table[names.WALL_S]
+    out["seeds"] = table["seeds"]
+    return out
+
+
+def _best_runs(data: StudyData) -> dict[str, str]:
+    """The completed run with the lowest final val/loss per variant (seed phase preferred), or top 5 for search."""
+    t = data.trials
+    done = t[(t["status"] == "completed") & t["value"].notna() & t["run_id"].astype(bool)]
+    if done.empty:
+        return {}
+    if data.kind != "ablation":
+        return {f"trial {int(r.trial)}": r.run_id for r in done.nsmallest(5, "value").itertuples()}
+    seeds = done[done["phase"] == "seed"]
+    rows = seeds if not seeds.empty else done
+    best = rows.loc[rows.groupby("variant")["value"].idxmin()].set_index("variant")["run_id"]
+    return {v: best[v] for v in analysis.variant_order(data) if v in best}
+
+
+def _best_row(data: StudyData) -> pd.Series | None:
+    t = data.trials
+    done = t[(t["status"] == "completed") & t["value"].notna() & t["run_id"].astype(bool)]
+    if done.empty:
+        return None
+    seeds = done[done["phase"] == "seed"] if "phase" in done else done
+    rows = seeds if not seeds.empty else done
+    return rows.loc[rows["value"].idxmin()]
+
+
+def _attention(data: StudyData) -> dict | None:
+    row = _best_row(data)
+    if row is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = data.artifact(row["run_id"], ATTENTION_PNG, Path(tmp))
+        maps = plots.png_uri(path.read_bytes()) if path and path.is_file() else None
+    label = row["variant"] or f"trial {int(row['trial'])}"
+    return {"run_id": row["run_id"], "label": label, "trial": int(row["trial"]), "value": row["value"],
+            "maps": maps, "entropy": plots.entropy(row), "max_logit": plots.max_logit(data, row)}
+
+
+def _failures(t: pd.DataFrame) -> list[dict]:
+    if t.empty:
+        return []
+    bad = t[t["status"].isin(["diverged", "failed"])]
+    reason = f"tag:{names.TAG_REASON}"
+    return [{"trial": int(r["trial"]), "variant": r.get("variant", ""), "status": r["status"],
+             "reason": r.get(reason, "") if isinstance(r.get(reason, ""), str) else "", "run_id": r["run_id"]}
+            for _, r in bad.iterrows()]
+
+
+def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
+    t, tags = data.trials, data.parent.get("tags", {})
+    first = t[t["run_id"].astype(bool)].iloc[0] if not t.empty and t["run_id"].astype(bool).any() else {}
+
+    def tag(key: str) -> str:
+        value = tags.get(key) or (first.get(f"tag:{key}") if len(first) else None)
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+    versions = {k.removeprefix("tag:"): str(v) for k, v in (first.items() if len(first) else [])
+                if isinstance(k, str) and k.startswith("tag:") and ("version" in k or k.startswith("tag:mlflow.source"))
+                and isinstance(v, str)}
+    runs = [r for r in t["run_id"] if r] if not t.empty else []
+    store = "" if data.storage == default_storage() else f" --storage {shlex.quote(data.storage)}"
+    return {
+        "spec": yaml.safe_dump(data.spec, sort_keys=False) if data.spec else "",
+        "datasets": dataset_digests(data, runs[:20]) if runs else [],
+        "git_commit": tag(names.TAG_GIT_COMMIT), "git_dirty": tag(names.TAG_GIT_DIRTY),
+        "device": tag(names.TAG_DEVICE), "backend": tag(names.TAG_BACKEND), "versions": versions,
+        "report_python": f"{platform.python_version()} ({sys.platform})",
+        "states": counts, "statuses": statuses, "trials": len(t),
+        "parent_run_id": data.parent.get("run_id", ""), "experiment_id": data.parent.get("experiment_id", ""),
+        "tracking_uri": data.tracking_uri, "storage": data.storage,
+        "study_command": f"ablate study studies/{data.name}.yaml{store}",
+        "report_command": f"ablate report {shlex.quote(data.name)}{store}",
+    }

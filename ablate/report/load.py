@@ -1,0 +1,216 @@
+"""A study's results as tidy pandas: Optuna trials joined to their MLflow child runs, one row per trial.
+
+The Optuna storage says which trials exist and in what state; MLflow holds everything a run logged (the full
+resolved config as params, final metrics, histories, artifacts). A trial whose run never started still gets a row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import yaml
+from mlflow import MlflowClient
+
+from ablate import names
+
+# Optuna states as the trainer's statuses, for trials whose MLflow run carries no ablate.status tag.
+STATE_STATUS = {
+    "COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting",
+}
+
+
+def default_storage() -> str:
+    """The Optuna storage of the contract: $ABLATE_STORAGE, else runs/optuna.db under the working directory."""
+    return os.environ.get("ABLATE_STORAGE") or f"sqlite:///{Path.cwd() / 'runs' / 'optuna.db'}"
+
+
+def default_tracking_uri() -> str:
+    # The same rule as ablate.tracking.default_tracking_uri, restated so the report never imports the trainer.
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'runs' / 'mlflow.db'}"
+
+
+@dataclass
+class StudyData:
+    """Everything the report shows about one study."""
+
+    name: str
+    kind: str  # "ablation" or "search"
+    spec: dict
+    storage: str
+    tracking_uri: str
+    study: optuna.Study
+    trials: pd.DataFrame
+    """One row per trial: trial, state, status, value, phase, variant, factor, seed, run_id, config keys
+    ("model.num_heads", "train.lr", ...) and final metrics ("val/loss", "cost/params", ...)."""
+    parent: dict = field(default_factory=dict)  # run_id, experiment_id, tags, dataset digests
+    client: MlflowClient | None = None
+
+    @property
+    def task_metric(self) -> str | None:
+        """``val/bpc`` or ``val/acc``: the task's own validation metric, if any run logged one."""
+        for key in ("val/bpc", "val/acc"):
+            if key in self.trials and self.trials[key].notna().any():
+                return key
+        return None
+
+    def history(self, run_id: str, key: str) -> pd.DataFrame:
+        """A metric's history for one run: columns step, value (empty when the run or metric is missing)."""
+        if not run_id or self.client is None:
+            return pd.DataFrame(columns=["step", "value"])
+        points = self.client.get_metric_history(run_id, key)
+        return pd.DataFrame({"step": [p.step for p in points], "value": [p.value for p in points]})
+
+    def artifact(self, run_id: str, path: str, dst: Path) -> Path | None:
+        """Download one artifact of a run, or None when it was never logged."""
+        if not run_id or self.client is None:
+            return None
+        try:
+            return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        except Exception:  # noqa: BLE001 - a missing artifact is a gap in the report, not an error
+            return None
+
+
+def parse_value(text: Any) -> Any:
+    """MLflow params are strings: read them back as YAML scalars ("8" -> 8, "None" -> None, "1e-3" -> 0.001)."""
+    if not isinstance(text, str):
+        return text
+    if text == "None":
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value if isinstance(value, (int, float, bool)) or value is None else text
+
+
+def load_study(name: str, storage: str | None = None, tracking_uri: str | None = None) -> StudyData:
+    """Load study ``name`` from Optuna ``storage`` and its MLflow experiment of the same name."""
+    storage = storage or default_storage()
+    study = optuna.load_study(study_name=name, storage=storage)
+    attrs = study.user_attrs
+    spec = attrs.get(names.ATTR_SPEC) or {}
+    tracking_uri = tracking_uri or spec.get("tracking_uri") or default_tracking_uri()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = _child_runs(client, name)
+    trials = _join(_optuna_trials(study), runs)
+    parent = _parent(client, name, attrs.get(names.ATTR_PARENT_RUN_ID))
+    kind = attrs.get(names.ATTR_KIND) or parent.get("tags", {}).get(names.TAG_KIND) or _guess_kind(spec)
+    return StudyData(name, kind, spec, storage, tracking_uri, study, trials, parent, client)
+
+
+def _guess_kind(spec: dict) -> str:
+    return "search" if spec.get("kind") == "search" else "ablation"
+
+
+def _optuna_trials(study: optuna.Study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {
+            "trial": t.number,
+            "state": t.state.name,
+            "value": t.value if t.state.name == "COMPLETE" else None,
+            "phase": t.user_attrs.get(names.ATTR_PHASE, ""),
+            "variant": t.user_attrs.get(names.ATTR_VARIANT, ""),
+            "factor": t.user_attrs.get(names.ATTR_FACTOR, ""),
+            "seed": t.user_attrs.get(names.ATTR_SEED),
+            "run_id": t.user_attrs.get(names.ATTR_RUN_ID, ""),
+            "attr_status": t.user_attrs.get(names.ATTR_STATUS),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "intermediate": dict(t.intermediate_values),
+        }
+        row.update({f"optuna:{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _child_runs(client: MlflowClient, name: str) -> pd.DataFrame:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return pd.DataFrame()
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{names.TAG_ROLE}` = 'trial'", max_results=50000)
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        row = {"run_id": run.info.run_id, "mlflow_status": run.info.status, "run_name": run.info.run_name}
+        row.update({key: parse_value(v) for key, v in run.data.params.items()})
+        row.update(run.data.metrics)
+        row.update({f"tag:{k}": v for k, v in tags.items()})
+        row["_trial_tag"] = int(tags[names.TAG_TRIAL]) if str(tags.get(names.TAG_TRIAL, "")).isdigit() else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _join(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Trials left-joined to runs by run id, or by the trial-number tag where a trial lost its run id."""
+    if trials.empty:
+        return trials
+    if runs.empty:
+        trials["status"] = trials["attr_status"].fillna(trials["state"].map(STATE_STATUS))
+        return trials.drop(columns=["attr_status"])
+    by_tag = runs.dropna(subset=["_trial_tag"]).set_index("_trial_tag")["run_id"]
+    missing = trials["run_id"].isin(["", None])
+    trials.loc[missing, "run_id"] = trials.loc[missing, "trial"].map(by_tag).fillna("")
+    merged = trials.merge(runs.drop(columns=["_trial_tag"]), on="run_id", how="left")
+    # Optuna's sampled values win over MLflow's strings; ablation attrs fall back to the run's tags.
+    for col in [c for c in merged.columns if c.startswith("optuna:")]:
+        key = col.removeprefix("optuna:")
+        merged[key] = merged[col].combine_first(merged[key]) if key in merged else merged[col]
+    for col, tag in (("phase", names.TAG_PHASE), ("variant", names.TAG_VARIANT), ("factor", names.TAG_FACTOR)):
+        if f"tag:{tag}" in merged:
+            merged[col] = merged[col].where(merged[col].astype(bool), merged[f"tag:{tag}"].fillna(""))
+    status = merged.get(f"tag:{names.TAG_STATUS}", pd.Series(index=merged.index, dtype=object))
+    status = status.where(status.notna(), merged["attr_status"])
+    merged["status"] = status.where(status.notna(), merged["state"].map(STATE_STATUS))
+    # A run that says "completed" while Optuna pruned it was stopped by the pruner after its last log.
+    merged.loc[merged["state"].eq("PRUNED"), "status"] = "stopped"
+    if "seed" in merged and "train.seed" in merged:
+        merged["seed"] = merged["seed"].combine_first(merged["train.seed"])
+    return merged.drop(columns=[c for c in merged.columns if c.startswith("optuna:")] + ["attr_status"])
+
+
+def _parent(client: MlflowClient, name: str, run_id: str | None) -> dict:
+    run = None
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - fall back to the tag search below
+            run = None
+    if run is None:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            found = client.search_runs(
+                [experiment.experiment_id], f"tags.`{names.TAG_ROLE}` = 'study'", max_results=1,
+                order_by=["attributes.start_time DESC"],
+            )
+            run = found[0] if found else None
+    if run is None:
+        return {}
+    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tags": dict(run.data.tags)}
+
+
+def dataset_digests(data: StudyData, run_ids: list[str]) -> list[dict]:
+    """Name, digest and source of the datasets the given runs logged as inputs (deduplicated)."""
+    seen: dict[tuple, dict] = {}
+    for run_id in run_ids:
+        try:
+            inputs = data.client.get_run(run_id).inputs
+        except Exception:  # noqa: BLE001 - a deleted run has no inputs to show
+            continue
+        for item in getattr(inputs, "dataset_inputs", None) or []:
+            ds = item.dataset
+            seen.setdefault((ds.name, ds.digest), {"name": ds.name, "digest": ds.digest, "source": ds.source_type})
+    return list(seen.values())
+
+
+def study_names(storage: str | None = None) -> list[str]:
+    return sorted(optuna.get_all_study_names(storage or default_storage()))
