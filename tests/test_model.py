@@ -1,0 +1,296 @@
+"""The attention model: fast vs reference, parity with torch, masks, every scaling learns, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ablate import names
+from ablate.config import SCALINGS, ModelConfig
+from ablate.model import (
+    MultiHeadAttention,
+    Transformer,
+    attention_stats,
+    count_params,
+    flops_per_token,
+    l2_normalize,
+    pick_device,
+)
+
+B, T, C, H = 3, 7, 12, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _mask(kind: str) -> torch.Tensor | None:
+    """none; keys: (B, T) key padding with one all-padding sample; rows: (B, 1, T, T) padded queries see nothing."""
+    if kind == "none":
+        return None
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[0, 5:] = False
+    real[1, :] = False
+    real[2, :2] = False  # left padding: under causal masking, queries 0-1 have no allowed key
+    if kind == "keys":
+        return real
+    return (real[:, :, None] & real[:, None, :]).unsqueeze(1)
+
+
+def _pair(scaling: str, causal: bool, **kwargs) -> tuple[MultiHeadAttention, MultiHeadAttention]:
+    fast = MultiHeadAttention(C, H, scaling=scaling, causal=causal, backend="sdpa", **kwargs).double()
+    with torch.no_grad():  # learned factors away from their initial value, so a mix-up of heads shows
+        for p in fast.attend.parameters():
+            p.mul_(torch.linspace(0.5, 2.0, p.numel(), dtype=p.dtype).view_as(p))
+    ref = MultiHeadAttention(C, H, scaling=scaling, causal=causal, backend="manual", **kwargs).double()
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "rows"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fast_and_reference_agree_forward_and_backward(scaling, causal, mask_kind):
+    fast, ref = _pair(scaling, causal)
+    mask = _mask(mask_kind)
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    outs, grads = [], []
+    for module in (fast, ref):
+        xi = x.clone().requires_grad_()
+        y, _ = module(xi, mask)
+        (y * torch.linspace(-1, 1, C, dtype=y.dtype)).sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in module.parameters()])
+    assert torch.isfinite(outs[0]).all() and torch.isfinite(outs[1]).all()
+    if mask is not None:  # sample 1 is all padding: its queries attend to nothing, so only attn_out's bias is left
+        torch.testing.assert_close(outs[0][1], fast.attn_out.bias.expand(T, C))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for g_fast, g_ref in zip(grads[0], grads[1], strict=True):
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-10)
+
+
+def _expected_logits(module: MultiHeadAttention, x: torch.Tensor, scaling: str, allowed: torch.Tensor) -> torch.Tensor:
+    """The logits written from each scaling's formula, independently of the model's folding."""
+    q, k, _ = module.project(x)
+    d = module.head_dim
+    dots = q @ k.transpose(-2, -1)  # (B, H, T, T)
+    a = module.attend
+    if scaling == "sqrt":
+        return dots / math.sqrt(d)
+    if scaling == "inverse":
+        return dots / d
+    if scaling == "none":
+        return dots
+    if scaling == "learned":
+        return dots * a.temperature.view(-1, 1, 1)
+    if scaling == "qknorm":
+        cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return cos * a.qk_gain.view(-1, 1, 1)
+    n = allowed.sum(-1, keepdim=True).double()  # logn: keys each query attends to
+    return dots / math.sqrt(d) * a.logn_scale.view(-1, 1, 1) * n.log()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_logits_follow_each_scalings_formula(scaling, causal):
+    module, _ = _pair(scaling, causal)
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[0, 4:] = False
+    allowed = real[:, None, None, :].expand(B, 1, T, T)
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
+    got = module.logits(x, real)
+    want = _expected_logits(module, x, scaling, allowed)
+    ok = allowed.expand_as(got) & allowed.any(-1, keepdim=True)
+    torch.testing.assert_close(got[ok], want.detach()[ok], rtol=1e-10, atol=1e-10)
+    assert torch.isneginf(got[~allowed.expand_as(got)]).all()
+
+
+def test_l2_normalize_backward_matches_numerical_gradient():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    gain = (torch.rand(3, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(l2_normalize, (x, gain))
+    assert torch.autograd.gradcheck(l2_normalize, (x,))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sqrt_matches_torch_multihead_attention(causal):
+    ours = MultiHeadAttention(C, H, causal=causal, backend="manual").double()
+    theirs = nn.MultiheadAttention(C, H, batch_first=True).double()
+    with torch.no_grad():
+        ours.qkv.weight.copy_(theirs.in_proj_weight)
+        ours.qkv.bias.copy_(theirs.in_proj_bias)
+        ours.attn_out.weight.copy_(theirs.out_proj.weight)
+        ours.attn_out.bias.copy_(theirs.out_proj.bias)
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[0, 4:] = False
+    blocked = torch.ones(T, T, dtype=torch.bool).triu(1) if causal else None
+    want, want_w = theirs(x, x, x, key_padding_mask=~real, attn_mask=blocked, average_attn_weights=False)
+    got, got_w = ours(x, real, need_weights=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_w, want_w)
+    ours.attend.backend = "sdpa"
+    torch.testing.assert_close(ours(x, real)[0], want)
+
+
+def _lm(scaling: str, **kwargs) -> Transformer:
+    cfg = ModelConfig(embed_dim=16, num_heads=2, num_layers=2, scaling=scaling, **kwargs)
+    return Transformer(cfg, vocab_size=11, max_len=12).eval()
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_changing_a_later_token_never_changes_earlier_outputs(scaling):
+    model = _lm(scaling)
+    tokens = torch.randint(0, 11, (2, 12))
+    changed = tokens.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 11
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=0)
+    assert (a[:, 6:] - b[:, 6:]).abs().amax() > 1e-4  # the change does reach its own and later positions
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_get_zero_weight(causal):
+    module = MultiHeadAttention(C, H, causal=causal, backend="manual")
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[0, 3:] = False
+    real[2, 5:] = False
+    _, w = module(torch.randn(B, T, C), real, need_weights=True)
+    assert (w.masked_select(~real[:, None, None, :].expand_as(w)) == 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(B, H, T))
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_classifier_output_ignores_extra_padding(scaling):
+    """Same tokens padded to 6 or to 10 give the same logits (n of logn counts real keys only)."""
+    cfg = ModelConfig(embed_dim=16, num_heads=2, num_layers=2, scaling=scaling)
+    model = Transformer(cfg, vocab_size=11, max_len=10, num_classes=3).eval()
+    short = torch.randint(1, 11, (2, 6))
+    real = torch.ones(2, 6, dtype=torch.bool)
+    real[1, 4:] = False
+    long = torch.cat([short, torch.randint(1, 11, (2, 4))], 1)
+    long_real = torch.cat([real, torch.zeros(2, 4, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(short, real), model(long, long_real))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "manual"])
+def test_attention_dropout_is_on_in_training_only(backend):
+    module = MultiHeadAttention(C, H, dropout=0.5, backend=backend)
+    x = torch.randn(B, T, C)
+    train_out = module(x)[0]
+    module.eval()
+    assert not torch.allclose(train_out, module(x)[0])
+    module.attend.dropout = 0.0
+    torch.testing.assert_close(module(x)[0], module.eval()(x)[0])
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_every_scaling_learns_to_copy(scaling):
+    """A fixed batch of 'a SEP a' sequences: the copy half is only predictable through attention."""
+    cfg = ModelConfig(embed_dim=32, num_heads=2, num_layers=2, scaling=scaling)
+    model = Transformer(cfg, vocab_size=16, max_len=16)
+    half = torch.randint(1, 16, (32, 8))
+    tokens = torch.cat([half, torch.zeros(32, 1, dtype=torch.long), half], 1)  # (32, 17)
+    targets = tokens[:, 1:].clone()
+    targets[:, :8] = -100  # score the copied half only
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * math.log(15)  # without attention this stays near 1.1 nats
+
+
+def test_attention_stats_of_uniform_attention():
+    model = _lm("none", head_dim=4)
+    for block in model.blocks:  # zero queries and keys: every allowed key equally likely
+        block.attn.qkv.weight.data[: 2 * 2 * 4].zero_()
+        block.attn.qkv.bias.data.zero_()
+    tokens = torch.randint(0, 11, (2, 5))
+    real = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    stats, maps = attention_stats(model, tokens, real)
+    # causal: query i sees i + 1 keys (real ones only) -> entropy log(i + 1); padded queries are not counted
+    want = (sum(math.log(i + 1) for i in range(5)) + sum(math.log(i + 1) for i in range(3))) / 8
+    for layer in range(2):
+        for head in range(2):
+            assert stats[names.entropy_metric(layer, head)] == pytest.approx(want, rel=1e-5)
+        assert stats[names.max_logit_metric(layer)] == pytest.approx(0.0, abs=1e-6)
+    assert maps.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(maps[0, 0, 2], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0, 0]))
+    assert model.training is False
+
+
+def test_count_params_and_flops_use_the_decoupled_head_dim():
+    cfg = ModelConfig(embed_dim=8, num_heads=2, head_dim=3, num_layers=1, mlp_ratio=2.0)
+    attn = MultiHeadAttention(8, 2, head_dim=3)
+    assert count_params(attn) == (8 * 18 + 18) + (6 * 8 + 8)
+    model = Transformer(cfg, vocab_size=5, max_len=4)
+    n = count_params(model)
+    block = 2 * 16 + count_params(attn) + (8 * 16 + 16) + (16 * 8 + 8)
+    assert n == 5 * 8 + 4 * 8 + block + 16  # tied head counted once, final LayerNorm
+    assert flops_per_token(cfg, 5, 4, n) == 6 * n + 12 * 1 * 4 * (2 * 3)
+
+
+def test_bad_configurations_raise_clear_errors():
+    with pytest.raises(ValueError, match="embed_dim 10 is not divisible by num_heads 3"):
+        MultiHeadAttention(10, 3)
+    assert MultiHeadAttention(10, 3, head_dim=4).qkv.out_features == 36  # head_dim set: no divisibility needed
+    with pytest.raises(ValueError, match="unknown scaling 'cosine'; allowed: sqrt"):
+        MultiHeadAttention(8, 2, scaling="cosine")
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):
+        MultiHeadAttention(8, 2, backend="flash")
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\), got 1.5"):
+        MultiHeadAttention(8, 2, dropout=1.5)
+    with pytest.raises(ValueError, match="need_weights=True needs backend='manual'"):
+        MultiHeadAttention(8, 2)(torch.randn(1, 3, 8), need_weights=True)
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        MultiHeadAttention(8, 2)(torch.randn(1, 3, 8), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="sequence length 13 exceeds the model's max_len 12"):
+        _lm("sqrt")(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        Transformer(ModelConfig(), vocab_size=5, max_len=4, num_classes=1)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        pick_device("tpu")
+
+
+def test_pick_device_prefers_an_accelerator():
+    assert pick_device("cpu") == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device().type == want
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' was asked for but is not available"):
+            pick_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fast_and_reference_agree_on_cuda(scaling):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fast = MultiHeadAttention(64, 4, scaling=scaling, causal=True, backend="sdpa").cuda()
+    ref = MultiHeadAttention(64, 4, scaling=scaling, causal=True, backend="manual").cuda()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 128, 64, device="cuda")
+    real = torch.ones(4, 128, dtype=torch.bool, device="cuda")
+    real[0, 100:] = False
+    for mask in (None, real):
+        y_fast, y_ref = fast(x, mask)[0], ref(x, mask)[0]
+        assert torch.isfinite(y_fast).all()
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y_bf16 = fast(x, mask)[0]
+        torch.testing.assert_close(y_bf16.float(), y_ref, rtol=0.05, atol=0.05)
