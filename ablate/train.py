@@ -1,14 +1,22 @@
 """One training run of one configuration. Knows nothing of MLflow or Optuna: it reports to callbacks.
 
-INTERFACE STUB (to be implemented): the types below are the contract that tracking.py and study.py rely on.
+The step is kept lean: the only host-device sync is every ``log_every`` steps (the loss, for logging and the
+divergence check), so a 5 ms GPU step is not slowed by Python bookkeeping.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ablate.config import RunConfig
+import torch
+import torch.nn.functional as F
+
+from ablate import names
+from ablate.config import RunConfig, TrainConfig, to_yaml
 
 STATUSES = ("completed", "diverged", "stopped", "failed")
 
@@ -34,6 +42,7 @@ class RunResult:
     """One dict per evaluation: {"step": s, "val/loss": ..., "val/bpc" or "val/acc": ..., attention stats}."""
     attention_maps: Any = None  # numpy (num_layers, num_heads, T, T) of one validation sample, final model
     config_yaml: str = ""
+    checkpoint: Any = None  # the final model's state_dict (CPU tensors), only when train.checkpoint
 
 
 class Callback(Protocol):
@@ -48,5 +57,256 @@ class Callback(Protocol):
     def on_end(self, result: RunResult) -> None: ...
 
 
+DATA_SEED = 0  # every trial of a study sees the same data; train.seed drives initialisation and batch order
+
+
 def train(config: RunConfig, callbacks: tuple[Callback, ...] | list[Callback] = ()) -> RunResult:
-    raise NotImplementedError
+    """Train ``config`` and return how it went; diverged and stopped runs return, exceptions re-raise.
+
+    Every callback's ``on_end`` is called exactly once, also when an exception (KeyboardInterrupt included) ends
+    the run, so a tracker can close its run as failed instead of leaving it running.
+    """
+    callbacks = tuple(callbacks)
+    trainer = _Trainer(config, callbacks)
+    try:
+        result = trainer.run()
+    except BaseException as err:
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        failed = RunResult("failed", reason, trainer.step, config_yaml=to_yaml(config))
+        _notify_end(callbacks, failed, quiet=True)
+        raise
+    _notify_end(callbacks, result, quiet=False)
+    return result
+
+
+def _notify_end(callbacks: tuple[Callback, ...], result: RunResult, quiet: bool) -> None:
+    """Every callback hears the end even if an earlier one raises; the first error is raised unless ``quiet``."""
+    first: BaseException | None = None
+    for cb in callbacks:
+        try:
+            cb.on_end(result)
+        except Exception as err:  # each callback must still be told
+            print(f"ablate: {type(cb).__name__}.on_end failed: {err}", file=sys.stderr)
+            first = first or err
+    if first is not None and not quiet:
+        raise first
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine to ``lr * min_lr_ratio``."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW decaying the weight matrices of linear layers only: not biases, norms, embeddings or learned scales."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by torch in this run. Elsewhere: the process's peak RSS (since the process started)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # Unix only: imported here so that the trainer still imports elsewhere
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction=reduction
+    )
+
+
+class _Trainer:
+    """The state of one run; ``step`` is readable after a crash to report how far it got."""
+
+    def __init__(self, config: RunConfig, callbacks: tuple[Callback, ...]) -> None:
+        self.config, self.callbacks, self.step = config, callbacks, 0
+        self.history: list[dict[str, float]] = []
+        self.maps: Any = None
+        self.train_s = 0.0  # time in training steps, evaluations excluded
+        self.tokens = 0
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from ablate.model import Transformer, count_params, flops_per_token, pick_device
+        from ablate.tasks import build_task
+
+        cfg = self.config
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = pick_device(cfg.train.device)
+        self.task = build_task(cfg.task, seed=DATA_SEED)
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(cfg.model, self.task.vocab_size, self.task.seq_len, self.task.num_classes)
+        self.model.to(self.device)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.optimizer = make_optimizer(self.model, cfg.train, self.device)
+        use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if use_bf16 else "fp32"
+        self.num_params = count_params(self.model)
+        self.flops_per_token = flops_per_token(cfg.model, self.task.vocab_size, self.task.seq_len, self.num_params)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def derived(self) -> dict[str, Any]:
+        dev = self.device
+        return {
+            "head_dim": self.config.model.resolved_head_dim,
+            "params": self.num_params,
+            "flops_per_token": self.flops_per_token,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+            "backend": self.config.model.backend,
+            "precision": self.precision,
+            "compile": self.config.train.compile,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda or "none",
+        }
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        start = time.perf_counter()
+        self.setup()
+        if self._ask("on_start", RunStart(self.config, self.task, self.derived())):
+            return self.result("stopped", "stopped by a callback before the first step", start)
+        status, reason = self.loop()
+        if status == "completed":
+            self.evaluate(final=True)  # the full validation split, reported at the last step
+        return self.result(status, reason, start)
+
+    def loop(self) -> tuple[str, str]:
+        cfg = self.config.train
+        self.model.train()
+        batches = self.task.batches("train", cfg.batch_size, seed=cfg.seed, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)  # summed on device: no sync until a log step
+        initial = None
+        window_start, window_tokens = time.perf_counter(), 0
+        for step in range(1, cfg.steps + 1):
+            loss, grad_norm, lr, tokens = self.train_step(step, next(batches))
+            self.step, window_tokens = step, window_tokens + tokens
+            loss_sum += loss.detach()
+            if initial is None:
+                initial = loss.item()  # the one extra sync of the run: the reference for divergence
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean = loss_sum.item() / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+                elapsed = time.perf_counter() - window_start  # after the sync above: GPU work included
+                self.train_s, self.tokens = self.train_s + elapsed, self.tokens + window_tokens
+                metrics = {
+                    names.TRAIN_LOSS: mean,
+                    names.TRAIN_LR: lr,
+                    names.TRAIN_GRAD_NORM: float(grad_norm),
+                    names.TOKENS_PER_S: window_tokens / max(elapsed, 1e-9),
+                }
+                if not math.isfinite(mean) or mean > cfg.diverge_factor * initial:
+                    return "diverged", f"train/loss {mean:.4g} at step {step} (initial {initial:.4g})"
+                if self._ask("on_step", step, metrics):
+                    return "stopped", f"stopped by a callback at step {step}"
+                loss_sum.zero_()
+                window_start, window_tokens = time.perf_counter(), 0
+            if step % cfg.eval_every == 0 and step < cfg.steps:
+                self.sync()  # queued training work belongs to the window, not to the evaluation
+                paused = time.perf_counter()
+                val_loss = self.evaluate(final=False)
+                window_start += time.perf_counter() - paused  # evaluations don't count as training time
+                if not math.isfinite(val_loss):
+                    return "diverged", f"val/loss not finite at step {step}"
+                if self._ask("on_eval", step, self.history[-1]):
+                    return "stopped", f"stopped by a callback at step {step}"
+        return "completed", ""
+
+    def train_step(self, step: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        cfg = self.config.train
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            logits = self.forward(batch.inputs, batch.pad_mask)
+        loss = _loss(logits, batch.targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # clipping with an infinite bound still returns the norm (logged), at the cost of one fused reduction
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.optimizer.step()
+        return loss, grad_norm, lr, batch.inputs.numel()
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, final: bool) -> float:
+        """Loss and task metric on the fixed validation sample (or the full split), plus attention statistics."""
+        from ablate.model import attention_stats
+
+        cfg = self.config.train
+        limit = None if final else cfg.eval_batches
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        first = None
+        for batch in self.task.eval_batches("validation", cfg.batch_size, device=self.device, limit=limit):
+            if first is None:
+                first = batch
+            with self.autocast():
+                logits = self.model(batch.inputs, batch.pad_mask)
+            scored = batch.targets != -100
+            loss_sum += _loss(logits, batch.targets, reduction="sum")
+            correct += ((logits.argmax(-1) == batch.targets) & scored).sum()
+            count += scored.sum()
+        loss = (loss_sum / count.clamp(min=1)).item()
+        metrics = {"step": self.step, names.VAL_LOSS: loss}
+        if self.task.metric == "bpc":
+            metrics[names.val_metric("bpc")] = loss / math.log(2)
+        else:
+            metrics[names.val_metric("acc")] = (correct / count.clamp(min=1)).item()
+        if first is not None:
+            with self.autocast():
+                stats, maps = attention_stats(self.model, first.inputs, first.pad_mask)
+            metrics.update(stats)
+            self.maps = maps.float().cpu().numpy()
+        self.history.append(metrics)
+        self.model.train()
+        if final:
+            self._ask("on_eval", self.step, metrics)  # the run is done: a stop request changes nothing
+        return loss
+
+    # -- the end --------------------------------------------------------------------------------------------------
+    def _ask(self, hook: str, *args: Any) -> bool:
+        """Call ``hook`` on every callback (none is skipped); True if any asks to stop."""
+        answers = [getattr(cb, hook)(*args) for cb in self.callbacks]
+        return any(bool(a) for a in answers)
+
+    def result(self, status: str, reason: str, start: float) -> RunResult:
+        metrics: dict[str, float] = {
+            names.PARAMS: float(self.num_params),
+            names.FLOPS_PER_TOKEN: self.flops_per_token,
+            names.FLOPS_TOTAL: self.flops_per_token * self.tokens,
+            names.TOKENS_PER_S: self.tokens / self.train_s if self.train_s else 0.0,
+            names.WALL_S: time.perf_counter() - start,
+            names.PEAK_MEM_MB: peak_memory_mb(self.device),
+        }
+        val_losses = [h[names.VAL_LOSS] for h in self.history if math.isfinite(h[names.VAL_LOSS])]
+        if val_losses:
+            metrics[names.BEST_VAL_LOSS] = min(val_losses)
+        if status == "completed":
+            metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val/")})
+        checkpoint = None
+        if self.config.train.checkpoint:
+            checkpoint = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return RunResult(status, reason, self.step, metrics, self.history, self.maps, to_yaml(self.config), checkpoint)

@@ -1,0 +1,159 @@
+"""The trainer on tiny generated tasks (CPU, one thread): reproducible, stops, diverges and fails as promised."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ablate import names
+from ablate.config import RunConfig, run_config_from, with_values
+from ablate.train import RunResult, lr_at, make_optimizer, train
+
+TINY = {
+    "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
+    "task": {
+        "name": "recall",
+        "seq_len": 16,
+        "num_train": 64,
+        "num_val": 24,
+        "num_test": 8,
+        "num_pairs": 2,
+        "vocab_size": 8,
+    },
+    "train": {
+        "steps": 20,
+        "batch_size": 8,
+        "log_every": 5,
+        "eval_every": 10,
+        "eval_batches": 2,
+        "threads": 1,
+        "device": "cpu",
+        "warmup_steps": 2,
+        "lr": 3e-3,
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _data_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built tasks go to a temporary cache shared by this session, never to the user's."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf"))
+
+
+def tiny(**values: object) -> RunConfig:
+    return with_values(run_config_from(TINY), values)
+
+
+class Recorder:
+    """Records every event; can ask to stop at a step, or raise at a step."""
+
+    def __init__(
+        self, stop_at: int | None = None, raise_at: int | None = None, error: BaseException | None = None
+    ) -> None:
+        self.stop_at, self.raise_at, self.error = stop_at, raise_at, error or RuntimeError("boom")
+        self.steps: list[tuple[int, dict]] = []
+        self.evals: list[tuple[int, dict]] = []
+        self.ends: list[RunResult] = []
+        self.derived: dict = {}
+
+    def on_start(self, start) -> None:
+        self.derived = start.derived
+
+    def on_step(self, step: int, metrics: dict) -> bool:
+        self.steps.append((step, metrics))
+        if step == self.raise_at:
+            raise self.error
+        return step == self.stop_at
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self.evals.append((step, metrics))
+
+    def on_end(self, result: RunResult) -> None:
+        self.ends.append(result)
+
+
+def test_a_completed_run_reports_steps_evaluations_and_summaries() -> None:
+    rec = Recorder()
+    result = train(tiny(), [rec])
+    assert result.status == "completed" and result.steps == 20 and rec.ends == [result]
+    assert [s for s, _ in rec.steps] == [5, 10, 15, 20]
+    assert set(rec.steps[0][1]) == {names.TRAIN_LOSS, names.TRAIN_LR, names.TRAIN_GRAD_NORM, names.TOKENS_PER_S}
+    # intermediate evaluation at 10, the final one (full split) at the last step
+    assert [s for s, _ in rec.evals] == [10, 20] and [h["step"] for h in result.history] == [10, 20]
+    final = rec.evals[-1][1]
+    assert {names.VAL_LOSS, "val/acc", names.entropy_metric(0, 1), names.max_logit_metric(0)} <= set(final)
+    assert result.metrics[names.VAL_LOSS] == final[names.VAL_LOSS]
+    assert result.metrics[names.BEST_VAL_LOSS] == min(h[names.VAL_LOSS] for h in result.history)
+    assert result.metrics[names.PARAMS] == rec.derived["params"] > 0
+    assert result.metrics[names.FLOPS_TOTAL] == pytest.approx(rec.derived["flops_per_token"] * 20 * 8 * 16)
+    assert result.metrics[names.TOKENS_PER_S] > 0 and result.metrics[names.PEAK_MEM_MB] > 0
+    assert result.attention_maps.shape == (1, 2, 16, 16)
+    assert result.attention_maps.sum(-1) == pytest.approx(1.0, abs=1e-4)  # rows of attention weights
+    assert "num_heads: 2" in result.config_yaml and result.checkpoint is None
+
+
+def test_same_seed_same_curve_and_another_seed_another() -> None:
+    curves = []
+    for seed in (0, 0, 1):
+        rec = Recorder()
+        train(tiny(**{"train.seed": seed, "model.attn_dropout": 0.1}), [rec])
+        curves.append([m[names.TRAIN_LOSS] for _, m in rec.steps] + [m[names.VAL_LOSS] for _, m in rec.evals])
+    assert curves[0] == curves[1]  # exactly, dropout included
+    assert curves[0] != curves[2]
+
+
+def test_a_huge_learning_rate_diverges_without_raising() -> None:
+    rec = Recorder()
+    result = train(tiny(**{"train.lr": 1e4, "train.warmup_steps": 0, "train.grad_clip": 0.0}), [rec])
+    assert result.status == "diverged" and "train/loss" in result.reason
+    assert result.steps < 20 and rec.ends == [result]
+    assert names.VAL_LOSS not in result.metrics  # no final evaluation of a broken model
+
+
+def test_a_callback_returning_true_stops_the_run() -> None:
+    rec = Recorder(stop_at=10)
+    result = train(tiny(), [rec, Recorder()])
+    assert result.status == "stopped" and result.steps == 10 and "step 10" in result.reason
+    assert [s for s, _ in rec.steps] == [5, 10] and rec.evals == []  # stopped before the evaluation at 10
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_an_exception_ends_the_run_failed_then_propagates(error: BaseException) -> None:
+    rec, other = Recorder(raise_at=10, error=error), Recorder()
+    with pytest.raises(type(error)):
+        train(tiny(), [rec, other])
+    for r in (rec, other):  # every callback hears the end exactly once
+        assert [e.status for e in r.ends] == ["failed"] and r.ends[0].steps == 10
+    assert type(error).__name__ in rec.ends[0].reason
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor() -> None:
+    cfg = tiny(**{"train.steps": 110, "train.warmup_steps": 10, "train.lr": 1.0, "train.min_lr_ratio": 0.1}).train
+    assert lr_at(1, cfg) == pytest.approx(0.1) and lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half-way through the decay
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_weight_decay_applies_to_linear_matrices_only() -> None:
+    from ablate.model import Transformer
+
+    cfg = tiny(**{"model.scaling": "learned"})
+    model = Transformer(cfg.model, vocab_size=8, max_len=16, num_classes=3)
+    decayed, plain = make_optimizer(model, cfg.train, torch.device("cpu")).param_groups
+    decayed_ids = {id(p) for p in decayed["params"]}
+    for name, p in model.named_parameters():
+        is_linear_weight = name.endswith(
+            ("qkv.weight", "attn_out.weight", "mlp.0.weight", "mlp.2.weight", "head.weight")
+        )
+        assert (id(p) in decayed_ids) == is_linear_weight, name
+    assert decayed["weight_decay"] == cfg.train.weight_decay and plain["weight_decay"] == 0.0
+
+
+def test_classification_task_reports_accuracy() -> None:
+    cfg = tiny(**{"task.name": "listops", "task.seq_len": 32, "task.max_depth": 2, "task.max_args": 3})
+    result = train(cfg)
+    assert result.status == "completed"
+    assert 0.0 <= result.metrics["val/acc"] <= 1.0 and math.isfinite(result.metrics[names.VAL_LOSS])
