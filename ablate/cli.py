@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run (or resume) an Optuna study declared in a YAML file, then its report")
     p.add_argument("spec", help="studies/NAME.yaml")
     p.add_argument("--trials", type=int, default=None, help="stop after this many trials in this invocation")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the study file's)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: $ABLATE_STORAGE or runs/optuna.db)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before workers stop taking trials")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -231,7 +231,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"model.num_heads=8"`` -> ``("model.num_heads", 8)``; the value is read as YAML (``null``, ``1e-3``, ``true``)."""
+    """``"model.num_heads=8"`` -> ``("model.num_heads", 8)``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", f"expected key=value, got {text!r}")

@@ -17,6 +17,7 @@ TAG_VARIANT = "ablate.variant"  # "base" or "<param>=<value>", e.g. "model.num_h
 TAG_FACTOR = "ablate.factor"  # the scientific parameter a variant changes ("" for base)
 TAG_STATUS = "ablate.status"  # the trainer's status: completed, diverged, stopped (pruned), failed
 TAG_REASON = "ablate.reason"  # why a run diverged, stopped or failed
+TAG_SPEC_SHA256 = "ablate.spec_sha256"  # on a study's parent run: sha256 of the study file as written
 TAG_GIT_COMMIT = "git.commit"
 TAG_GIT_DIRTY = "git.dirty"
 TAG_DEVICE = "ablate.device"
@@ -31,6 +32,9 @@ ATTR_PHASE = "phase"  # on a trial, as TAG_PHASE
 ATTR_VARIANT = "variant"  # on a trial, as TAG_VARIANT
 ATTR_FACTOR = "factor"  # on a trial, as TAG_FACTOR
 ATTR_SEED = "seed"  # on a trial: train.seed
+ATTR_POINT = "point"  # on a planned trial: tune: the Halton point's index; seed: train.seed (phase+variant+point = key)
+ATTR_STATUS = "status"  # on a trial: the trainer's status (a diverged run is an Optuna FAIL with status "diverged")
+ATTR_SOURCE_TRIAL = "source_trial"  # on a seed trial: the tune trial whose nuisance values it re-runs
 
 # Metrics ----------------------------------------------------------------------------------------------------------
 TRAIN_LOSS = "train/loss"

@@ -1,0 +1,301 @@
+"""Run (or resume) a study: an Optuna study whose trials are MLflow child runs of one parent run.
+
+Setup happens once per study, when this process creates it: the parent run, then the whole plan enqueued (see
+``StudySpec.plan``), then a ``plan_digest`` marker. Workers drain the queue one trial at a time; a file lock makes
+"is there a waiting trial? take it" atomic on one machine, so a worker never starts an unplanned (sampled) trial.
+Crashes: heartbeats fail a silent trial after ``3 * heartbeat`` s, end its MLflow run FAILED and re-enqueue it.
+A diverged run is an Optuna FAIL (user attr ``status: diverged``; MLflow FAILED); a pruned one is PRUNED (KILLED).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from ablate import names
+from ablate.config import ConfigError, to_dict
+from ablate.objective import Objective
+from ablate.spec import StudySpec, load_spec
+from ablate.study_runs import Monitor, ParentRun, end_orphan_runs, end_trial_run, print_results
+
+PLAN_DIGEST = "plan_digest"  # study user attr, set once the plan is enqueued
+MAX_RETRY = 2  # a trial whose worker died is re-enqueued at most this often
+POLL_S = 1.0
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def run_study(
+    spec_path: str | Path,
+    *,
+    trials: int | None = None,
+    workers: int | None = None,
+    storage: str | None = None,
+    timeout: float | None = None,
+    overrides: list[str] = (),
+    report: bool = True,
+) -> int:
+    """Run or resume the study in ``spec_path``; the exit code (0 when every trial this invocation ran finished)."""
+    spec = load_spec(spec_path, overrides)  # every ConfigError comes before any store exists
+    workers = spec.workers if workers is None else workers
+    if workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {workers}")
+    if trials is not None and trials < 1:
+        raise ConfigError("--trials", f"must be >= 1, got {trials}")
+    from ablate.tracking import default_tracking_uri
+
+    storage_url = storage or spec.storage or os.environ.get("ABLATE_STORAGE") or default_storage()
+    tracking_uri = spec.tracking_uri or default_tracking_uri()
+    study = setup_study(spec, storage_url, tracking_uri)
+    parent = ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID])
+    end_orphan_runs(study, parent)
+    parent.resume()
+    timeout = timeout if timeout is not None else spec.timeout
+    deadline = time.time() + timeout if timeout else None
+    threads = spec.base.train.threads or max(1, (os.cpu_count() or 1) // workers)
+    monitor = Monitor(study, total=planned_size(spec, study))
+    before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    try:
+        with monitor:
+            if workers == 1:
+                work(str(spec_path), list(overrides), storage_url, tracking_uri, trials, deadline, threads, 0)
+            else:
+                _spawn(str(spec_path), list(overrides), storage_url, tracking_uri, trials, deadline, threads, workers)
+    finally:
+        end_orphan_runs(study, parent)
+        parent.finish(done=not _pending(study))
+    print_results(spec, study)
+    code = _exit_code(study, before)
+    return max(code, _report(spec, storage_url, tracking_uri)) if report else code
+
+
+def _exit_code(study: optuna.Study, before: set[int]) -> int:
+    """1 when a trial of this invocation raised (a bug, not a diverged run): scripts and CI should notice."""
+    failed = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.number not in before and t.user_attrs.get(names.ATTR_STATUS) == "failed"
+    ]
+    if failed:
+        print(f"ablate study: trials {failed} failed with an error; their MLflow runs hold the reason", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def default_storage() -> str:
+    return f"sqlite:///{Path.cwd().resolve() / 'runs' / 'optuna.db'}"
+
+
+def open_storage(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
+    """The study's storage, with heartbeats: a trial silent for 3 heartbeats is failed, its run ended, and retried."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers write to one file
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        end_trial_run(tracking_uri, trial, "FAILED", "worker stopped sending heartbeats")
+        retry(study, trial)
+
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=spec.heartbeat,
+        grace_period=3 * spec.heartbeat,
+        heartbeat_stale_trial_callback=on_stale,
+    )
+
+
+def plan_digest(spec: StudySpec) -> str:
+    """What the plan depends on (not comments or key order): a study resumed with another plan is refused."""
+    plan = [(p.phase, p.variant.name, p.point, p.params) for p in spec.plan()]
+    blob = json.dumps([spec.kind, to_dict(spec.base), plan], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.Study:
+    """Create the study (parent run, plan, marker) exactly once; later calls and other workers load it."""
+    storage = open_storage(storage_url, spec, tracking_uri)
+    try:
+        study = optuna.create_study(storage=storage, study_name=spec.name, direction="minimize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        return _check_resumable(spec, study, storage_url)
+    parent = ParentRun.create(tracking_uri, spec)
+    study.set_user_attr(names.ATTR_KIND, spec.kind)
+    study.set_user_attr(names.ATTR_SPEC, json.loads(json.dumps(spec.data, default=str)))
+    study.set_user_attr(names.ATTR_PARENT_RUN_ID, parent.run_id)
+    for planned in spec.plan():
+        attrs = {
+            names.ATTR_PHASE: planned.phase,
+            names.ATTR_VARIANT: planned.variant.name,
+            names.ATTR_FACTOR: planned.variant.factor,
+            names.ATTR_POINT: planned.point,
+        }
+        study.enqueue_trial(planned.params, user_attrs=attrs)
+    study.set_user_attr(PLAN_DIGEST, plan_digest(spec))
+    return study
+
+
+def _check_resumable(spec: StudySpec, study: optuna.Study, storage_url: str) -> optuna.Study:
+    for _ in range(60):  # another process may be enqueueing the plan right now
+        digest = study.user_attrs.get(PLAN_DIGEST)
+        if digest:
+            break
+        time.sleep(POLL_S)
+    else:
+        raise ConfigError("name", f"study {spec.name!r} in {storage_url} has no plan (its setup died); delete it")
+    if digest != plan_digest(spec):
+        raise ConfigError(
+            "name",
+            f"study {spec.name!r} in {storage_url} was created from another plan (base, values or points differ); "
+            f"change name, or delete it: optuna delete-study --study-name {spec.name} --storage {storage_url}",
+            spec.source,
+        )
+    return study
+
+
+def planned_size(spec: StudySpec, study: optuna.Study) -> int | None:
+    """Trials the study will hold when done (None: a search bounded by time only)."""
+    if spec.kind == "ablation":
+        return len(spec.plan())
+    return max(spec.trials, len(study.get_trials(deepcopy=False))) if spec.trials else None
+
+
+def _pending(study: optuna.Study) -> bool:
+    states = (TrialState.WAITING, TrialState.RUNNING)
+    return bool(study.get_trials(deepcopy=False, states=states))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers
+
+
+def _spawn(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: str, trials: int | None,
+           deadline: float | None, threads: int, workers: int) -> None:  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")  # no forked torch or SQLite state
+    procs = []
+    for i in range(workers):
+        share = None if trials is None else trials // workers + (i < trials % workers)
+        if share == 0:
+            continue
+        args = (spec_path, overrides, storage_url, tracking_uri, share, deadline, threads, i)
+        procs.append(ctx.Process(target=work, args=args, name=f"ablate-worker-{i}"))
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+
+
+def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: str, trials: int | None,
+         deadline: float | None, threads: int, worker: int) -> int:  # fmt: skip
+    """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run."""
+    spec = load_spec(spec_path, overrides)
+    storage = open_storage(storage_url, spec, tracking_uri)
+    study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, worker),
+                              pruner=_pruner(spec))  # fmt: skip
+    parent_run_id = study.user_attrs[names.ATTR_PARENT_RUN_ID]
+    lock = _QueueLock(storage_url, spec.name)
+    objective = Objective(spec, study, storage, parent_run_id, tracking_uri, threads, lock)
+    done = 0
+    while (trials is None or done < trials) and (deadline is None or time.time() < deadline):
+        with lock:
+            fail_stale_trials(study)
+            if not _has_work(spec, study):
+                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    break
+                # Another worker's last trials: if its process died, the trial goes stale and is re-enqueued here.
+                lock.release()
+                time.sleep(POLL_S)
+                continue
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,))
+            except optuna.exceptions.UpdateFinishedTrialError as err:  # failed as stale while alive (a pause)
+                print(f"ablate study: {err}; its retry will run again", file=sys.stderr)
+        done += 1
+    return done
+
+
+def _has_work(spec: StudySpec, study: optuna.Study) -> bool:
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return True
+    return spec.kind == "search" and len(study.get_trials(deepcopy=False)) < (spec.trials or sys.maxsize)
+
+
+def _sampler(spec: StudySpec, worker: int) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=worker)
+    if spec.sampler == "halton" and spec.kind == "search":
+        return optuna.samplers.QMCSampler(qmc_type="halton", scramble=True, seed=0)
+    return optuna.samplers.RandomSampler(seed=worker)  # ablation: every value is enqueued, nothing is sampled
+
+
+def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    steps, every = spec.base.train.steps, spec.base.train.eval_every
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=len(spec.variants()), n_warmup_steps=every)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps)
+    return optuna.pruners.NopPruner()
+
+
+class _QueueLock:
+    """A file lock held from "is a trial waiting?" until the trial is taken, so no worker samples an extra one."""
+
+    def __init__(self, storage_url: str, study_name: str) -> None:
+        if storage_url.startswith("sqlite:///"):
+            self.path = Path(storage_url.removeprefix("sqlite:///") + f".{study_name}.lock")
+        else:  # workers on other machines are not covered; see the module docstring
+            key = hashlib.sha256(f"{storage_url}|{study_name}".encode()).hexdigest()[:16]
+            self.path = Path(tempfile.gettempdir()) / f"ablate-{key}.lock"
+        self._file: Any = None
+
+    def __enter__(self) -> _QueueLock:
+        self._file = open(self.path, "a")  # noqa: SIM115 (released in release(), maybe before __exit__)
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
+    """Write the report; the study's data stays valid when this fails, so say how to retry instead of raising."""
+    try:
+        from ablate.report import build_report
+    except ImportError:
+        print("ablate study: no report module; the table above is the result", file=sys.stderr)
+        return 0
+    try:
+        path = build_report(spec.name, storage=storage_url, tracking_uri=tracking_uri)
+    except Exception as err:
+        print(f"ablate study: the report failed ({type(err).__name__}: {err}); retry: ablate report {spec.name}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"Report: {path}\nAll runs: make ui  (MLflow UI at http://127.0.0.1:5000, experiment {spec.name!r})")
+    return 0

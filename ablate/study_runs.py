@@ -1,0 +1,185 @@
+"""The MLflow side of a study, and what a study prints: the parent run, leftover runs, progress, the results table.
+
+Optuna state -> MLflow status follows ``mlflow.optuna.MlflowStorage``: COMPLETE -> FINISHED, PRUNED -> KILLED,
+FAIL -> FAILED. Every call names its run id (``MlflowClient``), never the fluent active run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from ablate import names
+from ablate.config import to_yaml
+from ablate.spec import StudySpec
+
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    if tracking_uri.startswith("sqlite:///"):  # SQLite creates the file but not its folder
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri)
+
+
+class ParentRun:
+    """The study's MLflow run: the study file and its sha256 as artifact and tag; trials are nested under it."""
+
+    def __init__(self, tracking_uri: str, study_name: str, run_id: str) -> None:
+        self.client, self.study_name, self.run_id = client_for(tracking_uri), study_name, run_id
+
+    @classmethod
+    def create(cls, tracking_uri: str, spec: StudySpec) -> ParentRun:
+        from ablate.tracking import ensure_experiment
+
+        client = client_for(tracking_uri)
+        tags = {
+            names.TAG_STUDY: spec.name,
+            names.TAG_ROLE: "study",
+            names.TAG_KIND: spec.kind,
+            names.TAG_SPEC_SHA256: spec.digest,
+        }
+        run = client.create_run(ensure_experiment(client, spec.name), run_name=spec.name, tags=tags)
+        run_id = run.info.run_id
+        client.log_text(run_id, spec.text, "study.yaml")
+        client.log_text(run_id, f"{spec.digest}  {Path(spec.source).name}\n", "study.yaml.sha256")
+        client.log_text(run_id, to_yaml(spec.base), "base_config.yaml")
+        for key, value in (("kind", spec.kind), ("points", spec.points), ("seeds", spec.seeds),
+                           ("variants", len(spec.variants())), ("planned_trials", len(spec.plan()))):  # fmt: skip
+            client.log_param(run_id, f"study.{key}", value)
+        return cls(tracking_uri, spec.name, run_id)
+
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def resume(self) -> None:
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def finish(self, done: bool) -> None:
+        """FINISHED once every planned trial has run; KILLED when this invocation stopped early (resume later)."""
+        self.client.set_terminated(self.run_id, "FINISHED" if done else "KILLED")
+
+
+def end_trial_run(tracking_uri: str, trial: FrozenTrial, status: str, reason: str) -> None:
+    """End the MLflow run of ``trial`` if it is still RUNNING (its worker died)."""
+    run_id = trial.user_attrs.get(names.ATTR_RUN_ID)
+    if not run_id:
+        return
+    client = client_for(tracking_uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, names.TAG_STATUS, "failed")
+        client.set_tag(run_id, names.TAG_REASON, reason)
+        client.set_terminated(run_id, status)
+
+
+def end_orphan_runs(study: optuna.Study, parent: ParentRun) -> int:
+    """End child runs still RUNNING whose trial is not running any more (a worker died after ``tell``). Count."""
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    running = parent.client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.`{names.TAG_ROLE}` = 'trial' and attributes.status = 'RUNNING'",
+        max_results=10_000,
+    )
+    ended = 0
+    for run in running:
+        number = run.data.tags.get(names.TAG_TRIAL)
+        state = states.get(int(number)) if number and number.isdigit() else None
+        if state == TrialState.RUNNING:
+            continue  # a live worker's trial, or one whose heartbeat has not gone stale yet
+        parent.client.set_tag(run.info.run_id, names.TAG_REASON, f"run left RUNNING; its trial is {state}")
+        parent.client.set_terminated(run.info.run_id, RUN_STATUS.get(state, "FAILED"))
+        ended += 1
+    return ended
+
+
+def describe(t: FrozenTrial) -> str:
+    """One line per finished trial."""
+    a = t.user_attrs
+    value = f"val/loss {t.value:.4f}" if t.value is not None else a.get(names.ATTR_STATUS, "")
+    took = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else 0
+    where = f"{a.get(names.ATTR_PHASE, '')} {a.get(names.ATTR_VARIANT, '')} #{a.get(names.ATTR_POINT, '-')}"
+    return f"trial {t.number:>4} {t.state.name:<8} {where:<40} {value}  ({took:.0f}s)"
+
+
+class Monitor:
+    """A progress bar of finished trials with the best value so far, and one line per finished trial.
+
+    It polls the storage from a thread, so it sees the trials of every worker process alike.
+    """
+
+    def __init__(self, study: optuna.Study, total: int | None, every_s: float = 2.0) -> None:
+        self.study, self.total, self.every_s = study, total, every_s
+        self._stop = threading.Event()
+        self._seen: set[int] = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+        self.bar = tqdm(total=total, initial=len(self._seen), desc=study.study_name, unit="trial", dynamic_ncols=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.bar.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.poll()
+            except Exception as err:  # a busy SQLite file must not kill the bar; the next poll retries
+                tqdm.write(f"(progress: {type(err).__name__})")
+
+    def poll(self) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        if self.total:
+            self.bar.total = max(self.total, len(trials))  # a retried trial adds one
+        for t in trials:
+            if t.state in FINISHED and t.number not in self._seen:
+                self._seen.add(t.number)
+                tqdm.write(describe(t))
+                self.bar.update(1)
+        done = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        if done:
+            self.bar.set_postfix(best=f"{min(done):.4f}")
+
+
+def print_results(spec: StudySpec, study: optuna.Study) -> None:
+    """Until a report exists (and in the log): per variant, the seed-phase val/loss, mean ± std (n)."""
+    trials = study.get_trials(deepcopy=False)
+    print(f"\nStudy {spec.name} ({spec.kind}): {len(trials)} trials, "
+          f"{sum(t.state == TrialState.COMPLETE for t in trials)} complete")  # fmt: skip
+    if spec.kind == "search":
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        for t in sorted(done, key=lambda t: t.value)[:5]:
+            print(f"  val/loss {t.value:.4f}  {t.params}")
+        return
+    print(f"  {'variant':<36} {'seed-phase val/loss':>22} {'best tune':>10}")
+    for variant in spec.variants():
+        mine = [t for t in trials if t.user_attrs.get(names.ATTR_VARIANT) == variant.name]
+        seeds = [t.value for t in mine if _is(t, "seed")]
+        tune = [t.value for t in mine if _is(t, "tune")]
+        mean = _mean_std(seeds)
+        best = f"{min(tune):.4f}" if tune else "-"
+        print(f"  {variant.name:<36} {mean:>22} {best:>10}")
+
+
+def _is(t: FrozenTrial, phase: str) -> bool:
+    return t.state == TrialState.COMPLETE and t.user_attrs.get(names.ATTR_PHASE) == phase
+
+
+def _mean_std(values: list[Any]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f} ({len(values)})"

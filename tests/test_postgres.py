@@ -1,0 +1,71 @@
+"""Two `ablate study` processes (as on two machines) share one study through PostgreSQL and drain it once."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import uuid
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from ablate import names
+
+URL = os.environ.get("ABLATE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+pytestmark = pytest.mark.postgres
+
+
+def _reachable() -> str:
+    try:
+        import psycopg
+
+        psycopg.connect(URL.replace("+psycopg", ""), connect_timeout=3).close()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return ""
+
+
+@pytest.fixture
+def pg_study():
+    reason = _reachable()
+    if reason:
+        pytest.skip(f"PostgreSQL not reachable at {URL} ({reason})")
+    name = f"pg-{uuid.uuid4().hex[:10]}"
+    yield name
+    optuna.delete_study(study_name=name, storage=URL)
+
+
+def test_two_processes_share_a_postgres_study(pg_study, tmp_path):
+    spec = {
+        "name": pg_study,
+        "task": {"name": "charlm", "seq_len": 16},
+        "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
+        "train": {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "eval_batches": 2,
+                  "log_every": 5, "device": "cpu", "threads": 1},
+        "scientific": {"model.num_heads": [2, 4]},
+        "nuisance": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+        "points": 2,
+        "seeds": 1,
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }  # fmt: skip
+    path = tmp_path / "pg.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--storage", URL, "--no-report"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+
+    trials = optuna.load_study(study_name=pg_study, storage=URL).get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    keys = collections.Counter((t.user_attrs[names.ATTR_PHASE], t.user_attrs[names.ATTR_VARIANT],
+                                t.user_attrs[names.ATTR_POINT]) for t in trials)  # fmt: skip
+    assert set(keys.values()) == {1}
+    client = MlflowClient(spec["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name(pg_study).experiment_id])
+    assert sorted(r.data.tags[names.TAG_ROLE] for r in runs) == ["study"] + ["trial"] * 6
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -1,0 +1,251 @@
+"""Studies: validation of study files, the ablation plan, and real studies on SQLite stores in tmp_path."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from ablate import cli, names
+from ablate.config import with_values
+from ablate.spec import load_spec
+from ablate.study import run_study
+
+STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
+MLFLOW_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+TINY = {
+    "name": "tiny",
+    "kind": "ablation",
+    "task": {"name": "charlm", "seq_len": 16},
+    "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
+    "train": {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "eval_batches": 2,
+              "log_every": 5, "device": "cpu", "threads": 1},
+    "scientific": {"model.num_heads": [2, 4]},
+    "nuisance": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+    "points": 1,
+    "seeds": 1,
+}  # fmt: skip
+
+
+def write_spec(path: Path, **changes) -> Path:
+    data = {**TINY, **changes}
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh directory whose runs/ holds both stores, as on a user's clone."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ABLATE_STORAGE", raising=False)
+    return tmp_path
+
+
+def stores(root: Path, name: str) -> tuple[optuna.Study, MlflowClient, list]:
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'runs' / 'optuna.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
+    return study, client, runs
+
+
+def assert_consistent(root: Path, name: str, planned: int) -> list:
+    """Every planned trial ran once; each trial is one child run with the matching state; nothing left RUNNING."""
+    study, _, runs = stores(root, name)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    keys = collections.Counter(
+        (t.user_attrs[names.ATTR_PHASE], t.user_attrs[names.ATTR_VARIANT], t.user_attrs[names.ATTR_POINT])
+        for t in trials
+        if t.state == TrialState.COMPLETE
+    )
+    assert len(keys) == planned and set(keys.values()) == {1}, keys
+    children = {r.info.run_id: r for r in runs if r.data.tags.get(names.TAG_ROLE) == "trial"}
+    parents = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == "study"]
+    assert len(parents) == 1 and parents[0].data.tags[names.TAG_SPEC_SHA256]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    started = [t for t in trials if names.ATTR_RUN_ID in t.user_attrs]
+    assert len(children) == len(started)
+    for t in started:
+        run = children[t.user_attrs[names.ATTR_RUN_ID]]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        if int(run.data.tags[names.TAG_TRIAL]) == t.number:  # a retried trial's copy names the dead run
+            assert run.info.status == MLFLOW_OF[t.state], (t.number, t.state, run.info.status)
+    return trials
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Study files
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_preset_validates_and_plans_valid_configs(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem  # `ablate report studies/NAME.yaml` finds the study by its name
+    for planned in spec.plan():
+        with_values(spec.base, planned.params)  # raises ConfigError on an invalid combination
+
+
+BAD = {
+    "unknown_key": ({"epochs": 3}, "epochs"),
+    "unknown_model_key": ({"model": {"embed_dim": 16, "heads": 2}}, "model.heads"),
+    "wrong_type": ({"points": "four"}, "points"),
+    "empty_values": ({"scientific": {"model.num_heads": []}}, "scientific.model.num_heads"),
+    "impossible_heads": ({"scientific": {"model.num_heads": [2, 3]}}, "scientific.model.num_heads"),
+    "unknown_sampler": ({"sampler": "grid"}, "sampler"),
+    "unknown_param": ({"scientific": {"model.heads": [1, 2]}}, "scientific.model.heads"),
+    "bad_range": ({"nuisance": {"train.lr": {"low": 1e-2, "high": 1e-3}}}, "nuisance.train.lr"),
+    "pruned_ablation": ({"pruner": "median"}, "pruner"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_malformed_study_exits_2_with_one_line_before_any_store(case, workdir, capsys):
+    changes, key = BAD[case]
+    path = write_spec(workdir / "bad.yaml", **changes)
+    assert cli.main(["study", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and f": {key}:" in err, err
+    assert not (workdir / "runs").exists() and not list(workdir.rglob("*.db"))
+
+
+def test_search_rejects_any_invalid_combination(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", kind="search", sampler="tpe", budget={"trials": 4},
+                      scientific={"model.num_heads": [2, 4], "model.embed_dim": [16, 18]})  # fmt: skip
+    with pytest.raises(Exception, match="scientific.model.num_heads.*combination"):
+        load_spec(path)
+
+
+def test_ablation_plan_gives_every_value_the_same_points(tmp_path):
+    path = write_spec(tmp_path / "a.yaml", points=3, seeds=2,
+                      scientific={"num_heads": [2, 4, 8], "model.attn_dropout": [0.0, 0.1]})  # fmt: skip
+    spec = load_spec(path)
+    plan = spec.plan()
+    variants = [v.name for v in spec.variants()]
+    assert variants == ["base", "model.num_heads=4", "model.num_heads=8", "model.attn_dropout=0.1"]
+    tune = [p for p in plan if p.phase == "tune"]
+    seeds = [p for p in plan if p.phase == "seed"]
+    count = collections.Counter
+    assert count((p.variant.name, p.point) for p in tune) == {(v, i): 1 for v in variants for i in range(3)}
+    assert count((p.variant.name, p.point) for p in seeds) == {(v, s): 1 for v in variants for s in (1, 2)}
+    for i in range(3):  # the same nuisance point for every variant, and points differ from one another
+        assert len({p.params["train.lr"] for p in tune if p.point == i}) == 1
+    assert len({p.params["train.lr"] for p in tune}) == 3
+    assert all(1e-3 <= p.params["train.lr"] <= 1e-2 for p in tune)
+    assert plan == load_spec(path).plan()  # deterministic: a resumed study plans the same trials
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real studies (tiny models, 10 steps)
+
+
+def test_smoke_study_end_to_end_then_resume_runs_nothing(workdir, capsys):
+    path = write_spec(workdir / "tiny.yaml")
+    assert run_study(path, report=False) == 0
+    trials = assert_consistent(workdir, "tiny", planned=4)
+    study, client, _ = stores(workdir, "tiny")
+    assert study.user_attrs[names.ATTR_KIND] == "ablation"
+    by_number = {t.number: t for t in trials}
+    for t in trials:  # the trained config is the trial's (MLflow params are what the trainer saw)
+        params = client.get_run(t.user_attrs[names.ATTR_RUN_ID]).data.params
+        assert params["model.num_heads"] == str(t.params["model.num_heads"])
+        assert float(params["train.lr"]) == t.params["train.lr"]
+        assert params["train.seed"] == str(t.user_attrs[names.ATTR_SEED])
+        if t.user_attrs[names.ATTR_PHASE] == "seed":  # re-runs its variant's best tune point on train.seed 1
+            source = by_number[t.user_attrs[names.ATTR_SOURCE_TRIAL]]
+            assert source.user_attrs[names.ATTR_VARIANT] == t.user_attrs[names.ATTR_VARIANT]
+            assert t.params["train.lr"] == source.params["train.lr"] and t.user_attrs[names.ATTR_SEED] == 1
+            history = client.get_metric_history(t.user_attrs[names.ATTR_RUN_ID], names.VAL_LOSS)
+            assert [m.step for m in history] == [5, 10]  # intermediate values as step metrics
+    out = capsys.readouterr().out
+    assert "model.num_heads=4" in out
+    assert run_study(path, report=False) == 0  # the same command again: nothing re-run
+    assert len(stores(workdir, "tiny")[0].get_trials()) == 4
+
+
+def test_changed_plan_is_refused_on_resume(workdir):
+    path = write_spec(workdir / "tiny.yaml", seeds=None, points=1, scientific={"model.num_heads": [2]})
+    run_study(path, report=False, trials=1)
+    write_spec(path, points=2)
+    with pytest.raises(Exception, match="another plan"):
+        run_study(path, report=False)
+
+
+def test_killed_study_resumes_without_duplicates_or_running_leftovers(workdir):
+    path = write_spec(workdir / "tiny.yaml", heartbeat=2)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
+    cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--no-report"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = workdir / "runs" / "optuna.db"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if db.exists() and _running_after_complete(f"sqlite:///{db}"):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the study finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}").get_trials()
+    assert any(t.state == TrialState.RUNNING for t in killed)
+    assert run_study(path, report=False) == 0
+    trials = assert_consistent(workdir, "tiny", planned=4)
+    retried = [t for t in trials if t.state == TrialState.FAIL]
+    assert retried and all(t.number < len(killed) for t in retried)
+
+
+def _running_after_complete(url: str) -> bool:
+    try:
+        trials = optuna.load_study(study_name="tiny", storage=url).get_trials(deepcopy=False)
+    except Exception:  # not created yet, or the file is busy
+        return False
+    states = [t.state for t in trials]
+    running = [t for t in trials if t.state == TrialState.RUNNING and names.ATTR_RUN_ID in t.user_attrs]
+    return TrialState.COMPLETE in states and bool(running)
+
+
+def test_two_workers_drain_one_sqlite_study(workdir):
+    path = write_spec(workdir / "tiny.yaml")
+    assert run_study(path, workers=2, report=False) == 0
+    trials = assert_consistent(workdir, "tiny", planned=4)
+    assert len(trials) == 4  # no sampled extra trial, no duplicate
+
+
+def test_search_enqueues_every_arm_first_and_prunes_into_killed_runs(workdir):
+    path = write_spec(workdir / "search.yaml", name="search", kind="search", sampler="tpe", pruner="median",
+                      budget={"trials": 5}, points=None, seeds=None)  # fmt: skip
+    assert run_study(path, report=False) == 0
+    study, _, runs = stores(workdir, "search")
+    trials = study.get_trials()
+    assert len(trials) == 5 and study.user_attrs[names.ATTR_KIND] == "search"
+    assert [t.params["model.num_heads"] for t in trials[:2]] == [2, 4]  # no arm starved by the sampler
+    children = {r.info.run_id: r.info.status for r in runs if r.data.tags.get(names.TAG_ROLE) == "trial"}
+    assert sorted(children.values()) == sorted(MLFLOW_OF[t.state] for t in trials)
+    assert all(len(t.intermediate_values) >= 1 for t in trials)  # every evaluation reported to the pruner
+
+
+def test_diverged_trials_fail_and_a_variant_without_a_tuned_point_says_so(workdir, capsys):
+    train = {**TINY["train"], "diverge_factor": 1.5, "grad_clip": 0.0}
+    path = write_spec(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]},
+                      nuisance={"train.lr": {"low": 3.0, "high": 30.0, "log": True}})  # fmt: skip
+    assert run_study(path, report=False) == 1  # the seed trial had nothing to re-run: the user must widen the range
+    assert "failed" in capsys.readouterr().err
+    study, client, runs = stores(workdir, "tiny")
+    tune, seed = study.get_trials()
+    assert (tune.state, tune.user_attrs[names.ATTR_STATUS]) == (TrialState.FAIL, "diverged")
+    assert (seed.state, seed.user_attrs[names.ATTR_STATUS]) == (TrialState.FAIL, "failed")
+    for t in (tune, seed):
+        run = client.get_run(t.user_attrs[names.ATTR_RUN_ID])
+        assert run.info.status == "FAILED" and run.data.tags[names.TAG_STATUS] == t.user_attrs[names.ATTR_STATUS]
+    assert "no tune trial" in client.get_run(seed.user_attrs[names.ATTR_RUN_ID]).data.tags[names.TAG_REASON]
