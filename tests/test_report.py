@@ -217,20 +217,21 @@ def test_importing_the_report_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def _welch_from_store(builder: StoreBuilder, variant: str) -> tuple[float, float, float]:
-    """The Welch interval recomputed straight from MLflow: final val/loss of completed seed runs."""
+def _paired_from_store(builder: StoreBuilder, variant: str) -> tuple[float, float, float]:
+    """The paired interval recomputed straight from MLflow: final val/loss of completed seed runs, by train.seed."""
     from scipy import stats
 
-    def losses(v: str) -> list[float]:
+    def losses(v: str) -> dict[str, float]:
         df = builder.client.search_runs(
             [builder.exp], f"tags.`{names.TAG_VARIANT}` = '{v}' and tags.`{names.TAG_PHASE}` = 'seed' "
             f"and tags.`{names.TAG_STATUS}` = 'completed'")
-        return [r.data.metrics[names.VAL_LOSS] for r in df]
+        return {r.data.params["train.seed"]: r.data.metrics[names.VAL_LOSS] for r in df}
 
     a, b = losses(variant), losses("base")
-    res = stats.ttest_ind(a, b, equal_var=False)
+    seeds = sorted(set(a) & set(b))
+    res = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
     ci = res.confidence_interval(0.95)
-    return float(np.mean(a) - np.mean(b)), float(ci.low), float(ci.high)
+    return float(np.mean([a[s] - b[s] for s in seeds])), float(ci.low), float(ci.high)
 
 
 def test_report_has_every_section_and_files(ablation_report, ablation):
@@ -248,7 +249,7 @@ def test_report_has_every_section_and_files(ablation_report, ablation):
 
 def test_numbers_match_the_stores(ablation_report, ablation):
     _, page = ablation_report
-    diff, lo, hi = _welch_from_store(ablation, "model.num_heads=4")
+    diff, lo, hi = _paired_from_store(ablation, "model.num_heads=4")
     assert f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]" in page
     assert hi < 0  # the fixture's num_heads=4 really is better: the report must call it so
     results = pd.read_csv(ablation_report[0].parent / "results.csv")

@@ -135,7 +135,7 @@ def _search(data: StudyData, ctx: dict) -> None:
 
 
 def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
-    """Table 3 as strings: mean ± CI half-width and the Welch interval of the difference from the base."""
+    """Table 3 as strings: mean ± CI half-width and the interval of the difference from the base."""
     def pm(mean: float, half: float) -> str:
         return f"{mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
 

@@ -1,8 +1,12 @@
-"""The numbers behind the answer: per-variant means over seeds, Welch intervals against the base, recommendations,
+"""The numbers behind the answer: per-variant means over seeds, intervals against the base, recommendations,
 health checks and, for search studies, parameter importances. Pure pandas/scipy on the frames of ``load``.
 
 Conclusions use the seed phase only (the re-runs of each variant's best tuned point); the tune phase is for
 learning-rate sensitivity and edge checks. Lower val/loss is better.
+
+Every variant is re-run on the same seeds, and a seed fixes the batch order, so runs of one seed share much of their
+noise (a lucky data order helps every variant). Differences from the base are therefore paired by seed (a t-interval
+of the per-seed differences) wherever both ran the same seeds; Welch's interval is the fallback.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ COST_KEYS = (names.PARAMS, names.FLOPS_PER_TOKEN, names.TOKENS_PER_S, names.WALL
 
 @dataclass
 class Diff:
-    """``mean(a) - mean(b)`` with a Welch t-interval; ``lo``/``hi`` are NaN when either side has < 2 values."""
+    """``mean(a) - mean(b)`` with its t-interval; ``lo``/``hi`` are NaN when either side has < 2 values."""
 
     diff: float
     lo: float
     hi: float
     n_a: int
     n_b: int
+    method: str = "Welch"  # or "paired": over seeds both sides ran
 
     @property
     def known(self) -> bool:
@@ -69,6 +74,27 @@ def welch(a: np.ndarray, b: np.ndarray) -> Diff:
     return Diff(diff, diff - half, diff + half, len(a), len(b))
 
 
+def paired(a: pd.Series, b: pd.Series) -> Diff:
+    """``a - b`` over the seeds (index) both ran, with the t-interval of the per-seed differences."""
+    d = (a - b).dropna().to_numpy(dtype=float)
+    mean, half = mean_ci(d)
+    if math.isnan(half):
+        return Diff(mean, math.nan, math.nan, len(d), len(d), "paired")
+    return Diff(mean, mean - half, mean + half, len(d), len(d), "paired")
+
+
+def compare(variant_runs: pd.DataFrame, base_runs: pd.DataFrame) -> Diff:
+    """The variant's final val/loss minus the base's: paired when both ran the same >= 2 seeds, else Welch.
+
+    A seed missing on one side (a diverged re-run) would cost the paired interval a degree of freedom and drop a
+    run; Welch keeps every run.
+    """
+    a, b = variant_runs.groupby("seed")["value"].mean(), base_runs.groupby("seed")["value"].mean()
+    if len(a) >= 2 and set(a.index) == set(b.index):
+        return paired(a, b)
+    return welch(a.to_numpy(), b.to_numpy())
+
+
 def seed_runs(data: StudyData) -> pd.DataFrame:
     """Completed seed-phase runs with a final val/loss: the only rows conclusions are drawn from."""
     t = data.trials
@@ -95,21 +121,21 @@ def base_value(factor: str, data: StudyData) -> object:
 
 
 def variant_table(data: StudyData) -> pd.DataFrame:
-    """One row per variant (base first): what changed, seeds, val/loss mean ± CI, Welch diff vs base, costs."""
+    """One row per variant (base first): what changed, seeds, val/loss mean ± CI, diff vs base (paired), costs."""
     runs = seed_runs(data)
     variants = variant_order(data)
-    base = runs.loc[runs["variant"] == "base", "value"].to_numpy()
+    base = runs[runs["variant"] == "base"]
     metric = data.task_metric
     rows = []
     for variant in variants:
         sub = runs[runs["variant"] == variant]
         factor = _factor(variant, data)
         mean, half = mean_ci(sub["value"].to_numpy())
-        d = welch(sub["value"].to_numpy(), base)
+        d = compare(sub, base)
         row = {
             "variant": variant, "factor": factor, "value": variant_value(variant, factor, data) if factor else "",
             "changed": _changed(variant, factor, data), "seeds": len(sub), "mean": mean, "ci": half,
-            "diff": d.diff if variant != "base" else 0.0, "diff_lo": d.lo, "diff_hi": d.hi,
+            "diff": d.diff if variant != "base" else 0.0, "diff_lo": d.lo, "diff_hi": d.hi, "method": d.method,
             "distinguishable": d.distinguishable if variant != "base" else False,
         }
         if metric:
@@ -188,8 +214,8 @@ def _recommend(factor: str, rows: pd.DataFrame, base: pd.Series | None, data: St
         best = better.sort_values("mean").iloc[0]
         choice, verdict = fmt(best["value"]), "improves"
         parts.append(f"Choose {choice}: against the base ({bval}) it lowers val/loss by {-best['diff']:.4f} "
-                     f"(95% CI {-best['diff_hi']:.4f} to {-best['diff_lo']:.4f}, {int(best['seeds'])} vs "
-                     f"{int(base['seeds'])} seeds), more than seed noise.")
+                     f"(95% CI {-best['diff_hi']:.4f} to {-best['diff_lo']:.4f}, {best['method']} over "
+                     f"{int(best['seeds'])} vs {int(base['seeds'])} seeds), more than seed noise.")
         costs = [ratio_text(best[k], base[k], w) for k, w in
                  ((names.PARAMS, "parameters"), (names.FLOPS_PER_TOKEN, "FLOPs per token"),
                   (names.TOKENS_PER_S, "tokens/s"))]
