@@ -11,6 +11,7 @@ import uuid
 import optuna
 import pytest
 import yaml
+from conftest import TINY_STUDY
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -41,18 +42,7 @@ def pg_study():
 
 
 def test_two_processes_share_a_postgres_study(pg_study, tmp_path):
-    spec = {
-        "name": pg_study,
-        "task": {"name": "charlm", "seq_len": 16},
-        "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
-        "train": {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "eval_batches": 2,
-                  "log_every": 5, "device": "cpu", "threads": 1},
-        "scientific": {"model.num_heads": [2, 4]},
-        "nuisance": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
-        "points": 2,
-        "seeds": 1,
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }  # fmt: skip
+    spec = {**TINY_STUDY, "name": pg_study, "points": 2, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     path = tmp_path / "pg.yaml"
     path.write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--storage", URL, "--no-report"]

@@ -37,7 +37,7 @@ SPEC = {
     "model": {"embed_dim": 32, "num_heads": 2, "num_layers": 1},
     "task": {"name": "recall"},
     "train": {"steps": 100, "eval_every": 25},
-    "scientific": {"model.num_heads": [2, 1, 4], "model.attn_dropout": [0.0, 0.1]},  # base value first
+    "scientific": {"model.num_heads": [2, 1, 4], "model.attn_dropout": [0.0, 0.1], "model.resid_dropout": [0.0, 0.2]},
     "nuisance": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
     "points": 3,
     "seeds": 3,
@@ -48,6 +48,7 @@ VARIANTS = {
     "model.num_heads=1": ("model.num_heads", {"model.num_heads": 1}, 0.2, 1e-2),
     "model.num_heads=4": ("model.num_heads", {"model.num_heads": 4}, -0.1, 1.5e-3),
     "model.attn_dropout=0.1": ("model.attn_dropout", {"model.attn_dropout": 0.1}, 0.001, 1.5e-3),
+    "model.resid_dropout=0.2": ("model.resid_dropout", {"model.resid_dropout": 0.2}, 0.3, 1.5e-3),
 }
 
 
@@ -263,8 +264,10 @@ def test_numbers_match_the_stores(ablation_report, ablation):
 
 def test_answer_is_generated_from_the_data(ablation_report):
     _, page = ablation_report
-    answers = re.findall(r'<div class="choice">(.*?) <span class="badge (\w+)">', page)
-    assert answers == [("model.num_heads → 4", "improves"), ("model.attn_dropout → 0", "inconclusive")]
+    answers = re.findall(r'<div class="choice">(.*?) <span class="badge ([\w-]+)">', page)
+    assert answers == [("model.num_heads → 4", "improves"), ("model.attn_dropout → 0", "inconclusive"),
+                       ("model.resid_dropout → 0", "keep-base")]
+    assert "Keep 0: every other tested value of model.resid_dropout is worse than the base beyond seed noise." in page
     assert "It costs 1.09× the base&#39;s parameters" in page
     assert "Worse than the base: 1 (+0." in page
     # num_heads=1 tuned best at lr 9e-3, the top 10% of [1e-4, 1e-2] on a log scale

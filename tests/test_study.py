@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import TINY_STUDY as TINY
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -23,18 +24,6 @@ from ablate.study import run_study
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
 MLFLOW_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
-TINY = {
-    "name": "tiny",
-    "kind": "ablation",
-    "task": {"name": "charlm", "seq_len": 16},
-    "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
-    "train": {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "eval_batches": 2,
-              "log_every": 5, "device": "cpu", "threads": 1},
-    "scientific": {"model.num_heads": [2, 4]},
-    "nuisance": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
-    "points": 1,
-    "seeds": 1,
-}  # fmt: skip
 
 
 def write_spec(path: Path, **changes) -> Path:

@@ -8,36 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RUN as TINY
 from mlflow import MlflowClient
 
 from ablate import names
 from ablate.config import RunConfig, run_config_from, with_values
 from ablate.tracking import MLflowTracker, ensure_experiment, git_state, train_from_file
 from ablate.train import train
-
-TINY = {
-    "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
-    "task": {
-        "name": "recall",
-        "seq_len": 16,
-        "num_train": 64,
-        "num_val": 24,
-        "num_test": 8,
-        "num_pairs": 2,
-        "vocab_size": 8,
-    },
-    "train": {
-        "steps": 20,
-        "batch_size": 8,
-        "log_every": 5,
-        "eval_every": 10,
-        "eval_batches": 2,
-        "threads": 1,
-        "device": "cpu",
-        "warmup_steps": 2,
-        "lr": 3e-3,
-    },
-}
 
 
 class Recorder:

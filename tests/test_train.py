@@ -6,40 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_RUN as TINY
 
 from ablate import names
 from ablate.config import RunConfig, run_config_from, with_values
 from ablate.train import RunResult, lr_at, make_optimizer, train
-
-TINY = {
-    "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
-    "task": {
-        "name": "recall",
-        "seq_len": 16,
-        "num_train": 64,
-        "num_val": 24,
-        "num_test": 8,
-        "num_pairs": 2,
-        "vocab_size": 8,
-    },
-    "train": {
-        "steps": 20,
-        "batch_size": 8,
-        "log_every": 5,
-        "eval_every": 10,
-        "eval_batches": 2,
-        "threads": 1,
-        "device": "cpu",
-        "warmup_steps": 2,
-        "lr": 3e-3,
-    },
-}
-
-
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built tasks go to a temporary cache shared by this session, never to the user's."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf"))
 
 
 def tiny(**values: object) -> RunConfig:

@@ -104,9 +104,10 @@ def _ablation(data: StudyData, ctx: dict) -> None:
         ctx["headline"] = "no trials yet"
         return
     ctx["answers"] = analysis.recommendations(data, table)
-    n_improve = sum(a["verdict"] == "improves" for a in ctx["answers"])
-    ctx["headline"] = (f"{n_improve} of {len(ctx['answers'])} scientific parameters have a value that beats the "
-                       "base beyond seed noise")
+    verdicts = [a["verdict"] for a in ctx["answers"]]
+    ctx["headline"] = (f"{verdicts.count('improves')} of {len(verdicts)} scientific parameters have a value that "
+                       f"beats the base beyond seed noise; {verdicts.count('keep base')} keep the base, where every "
+                       "alternative is worse")
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["variants"] = html.table(ctx["variant_df"])
     ctx["figures"]["isolation"] = plots.isolation(data, table)

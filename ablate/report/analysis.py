@@ -221,6 +221,9 @@ def _recommend(factor: str, rows: pd.DataFrame, base: pd.Series | None, data: St
                   (names.TOKENS_PER_S, "tokens/s"))]
         if any(costs):
             parts.append("It costs " + ", ".join(c for c in costs if c) + ".")
+    elif len(worse) and not len(noise):
+        choice, verdict = bval, "keep base"
+        parts.append(f"Keep {bval}: every other tested value of {factor} is worse than the base beyond seed noise.")
     else:
         choice, verdict = bval, "inconclusive"
         parts.append(f"Inconclusive: no tested value of {factor} beats the base ({bval}) beyond seed noise; "
