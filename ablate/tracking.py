@@ -313,15 +313,18 @@ def save_attention_maps(maps: Any, path: Path, max_side: int = MAP_MAX_SIDE) -> 
     tiles[:, :, :t, :t] = maps
     grid = tiles.transpose(0, 2, 1, 3).reshape(layers * (t + gap), heads * (t + gap))[:-gap, :-gap]  # (L*T', H*T')
     zoom = max(1, min(4, 800 // grid.shape[1]))  # screen pixels per cell
-    fig = Figure(figsize=(grid.shape[1] * zoom / 100 + 1.5, grid.shape[0] * zoom / 100 + 1.0), dpi=100)
+    w, h = grid.shape[1] * zoom / 100, grid.shape[0] * zoom / 100  # inches of image
+    left, bottom, top = 0.7, 0.3, 0.3  # fixed margins for the labels: no second layout pass
+    fig_w, fig_h = w + left + 0.1, h + bottom + top
+    fig = Figure(figsize=(fig_w, fig_h), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([h * (t + gap) + t / 2 for h in range(heads)], [f"h{h}" for h in range(heads)])
-    ax.set_yticks([i * (t + gap) + t / 2 for i in range(layers)], [f"layer {i}" for i in range(layers)])
+    ax = fig.add_axes((left / fig_w, bottom / fig_h, w / fig_w, h / fig_h))
+    ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    ax.set_xticks([j * (t + gap) + t / 2 for j in range(heads)], [f"h{j}" for j in range(heads)], fontsize=7)
+    ax.set_yticks([i * (t + gap) + t / 2 for i in range(layers)], [f"layer {i}" for i in range(layers)], fontsize=7)
     pooled = f", {pool}x{pool} mean-pooled" if pool > 1 else ""
-    ax.set_title(f"attention of one validation sample (rows: queries, each / its max{pooled})", fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
+    ax.set_title(f"attention of one validation sample (rows: queries, each / its max{pooled})", fontsize=7)
+    fig.savefig(path)
 
 
 @contextmanager
