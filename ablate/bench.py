@@ -116,6 +116,42 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tracking_overhead(config_path: str | Path, out_dir: str | Path, repeats: int = 3) -> int:
+    """Wall time of the same run with and without the MLflow tracker (median of ``repeats`` after a warm-up of
+    both, so data caching and MLflow's table creation stay out); writes ``tracking.md``. Returns 0."""
+    import tempfile
+
+    from ablate.config import load_run_config
+    from ablate.tracking import MLflowTracker
+    from ablate.train import train
+
+    config, warm = load_run_config(config_path), load_run_config(config_path, ["train.steps=20"])
+    plain, tracked = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        train(warm)
+        train(warm, [MLflowTracker(uri, "overhead")])
+        for _ in range(repeats):  # interleaved, so machine load hits both alike
+            start = time.perf_counter()
+            train(config)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            train(config, [MLflowTracker(uri, "overhead")])
+            tracked.append(time.perf_counter() - start)
+    p, q = statistics.median(plain), statistics.median(tracked)
+    per_step = 1000 * p / config.train.steps
+    text = (f"# MLflow tracking overhead ({config_path} on {pick_device(config.train.device).type}, "
+            f"{config.train.steps} steps, {per_step:.2f} ms a step with evaluations, median of {repeats})\n\n"
+            f"Reproduce: `ablate bench --tracking {config_path}`\n\n"
+            "| untracked s | tracked s | overhead |\n|---:|---:|---:|\n"
+            f"| {p:.3f} | {q:.3f} | {100 * (q - p) / p:+.2f}% |\n")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tracking.md").write_text(text)
+    print(text + f"\nwrote {out / 'tracking.md'}")
+    return 0
+
+
 def run_bench(out_dir: str | Path = "reports/bench", quick: bool = False) -> int:
     """Time every case, print the table, write ``bench.csv`` and ``bench.md`` under ``out_dir``. Returns 0."""
     device = pick_device()

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time attention backends and scaling variants; writes reports/bench/")
     p.add_argument("--out", default="reports/bench")
     p.add_argument("--quick", action="store_true", help="a few shapes, few repeats")
+    p.add_argument("--tracking", metavar="CONFIG", help="instead: MLflow overhead on the run CONFIG describes")
 
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the local store")
     p.add_argument("--port", type=int, default=5000)
@@ -71,8 +72,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return report_command(args.studies, all_studies=args.all, storage=args.storage, out=args.out)
     if args.command == "bench":
-        from ablate.bench import run_bench
+        from ablate.bench import run_bench, tracking_overhead
 
+        if args.tracking:
+            return tracking_overhead(args.tracking, args.out)
         return run_bench(args.out, quick=args.quick)
     if args.command == "ui":
         from ablate.tracking import open_ui

@@ -239,3 +239,14 @@ def test_a_run_failing_before_its_first_step_is_still_recorded(client: MlflowCli
         train(impossible, [MLflowTracker()])
     run = only_run(client)
     assert run.info.status == "FAILED" and "num_pairs" in run.data.tags[names.TAG_REASON]
+
+
+def test_bench_tracking_times_the_same_run_with_and_without_the_tracker(tmp_path: Path):
+    from ablate.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    assert main(["bench", "--tracking", str(config), "--out", str(tmp_path / "bench")]) == 0
+    table = (tmp_path / "bench" / "tracking.md").read_text()
+    untracked, tracked, overhead = table.strip().splitlines()[-1].strip("| ").split(" | ")
+    assert float(untracked) > 0 and float(tracked) > 0 and overhead.endswith("%")
