@@ -106,8 +106,8 @@ def _ablation(data: StudyData, ctx: dict) -> None:
     ctx["answers"] = analysis.recommendations(data, table)
     verdicts = [a["verdict"] for a in ctx["answers"]]
     ctx["headline"] = (f"{verdicts.count('improves')} of {len(verdicts)} scientific parameters have a value that "
-                       f"beats the base beyond seed noise; {verdicts.count('keep base')} keep the base, where every "
-                       "alternative is worse")
+                       f"beats the base beyond seed noise; for {verdicts.count('keep base')}, every alternative is "
+                       "worse than the base")
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["variants"] = html.table(ctx["variant_df"])
     ctx["figures"]["isolation"] = plots.isolation(data, table)

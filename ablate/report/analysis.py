@@ -177,6 +177,8 @@ def _changed(variant: str, factor: str, data: StudyData) -> str:
 
 def fmt(value: object) -> str:
     """Short, stable text for a config value or number."""
+    if value is None or value == "None":
+        return "null"  # as the study file writes it (head_dim: derived from embed_dim / num_heads)
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"

@@ -86,7 +86,11 @@ def isolation(data: StudyData, table: pd.DataFrame) -> str | None:
 
 
 def _sort_key(value: object) -> tuple:
-    return (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
+    """Numbers (also as MLflow's param strings) in numeric order, then other values as text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
 
 
 def _base_label(data: StudyData, factor: str) -> object:
