@@ -93,9 +93,9 @@ class StudySpec:
     storage: str | None = None
     tracking_uri: str | None = None
     heartbeat: int = 10
+    """Seconds between a running trial's heartbeats; a trial silent for 3x this long is failed and retried."""
     workers: int = 1
     """Worker processes on this machine when ``--workers`` is not given; torch threads are split between them."""
-    """Seconds between a running trial's heartbeats; a trial silent for 3x this long is failed and retried."""
     source: str = ""
     text: str = ""  # the study file as written (logged as an artifact)
     data: dict = dataclasses.field(default_factory=dict)  # the mapping as loaded (stored in the study's user attrs)
