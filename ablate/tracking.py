@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -279,7 +280,9 @@ def _dataset_entity(task: Any) -> Dataset:
     train = task.data["train"]
     sample = train.select(range(min(SCHEMA_SAMPLE_ROWS, train.num_rows)))
     source = CodeDatasetSource(tags={"ablate.task": task.name})  # built here, not loadable from a hub
-    fields = mlflow.data.from_huggingface(sample, name=task.name, digest=task.digest, source=source).to_dict()
+    with warnings.catch_warnings():  # MLflow's hint about missing values in integer columns: ours have none
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
+        fields = mlflow.data.from_huggingface(sample, name=task.name, digest=task.digest, source=source).to_dict()
     fields["profile"] = json.dumps(
         {"num_rows": train.num_rows, "dataset_size": train.dataset_size, "size_in_bytes": train.size_in_bytes}
     )
