@@ -337,6 +337,19 @@ def test_report_command_takes_names_files_and_all(tmp_path, monkeypatch, capsys)
     assert "no study named 'nope'" in capsys.readouterr().err
 
 
+def test_report_before_any_study_is_one_line_and_creates_no_store(tmp_path, monkeypatch, capsys):
+    from ablate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ABLATE_STORAGE", raising=False)
+    for argv in (["report", "--all"], ["report", "default"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"ablate report: storage: no study store at {tmp_path / 'runs' / 'optuna.db'}; " \
+                      "run a study first (make study)"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_report_of_a_real_tiny_study(tmp_path, monkeypatch):
     """The study runner's own stores, not our fixture: the report finds every trial, run and number."""
     from ablate.study import run_study

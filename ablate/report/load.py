@@ -95,7 +95,7 @@ def parse_value(text: Any) -> Any:
 
 def load_study(name: str, storage: str | None = None, tracking_uri: str | None = None) -> StudyData:
     """Load study ``name`` from Optuna ``storage`` and its MLflow experiment of the same name."""
-    storage = storage or default_storage()
+    storage = checked_storage(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     attrs = study.user_attrs
     spec = attrs.get(names.ATTR_SPEC) or {}
@@ -212,5 +212,16 @@ def dataset_digests(data: StudyData, run_ids: list[str]) -> list[dict]:
     return list(seen.values())
 
 
+def checked_storage(storage: str | None = None) -> str:
+    """The Optuna storage URL; a SQLite file that does not exist is an error (Optuna would create an empty one)."""
+    from ablate.config import ConfigError
+
+    url = storage or default_storage()
+    path = Path(url.removeprefix("sqlite:///"))
+    if url.startswith("sqlite:///") and not path.is_file():
+        raise ConfigError("storage", f"no study store at {path}; run a study first (make study)")
+    return url
+
+
 def study_names(storage: str | None = None) -> list[str]:
-    return sorted(optuna.get_all_study_names(storage or default_storage()))
+    return sorted(optuna.get_all_study_names(checked_storage(storage)))
