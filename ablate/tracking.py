@@ -1,9 +1,9 @@
 """Every training run as an MLflow run: params, tags, metric histories, the dataset, artifacts.
 
 The tracker is a train callback that talks to ``MlflowClient`` with explicit run ids (never the fluent active run),
-so several trials can log from one process. Metrics are buffered and handed at each evaluation to one background
-thread that writes them with ``log_batch``: a logged step costs a list append, whatever the store, and a run's
-record is complete when ``on_end`` returns.
+so several trials can log from one process. Metrics are buffered and handed (at an evaluation, at most every
+``FLUSH_EVERY_S``) to one background thread that writes them with ``log_batch``: a logged step costs a list append,
+whatever the store, and a run's record is complete when ``on_end`` returns.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ MAPS_ARTIFACT = "attention/attention_maps.png"
 CHECKPOINT_DIR = "checkpoint"  # holds model.pt
 TAG_TRACKING_ERROR = "ablate.tracking_error"  # a background write failed: the record may be incomplete
 SCHEMA_SAMPLE_ROWS = 16
+FLUSH_EVERY_S = 10.0  # buffered metrics reach the store at the first evaluation this long after the last write
 MAP_MAX_SIDE = 64  # attention map cells a side in the PNG
 
 
@@ -131,9 +132,9 @@ class MLflowTracker:
     """A train callback recording one run; nested under ``parent_run_id`` when given (a study's trial).
 
     ``run_id`` is set in ``on_start``. Params, the dataset and metrics are written by a background thread (metrics
-    batched, sent at each evaluation); ``on_end`` waits for them, then logs the final summaries, status and
-    artifacts. The run always ends with a final status (``RUN_STATUS``), also when training raised: the trainer
-    calls ``on_end`` with status ``failed`` before re-raising.
+    batched, sent at evaluations at most every ``FLUSH_EVERY_S``); ``on_end`` waits for them, then logs the final
+    summaries, status and artifacts. The run always ends with a final status (``RUN_STATUS``), also when training
+    raised: the trainer calls ``on_end`` with status ``failed`` before re-raising.
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class MLflowTracker:
         self._writer: _Writer | None = None
         self._buffer: list[Metric] = []
         self._last_step: dict[str, int] = {}  # key -> last logged step: final summaries never duplicate a point
+        self._flushed_at = time.monotonic()
 
     # -- callback hooks -------------------------------------------------------------------------------------------
     def on_start(self, start: RunStart) -> None:
@@ -181,7 +183,10 @@ class MLflowTracker:
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._add(step, {k: v for k, v in metrics.items() if k != "step"})
-        self.flush()  # intermediate values reach the UI at each evaluation
+        # Live curves in the UI, at most every FLUSH_EVERY_S: each write holds the GIL for ~15 ms, which a
+        # launch-bound GPU loop would feel if it came at every evaluation of a short run.
+        if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self.flush()
 
     def on_end(self, result: RunResult) -> None:
         if self.run_id is None:  # failed before on_start: still leave a record of the attempt
@@ -236,7 +241,7 @@ class MLflowTracker:
 
     def flush(self) -> None:
         """Hand the buffered metrics to the writer thread (or write them now if there is none)."""
-        buffer, self._buffer = self._buffer, []
+        buffer, self._buffer, self._flushed_at = self._buffer, [], time.monotonic()
         if self._writer is None:
             self._write(buffer)
         else:
@@ -297,10 +302,11 @@ def dataset_input(task: Any) -> DatasetInput:
 def save_attention_maps(maps: Any, path: Path, max_side: int = MAP_MAX_SIDE) -> None:
     """A grid of attention maps (rows: layers, columns: heads), mean-pooled to at most ``max_side`` cells a side,
     each query row scaled to its own maximum: where each query looks stays visible in long, diffuse or causal maps
-    (a causal map's first row, weight 1, would otherwise wash out the rest). One image: cheap for every trial."""
+    (a causal map's first row, weight 1, would otherwise wash out the rest). Drawn with a colormap lookup and PIL,
+    not a matplotlib figure: a few ms, paid once per run."""
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
 
     maps = np.asarray(maps, dtype=np.float32)  # (L, H, T, T)
     layers, heads, t, _ = maps.shape
@@ -316,18 +322,21 @@ def save_attention_maps(maps: Any, path: Path, max_side: int = MAP_MAX_SIDE) -> 
     tiles[:, :, :t, :t] = maps
     grid = tiles.transpose(0, 2, 1, 3).reshape(layers * (t + gap), heads * (t + gap))[:-gap, :-gap]  # (L*T', H*T')
     zoom = max(1, min(4, 800 // grid.shape[1]))  # screen pixels per cell
-    w, h = grid.shape[1] * zoom / 100, grid.shape[0] * zoom / 100  # inches of image
-    left, bottom, top = 0.7, 0.3, 0.3  # fixed margins for the labels: no second layout pass
-    fig_w, fig_h = w + left + 0.1, h + bottom + top
-    fig = Figure(figsize=(fig_w, fig_h), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((left / fig_w, bottom / fig_h, w / fig_w, h / fig_h))
-    ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
-    ax.set_xticks([j * (t + gap) + t / 2 for j in range(heads)], [f"h{j}" for j in range(heads)], fontsize=7)
-    ax.set_yticks([i * (t + gap) + t / 2 for i in range(layers)], [f"layer {i}" for i in range(layers)], fontsize=7)
+    rgb = (colormaps["viridis"](np.nan_to_num(grid))[..., :3] * 255).astype(np.uint8)  # (L*T', H*T', 3)
+    rgb[np.isnan(grid)] = 255  # white gaps between maps
+    image = Image.fromarray(rgb.repeat(zoom, axis=0).repeat(zoom, axis=1))
     pooled = f", {pool}x{pool} mean-pooled" if pool > 1 else ""
-    ax.set_title(f"attention of one validation sample (rows: queries, each / its max{pooled})", fontsize=7)
-    fig.savefig(path)
+    title = f"attention of one validation sample (rows: queries, each / its max{pooled})"
+    left, top, bottom = 52, 18, 16  # room for the labels
+    canvas = Image.new("RGB", (max(image.width + left + 4, 8 * len(title)), image.height + top + bottom), "white")
+    canvas.paste(image, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left, 3), title, fill="black")
+    for j in range(heads):
+        draw.text((left + int((j * (t + gap) + t / 2) * zoom) - 6, top + image.height + 2), f"h{j}", fill="black")
+    for i in range(layers):
+        draw.text((2, top + int((i * (t + gap) + t / 2) * zoom) - 5), f"layer {i}", fill="black")
+    canvas.save(path)
 
 
 @contextmanager

@@ -209,7 +209,9 @@ def test_large_attention_maps_are_pooled_into_one_small_png(tmp_path: Path) -> N
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     save_attention_maps(np.full((2, 4, 64, 64), 1 / 64), small)
     save_attention_maps(np.full((2, 4, 256, 256), 1 / 256), large)
-    assert imread(large).shape == imread(small).shape  # 256 keys pooled 4x4 to the 64-cell limit
+    # 256 keys pooled 4x4 to the 64-cell limit: the same maps area (only the title, saying so, may be wider)
+    assert imread(large).shape[0] == imread(small).shape[0]
+    assert imread(large).shape[1] <= max(imread(small).shape[1], 8 * 90)
 
 
 def test_sigterm_ends_the_run_failed_instead_of_running(client: MlflowClient) -> None:
