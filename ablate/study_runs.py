@@ -12,22 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from ablate import names
 from ablate.config import to_yaml
 from ablate.spec import StudySpec
+from ablate.tracking import client_for, ensure_experiment
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def client_for(tracking_uri: str) -> MlflowClient:
-    if tracking_uri.startswith("sqlite:///"):  # SQLite creates the file but not its folder
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri)
 
 
 class ParentRun:
@@ -38,8 +32,6 @@ class ParentRun:
 
     @classmethod
     def create(cls, tracking_uri: str, spec: StudySpec) -> ParentRun:
-        from ablate.tracking import ensure_experiment
-
         client = client_for(tracking_uri)
         tags = {
             names.TAG_STUDY: spec.name,

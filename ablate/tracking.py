@@ -61,9 +61,15 @@ def artifact_root(tracking_uri: str) -> str | None:
     return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
 
 
-def _prepare_store(tracking_uri: str) -> None:
+def prepare_store(tracking_uri: str) -> None:
     if tracking_uri.startswith("sqlite:///"):  # SQLite creates the file but not its folder
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    """A client of ``tracking_uri``, its SQLite folder created if needed."""
+    prepare_store(tracking_uri)
+    return MlflowClient(tracking_uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -147,8 +153,7 @@ class MLflowTracker:
         tags: dict[str, Any] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        _prepare_store(self.tracking_uri)
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = client_for(self.tracking_uri)
         self.experiment, self.parent_run_id, self.run_name = experiment, parent_run_id, run_name
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.run_id: str | None = None
@@ -382,7 +387,7 @@ def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
 def open_ui(port: int = 5000) -> int:
     """``ablate ui``: the MLflow UI on 127.0.0.1 against the default store, until Ctrl-C."""
     uri = default_tracking_uri()
-    _prepare_store(uri)
+    prepare_store(uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1"]
     command += ["--port", str(port)]
     root = artifact_root(uri)
