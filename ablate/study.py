@@ -29,6 +29,7 @@ from ablate import names
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
+from ablate.stores import default_storage, default_tracking_uri
 from ablate.study_runs import Monitor, ParentRun, end_orphan_runs, end_trial_run, print_results
 
 PLAN_DIGEST = "plan_digest"  # study user attr, set once the plan is enqueued
@@ -56,9 +57,7 @@ def run_study(
         raise ConfigError("--workers", f"must be >= 1, got {workers}")
     if trials is not None and trials < 1:
         raise ConfigError("--trials", f"must be >= 1, got {trials}")
-    from ablate.tracking import default_tracking_uri
-
-    storage_url = storage or spec.storage or os.environ.get("ABLATE_STORAGE") or default_storage()
+    storage_url = storage or spec.storage or default_storage()
     tracking_uri = spec.tracking_uri or default_tracking_uri()
     study = setup_study(spec, storage_url, tracking_uri)
     parent = ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID])
@@ -93,10 +92,6 @@ def _exit_code(study: optuna.Study, before: set[int]) -> int:
     if failed:
         print(f"ablate study: trials {failed} failed with an error; their MLflow runs hold the reason", file=sys.stderr)
     return 1 if failed else 0
-
-
-def default_storage() -> str:
-    return f"sqlite:///{Path.cwd().resolve() / 'runs' / 'optuna.db'}"
 
 
 def open_storage(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:

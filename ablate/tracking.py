@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from mlflow.exceptions import MlflowException
 import ablate
 from ablate import names
 from ablate.config import flatten, load_run_config, to_dict, to_yaml
+from ablate.stores import default_tracking_uri
 from ablate.train import RunResult, RunStart, train
 
 # The mapping of mlflow.optuna.MlflowStorage (a pruned trial is KILLED).
@@ -47,11 +47,6 @@ TAG_TRACKING_ERROR = "ablate.tracking_error"  # a background write failed: the r
 SCHEMA_SAMPLE_ROWS = 16
 FLUSH_EVERY_S = 10.0  # buffered metrics reach the store at the first evaluation this long after the last write
 MAP_MAX_SIDE = 64  # attention map cells a side in the PNG
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else the SQLite store ``runs/mlflow.db`` under the current directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'runs' / 'mlflow.db'}"
 
 
 def artifact_root(tracking_uri: str) -> str | None:

@@ -17,7 +17,8 @@ import yaml
 
 from ablate import names
 from ablate.report import analysis, html, plots
-from ablate.report.load import StudyData, dataset_digests, default_storage, load_study, study_names
+from ablate.report.load import StudyData, dataset_digests, load_study, study_names
+from ablate.stores import default_storage
 
 __all__ = ["build_report", "report_command", "load_study"]
 

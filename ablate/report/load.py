@@ -6,7 +6,6 @@ resolved config as params, final metrics, histories, artifacts). A trial whose r
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,12 @@ import yaml
 from mlflow import MlflowClient
 
 from ablate import names
+from ablate.stores import default_storage, default_tracking_uri
 
 # Optuna states as the trainer's statuses, for trials whose MLflow run carries no ablate.status tag.
 STATE_STATUS = {
     "COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting",
 }
-
-
-def default_storage() -> str:
-    """The Optuna storage of the contract: $ABLATE_STORAGE, else runs/optuna.db under the working directory."""
-    return os.environ.get("ABLATE_STORAGE") or f"sqlite:///{Path.cwd() / 'runs' / 'optuna.db'}"
-
-
-def default_tracking_uri() -> str:
-    # The same rule as ablate.tracking.default_tracking_uri, restated so the report never imports the trainer.
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'runs' / 'mlflow.db'}"
 
 
 @dataclass
