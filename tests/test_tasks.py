@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ablate.config import ConfigError, ModelConfig, TaskConfig
 from ablate.tasks import IGNORE, SPLITS, build_task, cache_dir
+from ablate.tasks.charlm import split_text
 from ablate.tasks.generated import listops_value, recall_targets
 
 RECALL = TaskConfig(name="recall", seq_len=32, num_pairs=4, vocab_size=16, num_train=300, num_val=60, num_test=60)
@@ -150,22 +151,81 @@ def test_training_batches_are_endless_and_reproducible_from_their_seed():
     assert len(first_epoch) == n  # a permutation: each example once per epoch
 
 
-def test_batches_land_on_the_requested_device():
+def test_generated_tasks_train_on_their_rows_in_a_new_permutation_each_epoch():
+    task = build_task(RECALL, seed=0)
+    rows, n = torch.from_numpy(arrays(task, "train")["inputs"]).long(), task.num_examples("train")
+    gen = torch.Generator().manual_seed(4)
+    order = torch.cat([torch.randperm(n, generator=gen), torch.randperm(n, generator=gen)])[:400]
+    it = task.batches("train", 100, seed=4)
+    assert torch.equal(torch.cat([next(it).inputs for _ in range(4)]), rows[order])
+
+
+def charlm_windows(task, train_text: str, seed: int, count: int) -> list[int]:
+    """Where the first ``count`` training windows start in the train block; each must be a slice of it."""
+    it, starts = task.batches("train", 16, seed=seed), []
+    while len(starts) < count:
+        batch = next(it)
+        assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])  # targets are the inputs shifted by one
+        for inputs, targets in zip(batch.inputs, batch.targets, strict=True):
+            starts.append(train_text.find(task.decode(inputs) + task.decode(targets[-1:])))
+    assert -1 not in starts  # every window is a contiguous slice of the training block
+    return starts[:count]
+
+
+def test_charlm_trains_on_windows_at_a_new_random_offset_each_epoch(tmp_path):
+    text = numbered_text(300)  # every window unique: its position in the text is found by search
+    cfg = TaskConfig(name="charlm", source=str(text_file(tmp_path, text)), seq_len=32)
+    task = build_task(cfg, seed=0)
+    train_text, T = split_text(text, cfg)["train"], cfg.seq_len
+    tiled = task.num_examples("train") * T + 1  # the characters the fixed training rows cover
+    starts = charlm_windows(task, train_text, seed=0, count=2 * tiled // T)
+    epochs = []
+    for _ in range(2):  # an epoch: every window of one phase, once, in a random order
+        phase = starts[0] % T
+        count = (tiled - 1 - phase) // T
+        epoch, starts = starts[:count], starts[count:]
+        assert sorted(epoch) == list(range(phase, phase + count * T, T)) and epoch != sorted(epoch)
+        epochs.append(epoch)
+    assert epochs[0][0] % T != epochs[1][0] % T  # the second epoch sees other contexts
+    assert charlm_windows(task, train_text, seed=0, count=100) == epochs[0][:100]  # the same seed, the same batches
+    assert charlm_windows(task, train_text, seed=1, count=100) != epochs[0][:100]
+
+
+def test_charlm_evaluates_on_the_fixed_rows(tmp_path):
+    cfg = TaskConfig(name="charlm", source=str(text_file(tmp_path, numbered_text(300))), seq_len=32)
+    task = build_task(cfg, seed=0)
+    next(task.batches("train", 16, seed=0))  # training draws windows; the rows it leaves alone
+    for split in ("validation", "test"):
+        batches = list(task.eval_batches(split, 16))
+        for col in ("inputs", "targets"):  # the rows tiled at stride seq_len (see the contiguous-blocks test)
+            want = torch.from_numpy(arrays(task, split)[col]).long()
+            assert torch.equal(torch.cat([getattr(b, col) for b in batches]), want)
+
+
+def test_batches_land_on_the_requested_device(tmp_path):
     task = build_task(LISTOPS, seed=0)
     batch = next(task.batches("train", 4, seed=0, device="meta"))  # "meta" stands in for an accelerator
     assert {t.device.type for t in (batch.inputs, batch.targets, batch.pad_mask)} == {"meta"}
     assert next(task.eval_batches("test", 4, device="meta")).inputs.device.type == "meta"
+    charlm = build_task(TaskConfig(name="charlm", source=str(text_file(tmp_path, numbered_text(100))), seq_len=32))
+    windows = next(charlm.batches("train", 4, seed=0, device="meta"))
+    assert windows.inputs.device.type == windows.targets.device.type == "meta"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batches_equal_cpu_batches():
-    task = build_task(LISTOPS, seed=0)
+@pytest.mark.parametrize("name", ["listops", "charlm"])
+def test_cuda_batches_equal_cpu_batches(name, tmp_path):
+    charlm = TaskConfig(name="charlm", source=str(text_file(tmp_path, numbered_text(200))), seq_len=32)
+    task = build_task(LISTOPS if name == "listops" else charlm, seed=0)
     on_gpu, on_cpu = task.batches("train", 64, seed=2, device="cuda"), task.batches("train", 64, seed=2)
-    for _ in range(8):  # past one epoch of 300 rows
+    for _ in range(8):  # past one epoch of 300 rows (listops) or about 170 windows (charlm)
         gpu, cpu = next(on_gpu), next(on_cpu)
         assert gpu.inputs.is_cuda and torch.equal(gpu.inputs.cpu(), cpu.inputs)
-        assert torch.equal(gpu.targets.cpu(), cpu.targets) and torch.equal(gpu.pad_mask.cpu(), cpu.pad_mask)
+        assert torch.equal(gpu.targets.cpu(), cpu.targets)
+        assert (gpu.pad_mask is None) == (cpu.pad_mask is None)
+        if cpu.pad_mask is not None:
+            assert torch.equal(gpu.pad_mask.cpu(), cpu.pad_mask)
 
 
 def test_eval_batches_cover_the_split_once_in_order():

@@ -3,7 +3,8 @@
 ``build_task(cfg, seed)`` gives a :class:`Task`: its ``data`` (a DatasetDict, already tokenised), what the model
 needs (``vocab_size``, ``seq_len``, ``num_classes``), its ``metric`` and iterators of :class:`Batch`.
 
-- ``charlm``: characters of real text (python-docs, local .txt, or ``hf:<name>[:<config>]``), metric bpc.
+- ``charlm``: characters of real text (python-docs, local .txt, or ``hf:<name>[:<config>]``), metric bpc; trains on
+  windows at random offsets, evaluates on fixed ones.
 - ``recall``: multi-query associative recall, loss and accuracy only at the query positions.
 - ``listops``: nested-expression classification with padding, metric accuracy.
 """

@@ -4,6 +4,11 @@ A task's rows live in a ``datasets.DatasetDict`` (train/validation/test) with th
 ``targets`` (seq_len ids with -100 where unscored, or one class id) and, for padded tasks, ``length``. The Arrow
 files are cached under ``$HF_DATASETS_CACHE/ablate`` by a fingerprint of everything the data depends on, so the
 trials of a study build a task once. Iterators turn each split into torch tensors once and then only index them.
+
+Training batches are rows in a new random order each epoch, or, for a task whose training rows tile one text
+(``random_offsets``), windows of that text at random offsets: each epoch draws a phase in [0, seq_len) and a
+permutation of the windows starting at phase + k * seq_len, so the model sees new contexts every epoch and still
+predicts about every character once. Evaluation always reads the fixed rows.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class Task:
     digest: str  # short hash of everything the data depends on; equal digests mean identical data
     vocab: tuple[str, ...] = ()  # id -> token text, for decoding samples
     description: str = ""  # one line for logs and reports
+    random_offsets: bool = False
+    """The training rows tile one text (row i + 1 starts where row i's targets end): training draws windows of
+    that text at random offsets instead of the rows. Validation and test still use the rows."""
     _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def decode(self, ids: Any) -> str:
@@ -57,12 +65,19 @@ class Task:
         return joiner.join(self.vocab[i] for i in map(int, ids) if 0 <= i < len(self.vocab))
 
     def batches(self, split: str, batch_size: int, *, seed: int, device: Any = "cpu") -> Iterator[Batch]:
-        """Shuffled batches without end, for training: each epoch is a new permutation drawn from ``seed``."""
+        """Shuffled batches without end, for training: each epoch is a new permutation drawn from ``seed``
+        (of the rows, or with ``random_offsets`` of the training text's windows at a new phase)."""
         if batch_size < 1:
             raise ConfigError("train.batch_size", f"must be >= 1, got {batch_size}")
-        tensors = self._split_tensors(split, device)
         gen = torch.Generator().manual_seed(seed)
-        return (_batch(tensors, idx, device) for idx in _index_stream(len(tensors["inputs"]), batch_size, gen))
+        if self.random_offsets and split == "train":
+            text = self._text_tensor(split, device)
+            epochs = _window_epochs(len(text), self.seq_len, gen)
+            offsets = torch.arange(self.seq_len + 1, device=text.device)  # (T + 1,)
+            return (_window_batch(text, starts, offsets, device) for starts in _index_stream(epochs, batch_size))
+        tensors = self._split_tensors(split, device)
+        epochs = _row_epochs(len(tensors["inputs"]), gen)
+        return (_batch(tensors, idx, device) for idx in _index_stream(epochs, batch_size))
 
     def eval_batches(
         self, split: str, batch_size: int, *, device: Any = "cpu", limit: int | None = None
@@ -84,13 +99,28 @@ class Task:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if split not in self._tensors:
             self._tensors[split] = _to_tensors(self.data[split], self.seq_len)
+        return self._on_device(split, device)
+
+    def _text_tensor(self, split: str, device: Any) -> torch.Tensor:
+        """The text the rows of ``split`` tile, as one (N * seq_len + 1,) id tensor rebuilt from the rows."""
+        key = f"{split}/text"
+        if key not in self._tensors:
+            rows = self._split_tensors(split, "cpu")
+            inputs, targets = rows["inputs"], rows["targets"]
+            if not (torch.equal(inputs[:, 1:], targets[:, :-1]) and torch.equal(inputs[1:, 0], targets[:-1, -1])):
+                raise ValueError(f"{self.name}: the {split} rows do not tile one text; random_offsets needs them to")
+            self._tensors[key] = {"ids": torch.cat([inputs.reshape(-1), targets[-1, -1:]])}
+        return self._on_device(key, device)["ids"]
+
+    def _on_device(self, key: str, device: Any) -> dict[str, torch.Tensor]:
+        """The host tensors under ``key``, copied to ``device`` once when small enough (else left on the host)."""
         device = torch.device(device)
-        key = f"{split}@{device}"
-        if device.type != "cpu" and key not in self._tensors:
-            host = self._tensors[split]
+        on_device = f"{key}@{device}"
+        if device.type != "cpu" and on_device not in self._tensors:
+            host = self._tensors[key]
             if sum(t.nbytes for t in host.values()) <= DEVICE_CACHE_BYTES:
-                self._tensors[key] = {name: t.to(device) for name, t in host.items()}
-        return self._tensors.get(key, self._tensors[split])
+                self._tensors[on_device] = {name: t.to(device) for name, t in host.items()}
+        return self._tensors.get(on_device, self._tensors[key])
 
 
 def _to_tensors(ds: datasets.Dataset, seq_len: int) -> dict[str, torch.Tensor]:
@@ -102,18 +132,38 @@ def _to_tensors(ds: datasets.Dataset, seq_len: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _index_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Batches of indices from consecutive permutations of range(n); a batch may span two epochs."""
-    perm, pos = torch.randperm(n, generator=gen), 0
+def _index_stream(epochs: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Batches of indices from consecutive epochs (each a 1-D tensor); a batch may span two epochs."""
+    perm, pos = next(epochs), 0
     while True:
         parts, need = [], batch_size
         while need:
-            if pos == n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            take = min(need, n - pos)
+            if pos == len(perm):
+                perm, pos = next(epochs), 0
+            take = min(need, len(perm) - pos)
             parts.append(perm[pos : pos + take])
             pos, need = pos + take, need - take
         yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _row_epochs(n: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Per epoch, a permutation of the row indices."""
+    while True:
+        yield torch.randperm(n, generator=gen)
+
+
+def _window_epochs(text_len: int, seq_len: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Per epoch, the start offsets of the windows (seq_len + 1 ids) at a random phase, in a random order."""
+    while True:
+        phase = int(torch.randint(seq_len, (), generator=gen))
+        count = (text_len - 1 - phase) // seq_len  # windows that fit: start + seq_len + 1 <= text_len
+        yield phase + seq_len * torch.randperm(count, generator=gen)
+
+
+def _window_batch(text: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor, device: Any) -> Batch:
+    """The windows at ``starts`` as one gather where the text lives: inputs window[:-1], targets window[1:]."""
+    windows = text[starts.to(text.device)[:, None] + offsets].to(device, non_blocking=True)  # (B, T + 1)
+    return Batch(windows[:, :-1], windows[:, 1:])
 
 
 def _batch(tensors: dict[str, torch.Tensor], idx: torch.Tensor | slice, device: Any) -> Batch:

@@ -2,8 +2,10 @@
 
 The text is split into three contiguous blocks (train, then validation, then test at the end), so no window crosses
 a split. Each block is cut into windows of seq_len + 1 characters with stride seq_len (every character is predicted
-once per epoch): inputs = window[:-1], targets = window[1:]. The vocabulary is the characters of train plus id 0,
-the unknown character, which stands for anything seen only in validation or test.
+once per epoch): inputs = window[:-1], targets = window[1:]. Validation and test are scored on these fixed windows;
+training draws windows of the train block at a new random phase and order each epoch (``Task.random_offsets``), so
+an epoch does not repeat the previous one's contexts. The vocabulary is the characters of train plus id 0, the
+unknown character, which stands for anything seen only in validation or test.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ DOC_SEPARATOR = "\n\n"
 
 
 def build(cfg: TaskConfig, seed: int) -> Task:
-    """The seed is unused: the split of a text is fixed (the trainer's seed only orders batches)."""
+    """The seed is unused: the split of a text is fixed (the trainer's seed draws the training windows)."""
     text = load_text(cfg.source, cfg.text_column)
     blocks = split_text(text, cfg)
     vocab = (UNKNOWN, *sorted(set(blocks["train"]) - {UNKNOWN}))
@@ -50,6 +52,7 @@ def build(cfg: TaskConfig, seed: int) -> Task:
         vocab=vocab,
         description=f"charlm on {cfg.source}: {len(text):,} characters, vocabulary {len(vocab)}, "
         f"windows train/val/test {sizes['train']}/{sizes['validation']}/{sizes['test']}",
+        random_offsets=True,
     )
 
 
