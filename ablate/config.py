@@ -7,6 +7,7 @@ Every problem is a :class:`ConfigError` whose message is one line naming the fil
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,12 @@ class ConfigError(ValueError):
 
     def at(self, source: str, prefix: str = "") -> ConfigError:
         """The same error, located in ``source`` and under the key ``prefix``."""
-        key = f"{prefix}.{self.key}" if prefix and not self.key.startswith(prefix + ".") else self.key
+        if not self.key:
+            key = prefix
+        elif prefix and not self.key.startswith(prefix + "."):
+            key = f"{prefix}.{self.key}"
+        else:
+            key = self.key
         return ConfigError(key, self.problem, self.source or source)
 
 
@@ -180,14 +186,33 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` as type ``tp``, or a ConfigError naming ``key``. Ints are accepted where floats are."""
+    """``value`` as type ``tp``, or a ConfigError naming ``key``. Ints are accepted where floats are; a mapping is
+    accepted where a union offers a dataclass (``int | Seeds``), a scalar where it offers a scalar type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
+        options = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
             return None
-        inner = [t for t in options if t is not type(None)]
-        return _coerce(value, inner[0], key)
+        classes = [t for t in options if dataclasses.is_dataclass(t)]
+        if classes and isinstance(value, dict):
+            return from_dict(classes[0], value, prefix=key)
+        scalars = [t for t in options if not dataclasses.is_dataclass(t)] or options
+        try:
+            return _coerce(value, scalars[0], key)
+        except ConfigError:
+            if not classes:
+                raise
+            keys = ", ".join(f.name for f in dataclasses.fields(classes[0]))
+            raise ConfigError(key, f"must be {_type_name(scalars[0])} or a mapping of {keys}, got {value!r}") from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {value!r}")
+        inner = typing.get_args(tp)[1]
+        return {k: _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {value!r}")
+        return list(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=key)
     if tp is bool:
@@ -321,3 +346,17 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def fmt(value: Any, digits: int | None = None) -> str:
+    """A config value as a study file writes it (``null``, ``true``, ``0.1``); floats to ``digits`` significant
+    digits when given (tables), exactly otherwise (variant names, which must stay distinct)."""
+    if value is None or value == "None":
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.{digits}g}" if digits else str(value)
+    return str(value)

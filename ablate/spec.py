@@ -1,18 +1,18 @@
-"""The study file (``studies/*.yaml``) as a typed, frozen spec, validated before any store is touched, and its plan.
+"""The study file (``studies/*.yaml``): its typed shape (:class:`StudyFile`, parsed by ``config.from_dict`` like every
+other config) and the resolved, validated :class:`StudySpec` the runner and the report share.
 
 A study names the parameters it asks about (``scientific``: values to compare), the ones re-tuned for every
-scientific value (``nuisance``: ranges explored with scrambled Halton points) and fixes the rest (the base
-``model``/``task``/``train``), in the terms of Google's Deep Learning Tuning Playbook.
+scientific value (``nuisance``: ranges searched per value) and fixes the rest (the base ``model``/``task``/``train``),
+in the terms of Google's Deep Learning Tuning Playbook. Standard library, yaml and scipy only: the report uses it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,17 @@ from scipy.stats import qmc
 from ablate.config import (
     RUN_SECTIONS,
     ConfigError,
+    ModelConfig,
     RunConfig,
+    TaskConfig,
+    TrainConfig,
+    choice,
     flatten,
+    fmt,
+    from_dict,
+    parse_override,
     read_yaml,
-    run_config_from,
+    set_path,
     to_dict,
     with_values,
 )
@@ -34,15 +41,108 @@ SAMPLERS = ("tpe", "random", "halton")
 PRUNERS = ("none", "median", "hyperband")
 HALTON_SEED = 0  # the same nuisance points for every variant, and for every run of the same study file
 MAX_SEARCH_COMBINATIONS = 100_000
-TOP_KEYS = (
-    "name", "kind", "task", "model", "train", "scientific", "nuisance", "points", "seeds", "budget",
-    "sampler", "pruner", "storage", "tracking_uri", "heartbeat", "workers", "description",
-)  # fmt: skip
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # also a folder name under reports/: no "..", no "/"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A nuisance parameter's range. An ablation never tries a value outside ``[low, high]``: they are hard limits."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    """Search on a log scale (learning rates); needs ``low > 0``."""
+
+    def __post_init__(self) -> None:
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ConfigError("", f"needs low < high, got low={self.low} high={self.high}")
+        if self.log and self.low <= 0:
+            raise ConfigError("low", f"must be > 0 on a log scale, got {self.low}")
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Seeds per arm: ``min`` for every arm; arms still undecided then get up to ``max`` (see ``ablate.verdicts``)."""
+
+    min: int = 3
+    max: int = 3
+
+    def __post_init__(self) -> None:
+        if self.min < 1:
+            raise ConfigError("min", f"must be >= 1, got {self.min}")
+        if self.max < self.min:
+            raise ConfigError("max", f"must be >= min ({self.min}), got {self.max}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    trials: int | None = None
+    """search: total trials in the study. An ablation's size follows from its plan."""
+    timeout: float | None = None
+    """Seconds after which workers take no new trial (resume later with the same command)."""
+
+    def __post_init__(self) -> None:
+        if self.trials is not None and self.trials < 1:
+            raise ConfigError("trials", f"must be >= 1, got {self.trials}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("timeout", f"must be > 0 seconds, got {self.timeout}")
+
+
+@dataclass(frozen=True)
+class StudyFile:
+    """A study file as written: every top-level key, typed. Unknown keys, wrong types and choices fail here."""
+
+    name: str = ""
+    kind: str = choice("ablation", KINDS, "ablation: one factor at a time around the base; search: joint search")
+    description: str = ""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scientific: dict[str, list] = field(default_factory=dict)
+    """Config key (dotted, or a bare field name naming one field) -> the values to compare; the base value first."""
+    nuisance: dict[str, Range] = field(default_factory=dict)
+    """Config key -> its range, re-tuned for every scientific value."""
+    points: int = 3
+    """Ablation: first tune points per variant; more follow until the best is bracketed (see ``ablate.plan``)."""
+    seeds: int | Seeds = 3
+    """Seed re-runs per variant: a number, or ``{min, max}`` for sequential seeds. Fewer than 2 decide nothing."""
+    margin: float = 0.02
+    """The smallest difference of the verdict metric (test loss, nats) that matters: 0.02 nats is about 1% of a
+    char-level model's loss; differences inside +-margin are "equivalent"."""
+    alpha: float = 0.05
+    """Per factor, the chance of any false better/worse/equivalent claim is at most this."""
+    max_extra_points: int = 3
+    """Ablation: at most this many tune points per variant beyond ``points`` while bracketing its optimum."""
+    budget: Budget = field(default_factory=Budget)
+    sampler: str | None = choice(None, SAMPLERS, "search only: tpe (default), random or halton")
+    pruner: str | None = choice(None, PRUNERS, "search only: median (default), hyperband or none")
+    storage: str | None = None
+    tracking_uri: str | None = None
+    heartbeat: int = 10
+    """Seconds between a running trial's heartbeats; a trial silent for 3x this long is failed and retried."""
+    workers: int = 1
+    """Worker processes on this machine when ``--workers`` is not given; torch threads are split between them."""
+
+    def __post_init__(self) -> None:
+        if not NAME.fullmatch(self.name):
+            raise ConfigError("name", f"must be a name of letters, digits, '_', '.', '-' (not starting with '.' or "
+                                      f"'-'), got {self.name!r}")  # fmt: skip
+        for key in ("points", "heartbeat", "workers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.max_extra_points < 0:
+            raise ConfigError("max_extra_points", f"must be >= 0, got {self.max_extra_points}")
+        if isinstance(self.seeds, int) and self.seeds < 1:
+            raise ConfigError("seeds", f"must be >= 1, got {self.seeds}")
+        if not self.margin > 0:
+            raise ConfigError("margin", f"must be > 0, got {self.margin}")
+        if not 0 < self.alpha < 0.5:
+            raise ConfigError("alpha", f"must be in (0, 0.5), got {self.alpha}")
 
 
 @dataclass(frozen=True)
 class Nuisance:
-    """A parameter re-tuned for every scientific value, drawn from ``[low, high]`` (log-uniform when ``log``)."""
+    """A parameter re-tuned for every scientific value, within ``[low, high]`` (log-uniform when ``log``)."""
 
     key: str
     low: float
@@ -51,12 +151,19 @@ class Nuisance:
     integer: bool = False
 
     def value_at(self, u: float) -> float | int:
-        """The point at quantile ``u`` in [0, 1)."""
+        """The point at quantile ``u`` in [0, 1]."""
         if self.log:
             value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
         else:
             value = self.low + u * (self.high - self.low)
+        value = min(self.high, max(self.low, value))
         return int(min(self.high, math.floor(value + 0.5))) if self.integer else float(value)
+
+    def quantile(self, value: float) -> float:
+        """Where ``value`` sits in ``[low, high]``, 0 to 1 (on the log scale when ``log``)."""
+        if self.log:
+            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (value - self.low) / (self.high - self.low)
 
 
 @dataclass(frozen=True)
@@ -69,36 +176,32 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class PlannedTrial:
-    phase: str  # "tune" or "seed" (ablation), "arm" (search: one per variant first)
-    variant: Variant
-    point: int  # tune: the Halton point's index; seed: train.seed
-    params: dict[str, Any]  # what is enqueued: scientific values (+ nuisance values for tune)
-
-
-@dataclass(frozen=True)
 class StudySpec:
+    """A validated study: the base config, resolved keys, the values to compare, the rules of the plan."""
+
     name: str
     kind: str
     base: RunConfig
     scientific: dict[str, tuple]  # dotted key -> values to compare, base value first
     nuisance: tuple[Nuisance, ...]
-    points: int = 4
-    seeds: int = 2
+    points: int = 3
+    min_seeds: int = 3
+    max_seeds: int = 3
+    margin: float = 0.02
+    alpha: float = 0.05
+    max_extra_points: int = 3
     trials: int | None = None
-    """search: total trials in the study. Ablation plans have a fixed size (see ``plan``)."""
     timeout: float | None = None
     sampler: str = "tpe"
     pruner: str = "none"
     storage: str | None = None
     tracking_uri: str | None = None
     heartbeat: int = 10
-    """Seconds between a running trial's heartbeats; a trial silent for 3x this long is failed and retried."""
     workers: int = 1
-    """Worker processes on this machine when ``--workers`` is not given; torch threads are split between them."""
+    description: str = ""
     source: str = ""
     text: str = ""  # the study file as written (logged as an artifact)
-    data: dict = dataclasses.field(default_factory=dict)  # the mapping as loaded (stored in the study's user attrs)
+    data: dict = field(default_factory=dict)  # the mapping as loaded (stored in the study's user attrs)
 
     @property
     def digest(self) -> str:
@@ -114,41 +217,25 @@ class StudySpec:
             out += [Variant(f"{key}={fmt(v)}", key, {**base_values, key: v}) for v in values[1:]]
         return out
 
-    def halton(self, n: int) -> list[dict[str, Any]]:
-        """``n`` scrambled Halton points over the nuisance ranges; the same for every variant."""
-        if not self.nuisance:
-            return [{} for _ in range(n)]
-        sample = qmc.Halton(d=len(self.nuisance), scramble=True, seed=HALTON_SEED).random(n)
-        return [{p.key: p.value_at(float(u)) for p, u in zip(self.nuisance, row, strict=True)} for row in sample]
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants() if v.name == name)
 
-    def plan(self) -> list[PlannedTrial]:
-        """The trials enqueued when the study is created, in the order workers take them.
+    def first_points(self) -> list[dict[str, Any]]:
+        """The first tune points of every variant (quantiles, 0 to 1, per nuisance key).
 
-        Ablation: tune trials point-major (point 0 of every variant, then point 1, ...) so that a study cut short
-        by a timeout still gives every variant the same number of points; then ``seeds`` seed trials per variant,
-        whose nuisance values are filled in when they start (the best tune point of their variant).
-        Search: one trial per variant at the first Halton point, so that no arm is starved by the sampler.
+        One nuisance parameter: an even grid at the centres of ``points`` equal cells (for 3: 1/6, 1/2, 5/6), so the
+        spacing is one cell and the first bracketing step extends by exactly one cell. Several: scrambled Halton.
         """
-        variants = self.variants()
-        if self.kind == "search":
-            first = self.halton(1)[0]
-            return [PlannedTrial("arm", v, 0, {**v.values, **first}) for v in variants]
-        tune = [
-            PlannedTrial("tune", v, i, {**v.values, **point})
-            for i, point in enumerate(self.halton(self.points))
-            for v in variants
-        ]
-        seed = [PlannedTrial("seed", v, s, dict(v.values)) for s in range(1, self.seeds + 1) for v in variants]
-        return tune + seed
+        if not self.nuisance:
+            return []
+        if len(self.nuisance) == 1:
+            return [{self.nuisance[0].key: (i + 0.5) / self.points} for i in range(self.points)]
+        sample = qmc.Halton(d=len(self.nuisance), scramble=True, seed=HALTON_SEED).random(self.points)
+        return [{p.key: float(u) for p, u in zip(self.nuisance, row, strict=True)} for row in sample]
 
-
-def fmt(value: Any) -> str:
-    """A value as written in YAML: ``null``, ``true``, ``0.1``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+    def at(self, quantiles: dict[str, float]) -> dict[str, Any]:
+        """Nuisance values at the given quantiles."""
+        return {p.key: p.value_at(quantiles[p.key]) for p in self.nuisance}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,45 +247,40 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     source = str(path)
     data = read_yaml(path)
     try:
-        return _build(data, overrides, source, Path(path).read_text())
+        return spec_from_mapping(data, overrides, source=source, text=Path(path).read_text(encoding="utf-8"))
     except ConfigError as err:
         raise err.at(source) from None
 
 
-def _build(data: dict, overrides: list[str], source: str, text: str) -> StudySpec:
-    for key in data:
-        if key not in TOP_KEYS:
-            raise ConfigError(str(key), f"unknown key; allowed: {', '.join(TOP_KEYS)}")
-    name = _get(data, "name", str, None)
-    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError("name", f"must be a non-empty name of letters, digits, '_', '.', '-', got {name!r}")
-    kind = _choice(data, "kind", KINDS, "ablation")
-    base = run_config_from(data, overrides, source)
+def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> StudySpec:
+    """The spec of a study file's mapping: the runner's (from the file) and the report's (from the stored copy)."""
+    data = _with_overrides(data, overrides)
+    raw: StudyFile = from_dict(StudyFile, data)
+    base = RunConfig(model=raw.model, task=raw.task, train=raw.train)
     fields = flatten(to_dict(base))
-    scientific = _scientific(data.get("scientific"), base, fields)
-    nuisance = _nuisance(data.get("nuisance"), base, fields, scientific)
-    budget = data.get("budget") or {}
-    if not isinstance(budget, dict):
-        raise ConfigError("budget", f"must be a mapping with trials and/or timeout, got {budget!r}")
-    for key in budget:
-        if key not in ("trials", "timeout"):
-            raise ConfigError(f"budget.{key}", "unknown key; allowed: trials, timeout")
+    scientific = _scientific(raw.scientific, base, fields)
+    seeds = raw.seeds if isinstance(raw.seeds, Seeds) else Seeds(raw.seeds, raw.seeds)
     spec = StudySpec(
-        name=name,
-        kind=kind,
+        name=raw.name,
+        kind=raw.kind,
         base=base,
         scientific=scientific,
-        nuisance=nuisance,
-        points=_positive(data, "points", 4),
-        seeds=_positive(data, "seeds", 2),
-        trials=_positive(budget, "trials", None, "budget.trials"),
-        timeout=_get(budget, "timeout", float, None, "budget.timeout"),
-        sampler=_choice(data, "sampler", SAMPLERS, "tpe" if kind == "search" else "halton"),
-        pruner=_choice(data, "pruner", PRUNERS, "median" if kind == "search" else "none"),
-        storage=_get(data, "storage", str, None),
-        tracking_uri=_get(data, "tracking_uri", str, None),
-        heartbeat=_positive(data, "heartbeat", 10),
-        workers=_positive(data, "workers", 1),
+        nuisance=_nuisance(raw.nuisance, base, fields, scientific),
+        points=raw.points,
+        min_seeds=seeds.min,
+        max_seeds=seeds.max,
+        margin=raw.margin,
+        alpha=raw.alpha,
+        max_extra_points=raw.max_extra_points,
+        trials=raw.budget.trials,
+        timeout=raw.budget.timeout,
+        sampler=raw.sampler or ("tpe" if raw.kind == "search" else "halton"),
+        pruner=raw.pruner or ("median" if raw.kind == "search" else "none"),
+        storage=raw.storage,
+        tracking_uri=raw.tracking_uri,
+        heartbeat=raw.heartbeat,
+        workers=raw.workers,
+        description=raw.description,
         source=source,
         text=text,
         data=data,
@@ -207,16 +289,25 @@ def _build(data: dict, overrides: list[str], source: str, text: str) -> StudySpe
     return spec
 
 
+def _with_overrides(data: dict, overrides: list[str]) -> dict:
+    """``--set model.num_heads=8``: only the run sections can be overridden (the plan is the file's)."""
+    data = {**data, **{key: dict(data.get(key) or {}) for key in RUN_SECTIONS if isinstance(data.get(key) or {}, dict)}}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] not in RUN_SECTIONS:
+            raise ConfigError(key, f"unknown key; allowed sections: {', '.join(RUN_SECTIONS)}")
+        set_path(data, key, value)
+    return data
+
+
 def _check_kind(spec: StudySpec) -> None:
-    if spec.timeout is not None and spec.timeout <= 0:
-        raise ConfigError("budget.timeout", f"must be > 0 seconds, got {spec.timeout}")
     if spec.kind == "ablation":
         if spec.pruner != "none":
             raise ConfigError("pruner", "an ablation never prunes (every value gets the same budget); use none")
         if spec.sampler != "halton":
-            raise ConfigError("sampler", "an ablation explores nuisance parameters with halton points only")
+            raise ConfigError("sampler", "an ablation explores nuisance parameters with its own plan; leave it out")
         if spec.trials is not None:
-            raise ConfigError("budget.trials", "an ablation's size is (variants) x (points + seeds); set those")
+            raise ConfigError("budget.trials", "an ablation's size follows from its variants, points and seeds")
         return
     if spec.trials is None and spec.timeout is None:
         raise ConfigError("budget", "a search needs budget.trials or budget.timeout")
@@ -239,8 +330,6 @@ def _check_combinations(spec: StudySpec) -> None:
 
 def resolve_key(key: Any, fields: dict[str, Any], where: str) -> str:
     """``"model.num_heads"`` as is; a bare field name (``num_heads``, ``lr``) if it names exactly one field."""
-    if not isinstance(key, str):
-        raise ConfigError(f"{where}.{key}", "must be a config key such as model.num_heads")
     if key in fields:
         return key
     matches = [f for f in fields if f.split(".")[-1] == key and f.split(".")[0] in RUN_SECTIONS]
@@ -249,8 +338,8 @@ def resolve_key(key: Any, fields: dict[str, Any], where: str) -> str:
     raise ConfigError(f"{where}.{key}", "unknown parameter; use a dotted config key such as model.num_heads")
 
 
-def _scientific(raw: Any, base: RunConfig, fields: dict[str, Any]) -> dict[str, tuple]:
-    if not isinstance(raw, dict) or not raw:
+def _scientific(raw: dict[str, list], base: RunConfig, fields: dict[str, Any]) -> dict[str, tuple]:
+    if not raw:
         raise ConfigError("scientific", "must map at least one parameter to the list of values to compare")
     out: dict[str, tuple] = {}
     for raw_key, values in raw.items():
@@ -258,8 +347,8 @@ def _scientific(raw: Any, base: RunConfig, fields: dict[str, Any]) -> dict[str, 
         where = f"scientific.{raw_key}"
         if key in out:
             raise ConfigError(where, f"{key} is listed twice")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(where, f"must be a non-empty list of values, got {values!r}")
+        if not values:
+            raise ConfigError(where, "must be a non-empty list of values")
         for value in values:
             if isinstance(value, (list, dict)):
                 raise ConfigError(where, f"values must be scalars, got {value!r}")
@@ -273,63 +362,20 @@ def _scientific(raw: Any, base: RunConfig, fields: dict[str, Any]) -> dict[str, 
     return out
 
 
-def _nuisance(raw: Any, base: RunConfig, fields: dict[str, Any], scientific: dict) -> tuple[Nuisance, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, dict):
-        raise ConfigError("nuisance", "must map parameters to {low, high, log}")
+def _nuisance(raw: dict[str, Range], base: RunConfig, fields: dict[str, Any], scientific: dict) -> tuple:
     out = []
     for raw_key, body in raw.items():
         key = resolve_key(raw_key, fields, "nuisance")
         where = f"nuisance.{raw_key}"
         if key in scientific:
             raise ConfigError(where, "is also scientific; a parameter is one or the other")
-        if not isinstance(body, dict):
-            raise ConfigError(where, f"must be a mapping {{low, high, log}}, got {body!r}")
-        for part in body:
-            if part not in ("low", "high", "log"):
-                raise ConfigError(f"{where}.{part}", "unknown key; allowed: low, high, log")
         current = fields[key]
         if isinstance(current, bool) or not isinstance(current, (int, float)):
             raise ConfigError(where, f"must be a numeric parameter, {key} is {current!r}")
-        low = _get(body, "low", float, None, f"{where}.low")
-        high = _get(body, "high", float, None, f"{where}.high")
-        log = _get(body, "log", bool, False, f"{where}.log")
-        if low is None or high is None or not low < high:
-            raise ConfigError(where, f"needs low < high, got low={low} high={high}")
-        if log and low <= 0:
-            raise ConfigError(f"{where}.low", f"must be > 0 on a log scale, got {low}")
-        for end in (low, high):
+        for end in (body.low, body.high):
             try:
                 with_values(base, {key: int(end) if isinstance(current, int) else end})
             except ConfigError as err:
                 raise ConfigError(where, f"value {end}: {err.key}: {err.problem}") from None
-        out.append(Nuisance(key, low, high, log, integer=isinstance(current, int)))
+        out.append(Nuisance(key, body.low, body.high, body.log, integer=isinstance(current, int)))
     return tuple(out)
-
-
-def _get(data: dict, key: str, tp: type, default: Any, where: str | None = None) -> Any:
-    value = data.get(key, default)
-    if value is None:
-        return default
-    ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    if not ok:
-        raise ConfigError(where or key, f"must be {tp.__name__}, got {value!r}")
-    return value
-
-
-def _positive(data: dict, key: str, default: int | None, where: str | None = None) -> int | None:
-    value = _get(data, key, int, default, where)
-    if value is not None and value < 1:
-        raise ConfigError(where or key, f"must be >= 1, got {value}")
-    return value
-
-
-def _choice(data: dict, key: str, choices: tuple[str, ...], default: str) -> str:
-    value = _get(data, key, str, default)
-    if value not in choices:
-        raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(choices)}")
-    return value

@@ -17,3 +17,8 @@ def default_tracking_uri() -> str:
 def default_storage() -> str:
     """``$ABLATE_STORAGE``, else the Optuna SQLite store ``runs/optuna.db`` under the current directory."""
     return os.environ.get("ABLATE_STORAGE") or f"sqlite:///{Path.cwd().resolve() / 'runs' / 'optuna.db'}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (MLflow's or Optuna's), None for any other store."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None

@@ -1,8 +1,9 @@
 """Run (or resume) a study: an Optuna study whose trials are MLflow child runs of one parent run.
 
-Setup happens once per study, when this process creates it: the parent run, then the whole plan enqueued (see
-``StudySpec.plan``), then a ``plan_digest`` marker. Workers drain the queue one trial at a time; a file lock makes
-"is there a waiting trial? take it" atomic on one machine, so a worker never starts an unplanned (sampled) trial.
+Setup happens once per study, when this process creates it: the parent run, then the first trials enqueued (see
+``ablate.plan``), then a ``plan_digest`` marker. Workers drain the queue one trial at a time and, when it is empty,
+enqueue what the plan asks for next (bracketing tune points, seeds); a file lock makes "is there a waiting trial?
+plan or take it" atomic on one machine, so a worker never starts an unplanned (sampled) trial.
 Crashes: heartbeats fail a silent trial after ``3 * heartbeat`` s, end its MLflow run FAILED and re-enqueue it.
 A diverged run is an Optuna FAIL (user attr ``status: diverged``; MLflow FAILED); a pruned one is PRUNED (KILLED).
 """
@@ -25,11 +26,11 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import names
+from ablate import names, plan
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
-from ablate.stores import default_storage, default_tracking_uri
+from ablate.stores import default_storage, default_tracking_uri, sqlite_path
 from ablate.study_runs import Monitor, ParentRun, end_orphan_runs, end_trial_run, print_results
 
 PLAN_DIGEST = "plan_digest"  # study user attr, set once the plan is enqueued
@@ -66,7 +67,7 @@ def run_study(
     timeout = timeout if timeout is not None else spec.timeout
     deadline = time.time() + timeout if timeout else None
     threads = spec.base.train.threads or max(1, (os.cpu_count() or 1) // workers)
-    monitor = Monitor(study, total=planned_size(spec, study))
+    monitor = Monitor(study, total=lambda trials: planned_size(spec, trials))
     before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     try:
         with monitor:
@@ -97,8 +98,8 @@ def _exit_code(study: optuna.Study, before: set[int]) -> int:
 def open_storage(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
     """The study's storage, with heartbeats: a trial silent for 3 heartbeats is failed, its run ended, and retried."""
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if path := sqlite_path(url):
+        path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers write to one file
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
@@ -117,8 +118,10 @@ def open_storage(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
 
 def plan_digest(spec: StudySpec) -> str:
     """What the plan depends on (not comments or key order): a study resumed with another plan is refused."""
-    plan = [(p.phase, p.variant.name, p.point, p.params) for p in spec.plan()]
-    blob = json.dumps([spec.kind, to_dict(spec.base), plan], sort_keys=True, default=str)
+    first = [(p.phase, p.variant.name, p.point, p.params) for p in plan.first_trials(spec)]
+    rules = [spec.points, spec.min_seeds, spec.max_seeds, spec.margin, spec.alpha, spec.max_extra_points,
+             [(p.key, p.low, p.high, p.log) for p in spec.nuisance]]  # fmt: skip
+    blob = json.dumps([spec.kind, to_dict(spec.base), first, rules], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -134,7 +137,13 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
     study.set_user_attr(names.ATTR_KIND, spec.kind)
     study.set_user_attr(names.ATTR_SPEC, json.loads(json.dumps(spec.data, default=str)))
     study.set_user_attr(names.ATTR_PARENT_RUN_ID, parent.run_id)
-    for planned in spec.plan():
+    enqueue(study, plan.first_trials(spec))
+    study.set_user_attr(PLAN_DIGEST, plan_digest(spec))
+    return study
+
+
+def enqueue(study: optuna.Study, trials: list[plan.PlannedTrial]) -> None:
+    for planned in trials:
         attrs = {
             names.ATTR_PHASE: planned.phase,
             names.ATTR_VARIANT: planned.variant.name,
@@ -142,8 +151,6 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
             names.ATTR_POINT: planned.point,
         }
         study.enqueue_trial(planned.params, user_attrs=attrs)
-    study.set_user_attr(PLAN_DIGEST, plan_digest(spec))
-    return study
 
 
 def _check_resumable(spec: StudySpec, study: optuna.Study, storage_url: str) -> optuna.Study:
@@ -164,11 +171,11 @@ def _check_resumable(spec: StudySpec, study: optuna.Study, storage_url: str) -> 
     return study
 
 
-def planned_size(spec: StudySpec, study: optuna.Study) -> int | None:
-    """Trials the study will hold when done (None: a search bounded by time only)."""
+def planned_size(spec: StudySpec, trials: list[FrozenTrial]) -> int | None:
+    """Trials the study will hold when done, as far as known now (None: a search bounded by time only)."""
     if spec.kind == "ablation":
-        return len(spec.plan())
-    return max(spec.trials, len(study.get_trials(deepcopy=False))) if spec.trials else None
+        return plan.planned_size(spec, plan.results_of(trials))
+    return max(spec.trials, len(trials)) if spec.trials else None
 
 
 def _pending(study: optuna.Study) -> bool:
@@ -210,7 +217,7 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
                               pruner=_pruner(spec))  # fmt: skip
     parent_run_id = study.user_attrs[names.ATTR_PARENT_RUN_ID]
     lock = _QueueLock(storage_url, spec.name)
-    objective = Objective(spec, study, storage, parent_run_id, tracking_uri, threads, lock)
+    objective = Objective(spec, parent_run_id, tracking_uri, threads, lock)
     done = 0
     while (trials is None or done < trials) and (deadline is None or time.time() < deadline):
         with lock:
@@ -231,9 +238,14 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
 
 
 def _has_work(spec: StudySpec, study: optuna.Study) -> bool:
+    """A waiting trial, after enqueueing what the plan asks for next; or, for a search, budget left to sample."""
     if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return True
-    return spec.kind == "search" and len(study.get_trials(deepcopy=False)) < (spec.trials or sys.maxsize)
+    trials = study.get_trials(deepcopy=False)
+    enqueue(study, plan.next_trials(spec, plan.results_of(trials)))
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return True
+    return spec.kind == "search" and len(trials) < (spec.trials or sys.maxsize)
 
 
 def _sampler(spec: StudySpec, worker: int) -> optuna.samplers.BaseSampler:
@@ -257,8 +269,8 @@ class _QueueLock:
     """A file lock held from "is a trial waiting?" until the trial is taken, so no worker samples an extra one."""
 
     def __init__(self, storage_url: str, study_name: str) -> None:
-        if storage_url.startswith("sqlite:///"):
-            self.path = Path(storage_url.removeprefix("sqlite:///") + f".{study_name}.lock")
+        if path := sqlite_path(storage_url):
+            self.path = path.with_name(f"{path.name}.{study_name}.lock")
         else:  # workers on other machines are not covered; see the module docstring
             key = hashlib.sha256(f"{storage_url}|{study_name}".encode()).hexdigest()[:16]
             self.path = Path(tempfile.gettempdir()) / f"ablate-{key}.lock"
@@ -281,11 +293,8 @@ class _QueueLock:
 
 def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
     """Write the report; the study's data stays valid when this fails, so say how to retry instead of raising."""
-    try:
-        from ablate.report import build_report
-    except ImportError:
-        print("ablate study: no report module; the table above is the result", file=sys.stderr)
-        return 0
+    from ablate.report import build_report
+
     try:
         path = build_report(spec.name, storage=storage_url, tracking_uri=tracking_uri)
     except Exception as err:

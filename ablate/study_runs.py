@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from ablate.config import to_yaml
 from ablate.spec import StudySpec
 from ablate.tracking import client_for, ensure_experiment
 
-RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -41,11 +41,12 @@ class ParentRun:
         }
         run = client.create_run(ensure_experiment(client, spec.name), run_name=spec.name, tags=tags)
         run_id = run.info.run_id
-        client.log_text(run_id, spec.text, "study.yaml")
-        client.log_text(run_id, f"{spec.digest}  {Path(spec.source).name}\n", "study.yaml.sha256")
-        client.log_text(run_id, to_yaml(spec.base), "base_config.yaml")
-        for key, value in (("kind", spec.kind), ("points", spec.points), ("seeds", spec.seeds),
-                           ("variants", len(spec.variants())), ("planned_trials", len(spec.plan()))):  # fmt: skip
+        client.log_text(run_id, spec.text, names.STUDY_ARTIFACT)
+        client.log_text(run_id, f"{spec.digest}  {Path(spec.source).name}\n", f"{names.STUDY_ARTIFACT}.sha256")
+        client.log_text(run_id, to_yaml(spec.base), names.BASE_CONFIG_ARTIFACT)
+        for key, value in (("kind", spec.kind), ("points", spec.points), ("min_seeds", spec.min_seeds),
+                           ("max_seeds", spec.max_seeds), ("margin", spec.margin), ("alpha", spec.alpha),
+                           ("variants", len(spec.variants()))):  # fmt: skip
             client.log_param(run_id, f"study.{key}", value)
         return cls(tracking_uri, spec.name, run_id)
 
@@ -88,7 +89,7 @@ def end_orphan_runs(study: optuna.Study, parent: ParentRun) -> int:
         if state == TrialState.RUNNING:
             continue  # a live worker's trial, or one whose heartbeat has not gone stale yet
         parent.client.set_tag(run.info.run_id, names.TAG_REASON, f"run left RUNNING; its trial is {state}")
-        parent.client.set_terminated(run.info.run_id, RUN_STATUS.get(state, "FAILED"))
+        parent.client.set_terminated(run.info.run_id, names.MLFLOW_OF_STATE.get(state.name if state else "", "FAILED"))
         ended += 1
     return ended
 
@@ -108,11 +109,14 @@ class Monitor:
     It polls the storage from a thread, so it sees the trials of every worker process alike.
     """
 
-    def __init__(self, study: optuna.Study, total: int | None, every_s: float = 2.0) -> None:
+    def __init__(self, study: optuna.Study, total: Callable[[list[FrozenTrial]], int | None], every_s: float = 2.0
+                 ) -> None:  # fmt: skip
         self.study, self.total, self.every_s = study, total, every_s
         self._stop = threading.Event()
-        self._seen: set[int] = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
-        self.bar = tqdm(total=total, initial=len(self._seen), desc=study.study_name, unit="trial", dynamic_ncols=True)
+        trials = study.get_trials(deepcopy=False)
+        self._seen: set[int] = {t.number for t in trials if t.state in FINISHED}
+        self.bar = tqdm(total=total(trials), initial=len(self._seen), desc=study.study_name, unit="trial",
+                        dynamic_ncols=True)  # fmt: skip
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> Monitor:
@@ -134,8 +138,9 @@ class Monitor:
 
     def poll(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
-        if self.total:
-            self.bar.total = max(self.total, len(trials))  # a retried trial adds one
+        total = self.total(trials)
+        if total:
+            self.bar.total = max(total, len(trials))  # the plan grows as it brackets and adds seeds
         for t in trials:
             if t.state in FINISHED and t.number not in self._seen:
                 self._seen.add(t.number)
@@ -147,7 +152,8 @@ class Monitor:
 
 
 def print_results(spec: StudySpec, study: optuna.Study) -> None:
-    """Until a report exists (and in the log): per variant, the seed-phase val/loss, mean ± std (n)."""
+    """Until a report exists (and in the log): per variant, the seed-phase outcome (test/loss; a diverged run at
+    the uniform-guess loss), mean ± std (n), and the best tune run's val/loss."""
     trials = study.get_trials(deepcopy=False)
     print(f"\nStudy {spec.name} ({spec.kind}): {len(trials)} trials, "
           f"{sum(t.state == TrialState.COMPLETE for t in trials)} complete")  # fmt: skip
@@ -156,14 +162,15 @@ def print_results(spec: StudySpec, study: optuna.Study) -> None:
         for t in sorted(done, key=lambda t: t.value)[:5]:
             print(f"  val/loss {t.value:.4f}  {t.params}")
         return
-    print(f"  {'variant':<36} {'seed-phase val/loss':>22} {'best tune':>10}")
+    print(f"  {'variant':<36} {'seed-phase test/loss':>22} {'best tune val':>13}")
     for variant in spec.variants():
         mine = [t for t in trials if t.user_attrs.get(names.ATTR_VARIANT) == variant.name]
-        seeds = [t.value for t in mine if _is(t, "seed")]
+        seeds = [t.user_attrs[names.ATTR_OUTCOME] for t in mine
+                 if t.user_attrs.get(names.ATTR_PHASE) == "seed" and names.ATTR_OUTCOME in t.user_attrs]
         tune = [t.value for t in mine if _is(t, "tune")]
         mean = _mean_std(seeds)
         best = f"{min(tune):.4f}" if tune else "-"
-        print(f"  {variant.name:<36} {mean:>22} {best:>10}")
+        print(f"  {variant.name:<36} {mean:>22} {best:>13}")
 
 
 def _is(t: FrozenTrial, phase: str) -> bool:

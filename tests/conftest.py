@@ -23,6 +23,7 @@ TINY_STUDY = {
     "nuisance": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
     "points": 1,
     "seeds": 1,
+    "max_extra_points": 0,  # a fixed size: 2 variants x (1 tune + 1 seed) trials
 }  # fmt: skip
 
 

@@ -17,8 +17,8 @@ from conftest import TINY_STUDY as TINY
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from ablate import cli, names
-from ablate.config import with_values
+from ablate import cli, names, plan
+from ablate.config import ConfigError, with_values
 from ablate.spec import load_spec
 from ablate.study import run_study
 
@@ -81,7 +81,7 @@ def assert_consistent(root: Path, name: str, planned: int) -> list:
 def test_every_preset_validates_and_plans_valid_configs(path):
     spec = load_spec(path)
     assert spec.name == path.stem  # `ablate report studies/NAME.yaml` finds the study by its name
-    for planned in spec.plan():
+    for planned in plan.first_trials(spec):
         with_values(spec.base, planned.params)  # raises ConfigError on an invalid combination
 
 
@@ -111,27 +111,87 @@ def test_malformed_study_exits_2_with_one_line_before_any_store(case, workdir, c
 def test_search_rejects_any_invalid_combination(tmp_path):
     path = write_spec(tmp_path / "s.yaml", kind="search", sampler="tpe", budget={"trials": 4},
                       scientific={"model.num_heads": [2, 4], "model.embed_dim": [16, 18]})  # fmt: skip
-    with pytest.raises(Exception, match="scientific.model.num_heads.*combination"):
+    with pytest.raises(ConfigError, match="scientific.model.num_heads.*combination"):
         load_spec(path)
 
 
-def test_ablation_plan_gives_every_value_the_same_points(tmp_path):
+def test_ablation_starts_with_the_same_tune_points_for_every_variant(tmp_path):
     path = write_spec(tmp_path / "a.yaml", points=3, seeds=2,
                       scientific={"num_heads": [2, 4, 8], "model.attn_dropout": [0.0, 0.1]})  # fmt: skip
     spec = load_spec(path)
-    plan = spec.plan()
+    first = plan.first_trials(spec)
     variants = [v.name for v in spec.variants()]
     assert variants == ["base", "model.num_heads=4", "model.num_heads=8", "model.attn_dropout=0.1"]
-    tune = [p for p in plan if p.phase == "tune"]
-    seeds = [p for p in plan if p.phase == "seed"]
-    count = collections.Counter
-    assert count((p.variant.name, p.point) for p in tune) == {(v, i): 1 for v in variants for i in range(3)}
-    assert count((p.variant.name, p.point) for p in seeds) == {(v, s): 1 for v in variants for s in (1, 2)}
+    assert {p.phase for p in first} == {"tune"}  # seeds follow once each variant's tuning is final
+    assert collections.Counter((p.variant.name, p.point) for p in first) == {(v, i): 1 for v in variants
+                                                                             for i in range(3)}  # fmt: skip
     for i in range(3):  # the same nuisance point for every variant, and points differ from one another
-        assert len({p.params["train.lr"] for p in tune if p.point == i}) == 1
-    assert len({p.params["train.lr"] for p in tune}) == 3
-    assert all(1e-3 <= p.params["train.lr"] <= 1e-2 for p in tune)
-    assert plan == load_spec(path).plan()  # deterministic: a resumed study plans the same trials
+        assert len({p.params["train.lr"] for p in first if p.point == i}) == 1
+    lrs = sorted({p.params["train.lr"] for p in first})
+    assert lrs == pytest.approx([1e-3 * 10 ** (q / 6) for q in (1, 3, 5)])  # cell centres of the log range
+    assert first == plan.first_trials(load_spec(path))  # deterministic: a resumed study plans the same trials
+
+
+def _results(spec, variant: str, points: dict[float, float | str], seeds: dict[int, float] = {}) -> list:  # noqa: B006
+    """Finished trials of one variant: tune lr -> val loss (or "diverged"), seed -> test loss."""
+    out = []
+    for i, (lr, loss) in enumerate(points.items()):
+        status = loss if isinstance(loss, str) else "completed"
+        out.append(plan.Result("tune", variant, i, "COMPLETE" if status == "completed" else "FAIL", status,
+                               {"train.lr": lr}, None if status != "completed" else loss))
+    for s, loss in seeds.items():
+        out.append(plan.Result("seed", variant, s, "COMPLETE", "completed", {"train.lr": 1e-2}, loss, loss))
+    return out
+
+
+BRACKETING = {  # tune results (lr -> val loss) in [1e-4, 0.1] -> the next lr tried (None: tuning is final)
+    "best_is_highest_tried": ({3.16e-4: 2.0, 1e-3: 1.9, 3.16e-3: 1.8}, 0.0316),  # one cell (a decade) further
+    "best_is_lowest_tried": ({1e-3: 1.7, 3.16e-3: 1.9, 1e-2: 2.0}, 1e-4),  # clipped to the hard limit
+    "bracketed": ({3.16e-4: 2.0, 3.16e-3: 1.7, 0.0316: 1.8}, None),
+    "diverged_above_brackets": ({3.16e-4: 2.0, 3.16e-3: 1.9, 0.0316: "diverged"}, None),
+    "at_the_hard_limit": ({1e-3: 2.0, 1e-2: 1.9, 0.1: 1.8}, None),
+    "everything_diverged": ({3.16e-3: "diverged", 0.0316: "diverged"}, 3.16e-4),
+}
+
+
+@pytest.mark.parametrize("case", BRACKETING, ids=list(BRACKETING))
+def test_tuning_extends_until_the_best_point_is_bracketed_or_at_a_hard_limit(case, tmp_path):
+    points, expected = BRACKETING[case]
+    path = write_spec(tmp_path / "a.yaml", points=3, max_extra_points=3, seeds=2,
+                      nuisance={"train.lr": {"low": 1e-4, "high": 0.1, "log": True}})  # fmt: skip
+    spec = load_spec(path)
+    nxt = plan.next_trials(spec, _results(spec, "base", points))
+    base = [p for p in nxt if p.variant.name == "base"]
+    if expected is None:  # final: the variant's seeds come next, at the best completed point
+        best = min((lr for lr, v in points.items() if not isinstance(v, str)), key=points.get)
+        assert [(p.phase, p.point) for p in base] == [("seed", 1), ("seed", 2)]
+        assert {p.params["train.lr"] for p in base} == {best}
+    else:
+        assert [(p.phase, p.point) for p in base] == [("tune", len(points))]
+        assert base[0].params["train.lr"] == pytest.approx(expected, rel=1e-2)
+
+
+def test_tuning_stops_after_max_extra_points(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "a.yaml", points=3, max_extra_points=1, seeds=2,
+                                nuisance={"train.lr": {"low": 1e-4, "high": 0.1, "log": True}}))  # fmt: skip
+    points = {3.16e-4: 2.0, 3.16e-3: 1.9, 0.0316: 1.8, 0.05: 1.7}  # point 3 was the one extra point
+    nxt = [p for p in plan.next_trials(spec, _results(spec, "base", points)) if p.variant.name == "base"]
+    assert [p.phase for p in nxt] == ["seed", "seed"] and nxt[0].params["train.lr"] == 0.05
+    assert plan.edge_of_tried(spec, _results(spec, "base", points)) == [("train.lr", "high")]
+
+
+def test_more_seeds_go_only_to_undecided_arms_and_the_base(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "a.yaml", points=1, seeds={"min": 3, "max": 5}, margin=0.05,
+                                scientific={"model.num_heads": [2, 4, 1]}))  # fmt: skip
+    lr = {0.00316: 2.0}
+    results = (_results(spec, "base", lr, {1: 2.00, 2: 2.01, 3: 1.99})
+               + _results(spec, "model.num_heads=4", lr, {1: 2.50, 2: 2.51, 3: 2.49})  # far worse: decided
+               + _results(spec, "model.num_heads=1", lr, {1: 2.05, 2: 1.95, 3: 2.10}))  # noisy: undecided
+    nxt = plan.next_trials(spec, results)
+    assert sorted((p.variant.name, p.point) for p in nxt) == [
+        ("base", 4), ("base", 5), ("model.num_heads=1", 4), ("model.num_heads=1", 5)]
+    waiting = plan.next_trials(spec, results[:-1])  # look 1 waits for every arm's first seeds
+    assert [(p.variant.name, p.point) for p in waiting] == [("model.num_heads=1", 3)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,16 +204,17 @@ def test_smoke_study_end_to_end_then_resume_runs_nothing(workdir, capsys):
     trials = assert_consistent(workdir, "tiny", planned=4)
     study, client, _ = stores(workdir, "tiny")
     assert study.user_attrs[names.ATTR_KIND] == "ablation"
-    by_number = {t.number: t for t in trials}
     for t in trials:  # the trained config is the trial's (MLflow params are what the trainer saw)
         params = client.get_run(t.user_attrs[names.ATTR_RUN_ID]).data.params
         assert params["model.num_heads"] == str(t.params["model.num_heads"])
         assert float(params["train.lr"]) == t.params["train.lr"]
         assert params["train.seed"] == str(t.user_attrs[names.ATTR_SEED])
         if t.user_attrs[names.ATTR_PHASE] == "seed":  # re-runs its variant's best tune point on train.seed 1
-            source = by_number[t.user_attrs[names.ATTR_SOURCE_TRIAL]]
-            assert source.user_attrs[names.ATTR_VARIANT] == t.user_attrs[names.ATTR_VARIANT]
-            assert t.params["train.lr"] == source.params["train.lr"] and t.user_attrs[names.ATTR_SEED] == 1
+            tune = [u for u in trials if u.user_attrs[names.ATTR_PHASE] == "tune"
+                    and u.user_attrs[names.ATTR_VARIANT] == t.user_attrs[names.ATTR_VARIANT]]  # fmt: skip
+            assert t.params["train.lr"] == min(tune, key=lambda u: u.value).params["train.lr"]
+            assert t.user_attrs[names.ATTR_SEED] == 1 and t.number > max(u.number for u in tune)
+            assert isinstance(t.user_attrs[names.ATTR_OUTCOME], float)  # the test loss: the verdicts' metric
             history = client.get_metric_history(t.user_attrs[names.ATTR_RUN_ID], names.VAL_LOSS)
             assert [m.step for m in history] == [5, 10]  # intermediate values as step metrics
     out = capsys.readouterr().out
@@ -166,7 +227,7 @@ def test_changed_plan_is_refused_on_resume(workdir):
     path = write_spec(workdir / "tiny.yaml", seeds=None, points=1, scientific={"model.num_heads": [2]})
     run_study(path, report=False, trials=1)
     write_spec(path, points=2)
-    with pytest.raises(Exception, match="another plan"):
+    with pytest.raises(ConfigError, match="another plan"):
         run_study(path, report=False)
 
 
@@ -224,17 +285,16 @@ def test_search_enqueues_every_arm_first_and_prunes_into_killed_runs(workdir):
     assert all(len(t.intermediate_values) >= 1 for t in trials)  # every evaluation reported to the pruner
 
 
-def test_diverged_trials_fail_and_a_variant_without_a_tuned_point_says_so(workdir, capsys):
+def test_diverged_tune_trials_step_down_and_no_seed_runs_without_a_tuned_point(workdir, capsys):
     train = {**TINY["train"], "diverge_factor": 1.5, "grad_clip": 0.0}
-    path = write_spec(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]},
+    path = write_spec(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]}, max_extra_points=1,
                       nuisance={"train.lr": {"low": 3.0, "high": 30.0, "log": True}})  # fmt: skip
-    assert run_study(path, report=False) == 1  # the seed trial had nothing to re-run: the user must widen the range
-    assert "failed" in capsys.readouterr().err
+    assert run_study(path, report=False) == 0  # diverging is a result, not an error
     study, client, runs = stores(workdir, "tiny")
-    tune, seed = study.get_trials()
-    assert (tune.state, tune.user_attrs[names.ATTR_STATUS]) == (TrialState.FAIL, "diverged")
-    assert (seed.state, seed.user_attrs[names.ATTR_STATUS]) == (TrialState.FAIL, "failed")
-    for t in (tune, seed):
+    trials = study.get_trials()
+    assert [t.user_attrs[names.ATTR_PHASE] for t in trials] == ["tune", "tune"]  # nothing to re-run on seeds
+    assert [t.params["train.lr"] for t in trials] == pytest.approx([30 ** 0.5 * 3 ** 0.5, 3.0])  # one step down
+    for t in trials:
+        assert (t.state, t.user_attrs[names.ATTR_STATUS]) == (TrialState.FAIL, "diverged")
         run = client.get_run(t.user_attrs[names.ATTR_RUN_ID])
-        assert run.info.status == "FAILED" and run.data.tags[names.TAG_STATUS] == t.user_attrs[names.ATTR_STATUS]
-    assert "no tune trial" in client.get_run(seed.user_attrs[names.ATTR_RUN_ID]).data.tags[names.TAG_REASON]
+        assert run.info.status == "FAILED" and run.data.tags[names.TAG_STATUS] == "diverged"

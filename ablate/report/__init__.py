@@ -16,26 +16,23 @@ import pandas as pd
 import yaml
 
 from ablate import names
+from ablate.config import ConfigError
 from ablate.report import analysis, html, plots
-from ablate.report.load import StudyData, dataset_digests, load_study, study_names
+from ablate.report.load import StudyData, completed, dataset_digests, load_study, study_names
+from ablate.spec import load_spec
 from ablate.stores import default_storage
 
 __all__ = ["build_report", "report_command", "load_study"]
-
-ATTENTION_PNG = "attention/attention_maps.png"
 
 
 def report_command(studies: list[str], *, all_studies: bool = False, storage: str | None = None,
                    out: str = "reports") -> int:
     """Write ``<out>/<study>/index.html`` for each study name or study file; 0 on success, 2 if none found."""
-    from ablate.config import ConfigError, read_yaml
-
     targets: list[tuple[str, str | None, str | None]] = []
     for item in studies:
         if item.endswith((".yaml", ".yml")):
-            spec = read_yaml(item)
-            name = spec.get("name") or Path(item).stem
-            targets.append((name, storage or spec.get("storage"), spec.get("tracking_uri")))
+            spec = load_spec(item)
+            targets.append((spec.name, storage or spec.storage, spec.tracking_uri))
         else:
             targets.append((item, storage, None))
     if all_studies:
@@ -43,10 +40,7 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
     if not targets:
         raise ConfigError("report", "name a study (or a studies/*.yaml file), or pass --all")
     for name, store, uri in dict.fromkeys(targets):
-        try:
-            path = build_report(name, storage=store, tracking_uri=uri, out=out)
-        except KeyError:
-            raise ConfigError("report", f"no study named {name!r} in {store or default_storage()}") from None
+        path = build_report(name, storage=store, tracking_uri=uri, out=out)
         print(f"ablate report: {name}: {path}")
     return 0
 
@@ -66,7 +60,7 @@ def build_report(name: str, *, storage: str | None = None, tracking_uri: str | N
     (folder / "summary.md").write_text(summary, encoding="utf-8")
     if log_artifacts and data.parent.get("run_id"):
         for file in ("index.html", "results.csv", "summary.md"):
-            data.client.log_artifact(data.parent["run_id"], str(folder / file), "report")
+            data.client.log_artifact(data.parent["run_id"], str(folder / file), names.REPORT_DIR)
     return folder / "index.html"
 
 
@@ -83,8 +77,8 @@ def _context(data: StudyData) -> dict:
     counts = t["state"].value_counts().to_dict() if not t.empty else {}
     statuses = t["status"].value_counts().to_dict() if not t.empty else {}
     ctx = {
-        "name": data.name, "kind": data.kind, "description": str(data.spec.get("description", "")),
-        "task_metric": data.task_metric, "edges": analysis.edge_warnings(data),
+        "name": data.name, "kind": data.kind, "description": data.spec.description,
+        "task_metric": data.task_metric, "edges": [], "statement": "", "fair": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
         "figures": {}, "search": None, "attention": _attention(data),
@@ -94,29 +88,37 @@ def _context(data: StudyData) -> dict:
         _ablation(data, ctx)
     else:
         _search(data, ctx)
-    ctx["figures"]["curves"] = plots.curves(data, _best_runs(data))
+    ctx["figures"]["curves"] = plots.curves(data, _curve_runs(data))
     ctx["figures"]["pareto"] = plots.pareto(data)
     return ctx
 
 
 def _ablation(data: StudyData, ctx: dict) -> None:
-    table = analysis.variant_table(data) if not data.trials.empty else pd.DataFrame()
+    table = analysis.verdict_table(data) if not data.trials.empty else pd.DataFrame()
     if table.empty:
         ctx["headline"] = "no trials yet"
         return
-    ctx["answers"] = analysis.recommendations(data, table)
-    verdicts = [a["verdict"] for a in ctx["answers"]]
-    ctx["headline"] = (f"{verdicts.count('improves')} of {len(verdicts)} scientific parameters have a value that "
-                       f"beats the base beyond seed noise; for {verdicts.count('keep base')}, every alternative is "
-                       "worse than the base")
+    ctx["answers"] = analysis.answers(data, table)
+    ctx["edges"] = analysis.tuning_warnings(data, table)
+    decided = sum(a["decided"] for a in ctx["answers"])
+    tuned = table[table["tune_points"] > 0]
+    ctx["fair"] = ("Fair tuning: every variant's chosen learning rate lies strictly inside the values it tried (its "
+                   "optimum is bracketed)." if len(tuned) and tuned["bracketed"].all() else
+                   f"Tuning did not bracket the optimum of {int((~tuned['bracketed']).sum())} of {len(tuned)} "
+                   "variants (warnings below): their comparisons may be unfair." if len(tuned) else "")
+    statements = dict.fromkeys(a["statement"] for a in ctx["answers"] if a["statement"])
+    ctx["statement"] = " ".join(statements)
+    ctx["headline"] = (f"{decided} of {len(ctx['answers'])} scientific parameters decided at a margin of "
+                       f"±{data.spec.margin:g} test loss: " + "; ".join(
+                           f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["variants"] = html.table(ctx["variant_df"])
     ctx["figures"]["isolation"] = plots.isolation(data, table)
-    ctx["figures"]["lr"] = plots.lr_sensitivity(data, _nuisance_param(data))
+    ctx["figures"]["lr"] = plots.lr_sensitivity(data, _nuisance_param(data), table)
 
 
 def _nuisance_param(data: StudyData) -> str:
-    keys = list(data.spec.get("nuisance") or {})
+    keys = [p.key for p in data.spec.nuisance]
     return "train.lr" if "train.lr" in keys or not keys else keys[0]
 
 
@@ -137,50 +139,63 @@ def _search(data: StudyData, ctx: dict) -> None:
 
 
 def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
-    """Table 3 as strings: mean ± CI half-width and the interval of the difference from the base."""
+    """Table 3 as strings: the tuning, the seed re-runs on the test split, the verdict's interval, the costs."""
     def pm(mean: float, half: float) -> str:
-        return f"{mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
+        return "" if math.isnan(mean) else f"{mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
 
     def delta(r: pd.Series) -> str:
-        if r["variant"] == "base":
+        if r["variant"] == "base" or math.isnan(r["diff"]):
             return "—"
-        ci = "" if math.isnan(r["diff_lo"]) else f" [{r['diff_lo']:+.4f}, {r['diff_hi']:+.4f}]"
+        ci = "" if not math.isfinite(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]"
         return f"{r['diff']:+.4f}{ci}"
 
+    def seeds(r: pd.Series) -> str:
+        text = f"{int(r['seeds'])}" + (f" ({int(r['diverged'])} diverged)" if r["diverged"] else "")
+        return text + (" — too few for a verdict" if r["seeds"] < 2 else "")
+
+    def tuning(r: pd.Series) -> str:
+        if r["tune_points"] == 0:
+            return "—"
+        where = "bracketed" if r["bracketed"] else f"edge: {r['edge'] or 'none completed'}"
+        extra = f" (+{int(r['extra_points'])})" if r["extra_points"] else ""
+        return f"{analysis.fmt(r['lr'])} of {int(r['tune_points'] - r['extra_points'])}{extra} tried, {where}"
+
     out = pd.DataFrame({
-        "variant": table["variant"], "changed": table["changed"], "params": table[names.PARAMS],
-        "FLOPs/token": table[names.FLOPS_PER_TOKEN],
-        "val/loss (mean ± 95% CI)": [pm(m, h) for m, h in zip(table["mean"], table["ci"], strict=False)],
+        "variant": table["variant"], "changed": table["changed"],
+        "chosen lr (points tried)": [tuning(r) for _, r in table.iterrows()],
+        "lr basin (within margin)": [("" if math.isnan(lo) else f"{analysis.fmt(lo)}–{analysis.fmt(hi)}")
+                                     for lo, hi in zip(table["basin_lo"], table["basin_hi"], strict=True)],
+        "seeds": [seeds(r) for _, r in table.iterrows()],
+        "val/loss (mean)": table["val_mean"],
+        "test/loss (mean ± 95% CI)": [pm(m, h) for m, h in zip(table["test_mean"], table["test_ci"], strict=True)],
+        "Δ test/loss vs base [verdict's interval]": [delta(r) for _, r in table.iterrows()],
+        "verdict": [v or "—" for v in table["verdict"]],
+        "params": table[names.PARAMS], "FLOPs/token": table[names.FLOPS_PER_TOKEN],
+        "tokens/s": table[names.TOKENS_PER_S], "wall s": table[names.WALL_S],
     })
-    if metric:
-        out[f"{metric} (mean ± CI)"] = [pm(m, h) for m, h in zip(table["metric_mean"], table["metric_ci"],
-                                                                   strict=False)]
-    out["Δ val/loss vs base [95% CI]"] = [delta(r) for _, r in table.iterrows()]
-    out["beyond seed noise"] = ["—" if v == "base" else ("yes" if d else "no")
-                                for v, d in zip(table["variant"], table["distinguishable"], strict=False)]
-    out["tokens/s"] = table[names.TOKENS_PER_S]
-    out["wall s"] = table[names.WALL_S]
-    out["seeds"] = table["seeds"]
     return out
 
 
-def _best_runs(data: StudyData) -> dict[str, str]:
-    """The completed run with the lowest final val/loss per variant (seed phase preferred), or top 5 for search."""
-    t = data.trials
-    done = t[(t["status"] == "completed") & t["value"].notna() & t["run_id"].astype(bool)]
+def _curve_runs(data: StudyData) -> dict[str, str]:
+    """Per variant the seed run with the median outcome (the typical run, not the luckiest); top 5 for search."""
+    done = completed(data.trials)
+    done = done[done["run_id"].astype(bool)] if not done.empty else done
     if done.empty:
         return {}
     if data.kind != "ablation":
         return {f"trial {int(r.trial)}": r.run_id for r in done.nsmallest(5, "value").itertuples()}
-    seeds = done[done["phase"] == "seed"]
-    rows = seeds if not seeds.empty else done
-    best = rows.loc[rows.groupby("variant")["value"].idxmin()].set_index("variant")["run_id"]
-    return {v: best[v] for v in analysis.variant_order(data) if v in best}
+    seeds = done[(done["phase"] == "seed") & done["outcome"].notna()]
+    out = {}
+    for variant in analysis.variant_order(data):
+        rows = seeds[seeds["variant"] == variant].sort_values("outcome")
+        if len(rows):
+            out[variant] = rows["run_id"].iloc[(len(rows) - 1) // 2]
+    return out
 
 
 def _best_row(data: StudyData) -> pd.Series | None:
-    t = data.trials
-    done = t[(t["status"] == "completed") & t["value"].notna() & t["run_id"].astype(bool)]
+    done = completed(data.trials)
+    done = done[done["run_id"].astype(bool)] if not done.empty else done
     if done.empty:
         return None
     seeds = done[done["phase"] == "seed"] if "phase" in done else done
@@ -193,7 +208,7 @@ def _attention(data: StudyData) -> dict | None:
     if row is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        path = data.artifact(row["run_id"], ATTENTION_PNG, Path(tmp))
+        path = data.artifact(row["run_id"], names.MAPS_ARTIFACT, Path(tmp))
         maps = plots.png_uri(path.read_bytes()) if path and path.is_file() else None
     label = row["variant"] or f"trial {int(row['trial'])}"
     return {"run_id": row["run_id"], "label": label, "trial": int(row["trial"]), "value": row["value"],
@@ -224,7 +239,7 @@ def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
     runs = [r for r in t["run_id"] if r] if not t.empty else []
     store = "" if data.storage == default_storage() else f" --storage {shlex.quote(data.storage)}"
     return {
-        "spec": yaml.safe_dump(data.spec, sort_keys=False) if data.spec else "",
+        "spec": yaml.safe_dump(data.spec.data, sort_keys=False) if data.spec.data else "",
         "datasets": dataset_digests(data, runs[:20]) if runs else [],
         "git_commit": tag(names.TAG_GIT_COMMIT), "git_dirty": tag(names.TAG_GIT_DIRTY),
         "device": tag(names.TAG_DEVICE), "backend": tag(names.TAG_BACKEND), "versions": versions,

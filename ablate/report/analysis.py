@@ -1,51 +1,29 @@
-"""The numbers behind the answer: per-variant means over seeds, intervals against the base, recommendations,
-health checks and, for search studies, parameter importances. Pure pandas/scipy on the frames of ``load``.
+"""The numbers behind the answer: per variant its tuning, its seed re-runs and its verdict against the base; per
+factor the value to choose; health checks and, for search studies, parameter importances. Pandas/scipy only.
 
-Conclusions use the seed phase only (the re-runs of each variant's best tuned point); the tune phase is for
-learning-rate sensitivity and edge checks. Lower val/loss is better.
-
-Every variant is re-run on the same seeds, and a seed fixes the batch order, so runs of one seed share much of their
-noise (a lucky data order helps every variant). Differences from the base are therefore paired by seed (a t-interval
-of the per-seed differences) wherever both ran the same seeds; Welch's interval is the fallback.
+The verdicts come from ``ablate.verdicts`` on the same results the runner decided its seeds with
+(``ablate.plan.arm_results`` of the Optuna trials), so the page and the plan cannot disagree. Selection is on
+validation (each variant's chosen learning rate), verdicts on the test split (the seed re-runs' test loss, a
+diverged run counted at the uniform-guess loss). Lower is better.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import optuna
 import pandas as pd
 from scipy import stats
 
-from ablate import names
-from ablate.report.load import StudyData
+from ablate import names, plan, verdicts
+from ablate.config import fmt as _fmt
+from ablate.report.load import StudyData, completed
 
 LEVEL = 0.95
-EDGE = 0.1
-"""A best point within this fraction of a searched range's end (log scale where the range is) gets a warning."""
 COST_KEYS = (names.PARAMS, names.FLOPS_PER_TOKEN, names.TOKENS_PER_S, names.WALL_S)
-
-
-@dataclass
-class Diff:
-    """``mean(a) - mean(b)`` with its t-interval; ``lo``/``hi`` are NaN when either side has < 2 values."""
-
-    diff: float
-    lo: float
-    hi: float
-    n_a: int
-    n_b: int
-    method: str = "Welch"  # or "paired": over seeds both sides ran
-
-    @property
-    def known(self) -> bool:
-        return not math.isnan(self.lo)
-
-    @property
-    def distinguishable(self) -> bool:
-        return self.known and (self.lo > 0 or self.hi < 0)
+CHOICE_COST = names.PARAMS
+"""What "the cheapest" of equivalent values means: fewest parameters (FLOPs per token follow them here)."""
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float]:
@@ -59,114 +37,44 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def welch(a: np.ndarray, b: np.ndarray) -> Diff:
-    """Difference of means ``a - b`` with the Welch-Satterthwaite t-interval at ``LEVEL``."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-    if len(a) < 2 or len(b) < 2:
-        return Diff(diff, math.nan, math.nan, len(a), len(b))
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Diff(diff, diff, diff, len(a), len(b))
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = stats.t.ppf(0.5 + LEVEL / 2, dof) * se
-    return Diff(diff, diff - half, diff + half, len(a), len(b))
-
-
-def paired(a: pd.Series, b: pd.Series) -> Diff:
-    """``a - b`` over the seeds (index) both ran, with the t-interval of the per-seed differences."""
-    d = (a - b).dropna().to_numpy(dtype=float)
-    mean, half = mean_ci(d)
-    if math.isnan(half):
-        return Diff(mean, math.nan, math.nan, len(d), len(d), "paired")
-    return Diff(mean, mean - half, mean + half, len(d), len(d), "paired")
-
-
-def compare(variant_runs: pd.DataFrame, base_runs: pd.DataFrame) -> Diff:
-    """The variant's final val/loss minus the base's: paired when both ran the same >= 2 seeds, else Welch.
-
-    A seed missing on one side (a diverged re-run) would cost the paired interval a degree of freedom and drop a
-    run; Welch keeps every run.
-    """
-    a, b = variant_runs.groupby("seed")["value"].mean(), base_runs.groupby("seed")["value"].mean()
-    if len(a) >= 2 and set(a.index) == set(b.index):
-        return paired(a, b)
-    return welch(a.to_numpy(), b.to_numpy())
-
-
 def seed_runs(data: StudyData) -> pd.DataFrame:
-    """Completed seed-phase runs with a final val/loss: the only rows conclusions are drawn from."""
+    """Seed-phase runs with an outcome (completed: test loss; diverged: the uniform-guess loss)."""
     t = data.trials
-    if t.empty or "phase" not in t:
-        return t
-    return t[(t["phase"] == "seed") & (t["status"] == "completed") & t["value"].notna()]
+    if t.empty or "phase" not in t or "outcome" not in t:
+        return t.iloc[0:0]
+    return t[(t["phase"] == "seed") & t["outcome"].notna() & t["status"].isin(["completed", "diverged"])]
+
+
+def plan_results(data: StudyData) -> list[plan.Result]:
+    return plan.results_of(data.study.get_trials(deepcopy=False))
 
 
 def variant_value(variant: str, factor: str, data: StudyData) -> object:
-    """The scientific value a variant sets (from its runs' params; the name's text if no run logged it)."""
-    rows = data.trials[data.trials["variant"] == variant]
-    if factor and factor in rows and rows[factor].notna().any():
-        return rows[factor].dropna().iloc[0]
-    return variant.partition("=")[2] if "=" in variant else ""
+    """The scientific value a variant sets."""
+    if factor and variant != "base":
+        return data.spec.variant(variant).values[factor] if variant in _names(data) else variant.partition("=")[2]
+    return ""
+
+
+def _names(data: StudyData) -> set[str]:
+    return {v.name for v in data.spec.variants()}
 
 
 def base_value(factor: str, data: StudyData) -> object:
-    rows = data.trials[data.trials["variant"] == "base"]
-    if factor in rows and rows[factor].notna().any():
-        return rows[factor].dropna().iloc[0]
-    from ablate.config import flatten, run_config_from, to_dict  # yaml only: no torch
-
-    return flatten(to_dict(run_config_from(data.spec))).get(factor)
-
-
-def variant_table(data: StudyData) -> pd.DataFrame:
-    """One row per variant (base first): what changed, seeds, val/loss mean ± CI, diff vs base (paired), costs."""
-    runs = seed_runs(data)
-    variants = variant_order(data)
-    base = runs[runs["variant"] == "base"]
-    metric = data.task_metric
-    rows = []
-    for variant in variants:
-        sub = runs[runs["variant"] == variant]
-        factor = _factor(variant, data)
-        mean, half = mean_ci(sub["value"].to_numpy())
-        d = compare(sub, base)
-        row = {
-            "variant": variant, "factor": factor, "value": variant_value(variant, factor, data) if factor else "",
-            "changed": _changed(variant, factor, data), "seeds": len(sub), "mean": mean, "ci": half,
-            "diff": d.diff if variant != "base" else 0.0, "diff_lo": d.lo, "diff_hi": d.hi, "method": d.method,
-            "distinguishable": d.distinguishable if variant != "base" else False,
-        }
-        if metric:
-            row["metric_mean"], row["metric_ci"] = mean_ci(sub[metric].dropna().to_numpy())
-        for key in COST_KEYS:
-            row[key] = float(sub[key].mean()) if key in sub and sub[key].notna().any() else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return data.spec.base_value(factor)
 
 
 def variant_order(data: StudyData) -> list[str]:
-    """Variants as the study file lists them, base first: the row order of tables and the colour order of plots."""
-    return sorted((v for v in dict.fromkeys(data.trials["variant"]) if v), key=lambda v: _order(v, data))
-
-
-def _order(variant: str, data: StudyData) -> tuple:
-    """Base first, then factors in the study file's order, each factor's values in the order it lists them."""
-    if variant == "base":
-        return (-1, -1, variant)
-    factors = list(data.spec.get("scientific") or {})
-    factor = _factor(variant, data)
-    values = [fmt(v) for v in (data.spec.get("scientific") or {}).get(factor) or []]
-    value = fmt(variant_value(variant, factor, data))
-    return (factors.index(factor) if factor in factors else len(factors),
-            values.index(value) if value in values else len(values), variant)
+    """Variants as the study file lists them, base first (then any other variant a search produced)."""
+    planned = [v.name for v in data.spec.variants()]
+    seen = [v for v in dict.fromkeys(data.trials["variant"]) if v and v not in planned] if "variant" in data.trials \
+        else []  # fmt: skip
+    present = set(data.trials["variant"]) if "variant" in data.trials else set()
+    return [v for v in planned if v in present] + seen
 
 
 def _factor(variant: str, data: StudyData) -> str:
-    rows = data.trials[data.trials["variant"] == variant]
-    factors = [f for f in rows["factor"].dropna() if f]
-    return factors[0] if factors else (variant.partition("=")[0] if "=" in variant else "")
+    return data.spec.variant(variant).factor if variant in _names(data) else ""
 
 
 def _changed(variant: str, factor: str, data: StudyData) -> str:
@@ -176,14 +84,102 @@ def _changed(variant: str, factor: str, data: StudyData) -> str:
 
 
 def fmt(value: object) -> str:
-    """Short, stable text for a config value or number."""
-    if value is None or value == "None":
-        return "null"  # as the study file writes it (head_dim: derived from embed_dim / num_heads)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:.4g}"
-    return str(value)
+    """Short, stable text for a config value or number in a table (``null`` as a study file writes it)."""
+    return _fmt(value, digits=4)
+
+
+def basin(tune: pd.DataFrame, param: str, margin: float) -> tuple[float, float]:
+    """The range of ``param`` over the completed tune runs within ``margin`` of the best val/loss: how much the
+    choice tolerates a mistuned learning rate (NaN without two completed points)."""
+    done = completed(tune)
+    if len(done) < 2 or param not in done:
+        return math.nan, math.nan
+    near = done[done["value"] <= done["value"].min() + margin][param].astype(float)
+    return float(near.min()), float(near.max())
+
+
+def verdict_table(data: StudyData) -> pd.DataFrame:
+    """One row per variant (base first): its tuning, its seed re-runs, its verdict against the base, its costs."""
+    spec, results = data.spec, plan_results(data)
+    arms = plan.arm_results(spec, results)
+    comparisons = {c.name: c for c in _comparisons(data, arms)}
+    runs, t = seed_runs(data), data.trials
+    param = spec.nuisance[0].key if spec.nuisance else ""
+    rows = []
+    for variant in variant_order(data):
+        mine = t[t["variant"] == variant]
+        tune = mine[mine["phase"] == "tune"]
+        seeds = runs[runs["variant"] == variant]
+        factor = _factor(variant, data)
+        test_mean, test_ci = mean_ci(seeds["outcome"].to_numpy())
+        val = completed(mine[mine["phase"] == "seed"])["value"].to_numpy()
+        c = comparisons.get(variant)
+        tried = [r for r in results if r.variant == variant and r.phase == "tune"]
+        chosen = plan.chosen_point(spec, tried) if spec.nuisance else None
+        lo, hi = basin(tune, param, spec.margin) if param else (math.nan, math.nan)
+        row = {
+            "variant": variant, "factor": factor, "value": variant_value(variant, factor, data),
+            "changed": _changed(variant, factor, data), "seeds": len(seeds),
+            "diverged": int((seeds["status"] == "diverged").sum()), "test_mean": test_mean, "test_ci": test_ci,
+            "val_mean": float(val.mean()) if len(val) else math.nan,
+            "diff": c.mean if c else math.nan, "lo": c.lo if c else math.nan, "hi": c.hi if c else math.nan,
+            "level": c.level if c else math.nan, "look": c.look if c else 0, "verdict": c.verdict if c else "",
+            "lr": chosen[param] if chosen else math.nan, "tune_points": len(tried),
+            "extra_points": sum(r.point >= spec.points for r in tried),
+            "edge": ", ".join(f"{end}" for _, end in plan.edge_of_tried(spec, tried)) if spec.nuisance else "",
+            "basin_lo": lo, "basin_hi": hi,
+        }
+        row["bracketed"] = bool(chosen) and not row["edge"]
+        for key in COST_KEYS:
+            done = completed(mine)
+            row[key] = float(done[key].mean()) if key in done and done[key].notna().any() else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _comparisons(data: StudyData, arms: dict[str, verdicts.ArmResult]) -> list[verdicts.Comparison]:
+    rule = plan.rule(data.spec)
+    if rule is None or data.kind != "ablation":
+        return []
+    out = []
+    for alternatives in plan.factors(data.spec).values():
+        out += verdicts.judge_factor(arms["base"], [arms[a] for a in alternatives], rule)
+    return out
+
+
+def answers(data: StudyData, table: pd.DataFrame) -> list[dict]:
+    """Per scientific factor: the value to choose, whether that is decided, why, and the error rate it controls."""
+    rule = plan.rule(data.spec)
+    arms = plan.arm_results(data.spec, plan_results(data))
+    costs = dict(zip(table["variant"], table[CHOICE_COST], strict=True)) if len(table) else {}
+    arms = {k: verdicts.ArmResult(a.name, a.outcomes, a.diverged, costs.get(k, math.nan)) for k, a in arms.items()}
+    out = []
+    for factor, alternatives in plan.factors(data.spec).items():
+        bval = fmt(base_value(factor, data))
+        if rule is None:
+            out.append({"factor": factor, "choice": bval, "verdict": "undecided", "decided": False, "statement": "",
+                        "text": f"Undecided: this study runs {data.spec.min_seeds} seed per variant; a verdict needs "
+                                "at least 2 (set seeds: 3 or more)."})
+            continue
+        comparisons = verdicts.judge_factor(arms["base"], [arms[a] for a in alternatives], rule)
+        answer = verdicts.answer_factor(arms["base"], comparisons, [arms[a] for a in alternatives])
+        chosen = next((c for c in comparisons if c.name == answer.choice), None)
+        label = chosen.verdict if chosen else ("keep base" if answer.decided else "undecided")
+        choice = fmt(variant_value(answer.choice, factor, data)) if chosen else bval
+        text = answer.reason + _cost_sentence(table, answer.choice)
+        out.append({"factor": factor, "choice": choice, "verdict": label, "decided": answer.decided,
+                    "text": text, "statement": rule.statement(len(alternatives))})
+    return out
+
+
+def _cost_sentence(table: pd.DataFrame, variant: str) -> str:
+    if variant == "base" or table.empty:
+        return ""
+    row, base = table.set_index("variant").loc[variant], table.set_index("variant").loc["base"]
+    what = ((names.PARAMS, "parameters"), (names.FLOPS_PER_TOKEN, "FLOPs per token"), (names.TOKENS_PER_S, "tokens/s"))
+    costs = [ratio_text(row[k], base[k], w) for k, w in what]
+    costs = [c for c in costs if c]
+    return f" It costs {', '.join(costs)}." if costs else ""
 
 
 def ratio_text(value: float, base: float, what: str) -> str:
@@ -192,109 +188,22 @@ def ratio_text(value: float, base: float, what: str) -> str:
     return f"{value / base:.2f}× the base's {what}"
 
 
-def recommendations(data: StudyData, table: pd.DataFrame) -> list[dict]:
-    """Per scientific factor: the value to choose, a verdict, and sentences built from the table."""
+def tuning_warnings(data: StudyData, table: pd.DataFrame) -> list[dict]:
+    """Each variant whose chosen point is the most extreme point tried: its comparison is not known to be fair."""
     out = []
-    base_row = table[table["variant"] == "base"]
-    for factor in [f for f in dict.fromkeys(table["factor"]) if f]:
-        rows = table[table["factor"] == factor]
-        out.append(_recommend(factor, rows, base_row.iloc[0] if len(base_row) else None, data))
-    return out
-
-
-def _recommend(factor: str, rows: pd.DataFrame, base: pd.Series | None, data: StudyData) -> dict:
-    bval = fmt(base_value(factor, data))
-    if base is None or base["seeds"] < 2 or (rows["seeds"] < 2).all():
-        return {"factor": factor, "choice": bval, "verdict": "inconclusive",
-                "text": f"Inconclusive: fewer than 2 completed seed runs of the base or of every {factor} variant; "
-                "run the seed phase to completion before choosing."}
-    better = rows[rows["distinguishable"] & (rows["diff"] < 0)]
-    worse = rows[rows["distinguishable"] & (rows["diff"] > 0)]
-    noise = rows[~rows["distinguishable"] & (rows["seeds"] >= 2)]
-    parts = []
-    if len(better):
-        best = better.sort_values("mean").iloc[0]
-        choice, verdict = fmt(best["value"]), "improves"
-        parts.append(f"Choose {choice}: against the base ({bval}) it lowers val/loss by {-best['diff']:.4f} "
-                     f"(95% CI {-best['diff_hi']:.4f} to {-best['diff_lo']:.4f}, {best['method']} over "
-                     f"{int(best['seeds'])} vs {int(base['seeds'])} seeds), more than seed noise.")
-        costs = [ratio_text(best[k], base[k], w) for k, w in
-                 ((names.PARAMS, "parameters"), (names.FLOPS_PER_TOKEN, "FLOPs per token"),
-                  (names.TOKENS_PER_S, "tokens/s"))]
-        if any(costs):
-            parts.append("It costs " + ", ".join(c for c in costs if c) + ".")
-    elif len(worse) and not len(noise):
-        choice, verdict = bval, "keep base"
-        parts.append(f"Keep {bval}: every other tested value of {factor} is worse than the base beyond seed noise.")
-    else:
-        choice, verdict = bval, "inconclusive"
-        parts.append(f"Inconclusive: no tested value of {factor} beats the base ({bval}) beyond seed noise; "
-                     f"keep {bval} or pick the cheapest value within noise.")
-    if len(noise):
-        parts.append("Within seed noise of the base: " + "; ".join(
-            f"{fmt(r['value'])} ({r['diff']:+.4f}, CI {r['diff_lo']:+.4f} to {r['diff_hi']:+.4f})"
-            for _, r in noise.iterrows()) + ".")
-    if len(worse):
-        parts.append("Worse than the base: " + "; ".join(
-            f"{fmt(r['value'])} ({r['diff']:+.4f}, CI {r['diff_lo']:+.4f} to {r['diff_hi']:+.4f})"
-            for _, r in worse.iterrows()) + ".")
-    tested = _tested_values(factor, data)
-    if verdict == "improves" and len(tested) > 2 and choice in (fmt(tested[0]), fmt(tested[-1])):
-        parts.append(f"{choice} is the edge of the tested values ({', '.join(fmt(v) for v in tested)}): "
-                     "the optimum may lie beyond it.")
-    return {"factor": factor, "choice": choice, "verdict": verdict, "text": " ".join(parts)}
-
-
-def _tested_values(factor: str, data: StudyData) -> list:
-    values = (data.spec.get("scientific") or {}).get(factor)
-    if not isinstance(values, list):
-        return []
-    try:
-        return sorted(values)
-    except TypeError:
-        return values
-
-
-def nuisance_ranges(data: StudyData) -> dict[str, dict]:
-    """Searched ranges with ``low``/``high`` from the study file (scientific ones too, for search studies)."""
-    ranges = {}
-    for section in ("nuisance", "scientific"):
-        for key, spec in (data.spec.get(section) or {}).items():
-            if isinstance(spec, dict) and "low" in spec and "high" in spec:
-                ranges[key] = spec
-    return ranges
-
-
-def edge_position(value: float, spec: dict) -> float:
-    """Where ``value`` sits in ``[low, high]`` as a fraction (log scale when the range is)."""
-    lo, hi = float(spec["low"]), float(spec["high"])
-    if spec.get("log"):
-        value, lo, hi = math.log(value), math.log(lo), math.log(hi)
-    return (value - lo) / (hi - lo) if hi > lo else 0.5
-
-
-def edge_warnings(data: StudyData) -> list[dict]:
-    """Each variant's (or, for search, the study's) best point that lies on the edge of a searched range."""
-    t = data.trials
-    done = t[(t["status"] == "completed") & t["value"].notna()]
-    if data.kind == "ablation" and "phase" in done:
-        done = done[done["phase"] == "tune"]
-    groups = done.groupby("variant") if data.kind == "ablation" else [("(all)", done)]
-    warnings = []
-    for variant, rows in groups:
-        if rows.empty:
+    for _, r in table.iterrows():
+        if r["tune_points"] == 0 or r["bracketed"]:
             continue
-        best = rows.loc[rows["value"].idxmin()]
-        for key, spec in nuisance_ranges(data).items():
-            if key in best and pd.notna(best[key]):
-                pos = edge_position(float(best[key]), spec)
-                if pos < EDGE or pos > 1 - EDGE:
-                    end = "low" if pos < EDGE else "high"
-                    warnings.append({"variant": variant, "param": key, "value": float(best[key]), "end": end,
-                                     "text": f"{variant}: best {key} = {fmt(float(best[key]))} is at the {end} "
-                                     f"end of the searched range [{fmt(spec['low'])}, {fmt(spec['high'])}]; "
-                                     "widen the range before trusting this comparison."})
-    return warnings
+        if pd.isna(r["lr"]):
+            text = f"{r['variant']}: no tune run completed (all diverged or failed): nothing to re-run on seeds."
+        else:
+            where = {"high": "the highest", "low": "the lowest", "only": "the only"}
+            ends = ", ".join(where.get(e.strip(), e) for e in r["edge"].split(","))
+            text = (f"{r['variant']}: the chosen {data.spec.nuisance[0].key} = {fmt(r['lr'])} is {ends} value tried "
+                    f"({int(r['tune_points'])} points, {int(r['extra_points'])} beyond the first); at a hard limit of "
+                    "the range or out of extension budget, so its optimum may lie beyond: widen the range.")
+        out.append({"variant": r["variant"], "text": text})
+    return out
 
 
 def health(data: StudyData) -> pd.DataFrame:
@@ -341,7 +250,7 @@ def importances(data: StudyData, repeats: int = 5) -> pd.DataFrame:
 
 
 def best_trials(data: StudyData, n: int = 5) -> pd.DataFrame:
-    done = data.trials[(data.trials["status"] == "completed") & data.trials["value"].notna()]
+    done = completed(data.trials)
     keys = varied_params(data, done) or varied_params(data)
     cols = ["trial", "value"] + [c for c in (names.BEST_VAL_LOSS,) if c in done] + keys
     return done.sort_values("value").head(n)[cols]

@@ -16,12 +16,9 @@ import yaml
 from mlflow import MlflowClient
 
 from ablate import names
-from ablate.stores import default_storage, default_tracking_uri
-
-# Optuna states as the trainer's statuses, for trials whose MLflow run carries no ablate.status tag.
-STATE_STATUS = {
-    "COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting",
-}
+from ablate.config import ConfigError
+from ablate.spec import StudySpec, spec_from_mapping
+from ablate.stores import default_storage, default_tracking_uri, sqlite_path
 
 
 @dataclass
@@ -30,7 +27,7 @@ class StudyData:
 
     name: str
     kind: str  # "ablation" or "search"
-    spec: dict
+    spec: StudySpec  # validated from the study file's mapping stored with the study, by the runner's own code
     storage: str
     tracking_uri: str
     study: optuna.Study
@@ -86,20 +83,27 @@ def parse_value(text: Any) -> Any:
 def load_study(name: str, storage: str | None = None, tracking_uri: str | None = None) -> StudyData:
     """Load study ``name`` from Optuna ``storage`` and its MLflow experiment of the same name."""
     storage = checked_storage(storage)
+    if name not in study_names(storage):
+        raise ConfigError("report", f"no study named {name!r} in {storage}")
     study = optuna.load_study(study_name=name, storage=storage)
     attrs = study.user_attrs
-    spec = attrs.get(names.ATTR_SPEC) or {}
-    tracking_uri = tracking_uri or spec.get("tracking_uri") or default_tracking_uri()
+    try:
+        spec = spec_from_mapping(attrs.get(names.ATTR_SPEC) or {})
+    except ConfigError as err:
+        raise err.at(f"study {name!r} (its stored study file)") from None
+    tracking_uri = tracking_uri or spec.tracking_uri or default_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = _child_runs(client, name)
     trials = _join(_optuna_trials(study), runs)
     parent = _parent(client, name, attrs.get(names.ATTR_PARENT_RUN_ID))
-    kind = attrs.get(names.ATTR_KIND) or parent.get("tags", {}).get(names.TAG_KIND) or _guess_kind(spec)
-    return StudyData(name, kind, spec, storage, tracking_uri, study, trials, parent, client)
+    return StudyData(name, spec.kind, spec, storage, tracking_uri, study, trials, parent, client)
 
 
-def _guess_kind(spec: dict) -> str:
-    return "search" if spec.get("kind") == "search" else "ablation"
+def completed(trials: pd.DataFrame) -> pd.DataFrame:
+    """The runs that trained to the end with a final val/loss: the only ones a loss is read from."""
+    if trials.empty:
+        return trials
+    return trials[(trials["status"] == "completed") & trials["value"].notna()]
 
 
 def _optuna_trials(study: optuna.Study) -> pd.DataFrame:
@@ -115,6 +119,7 @@ def _optuna_trials(study: optuna.Study) -> pd.DataFrame:
             "seed": t.user_attrs.get(names.ATTR_SEED),
             "run_id": t.user_attrs.get(names.ATTR_RUN_ID, ""),
             "attr_status": t.user_attrs.get(names.ATTR_STATUS),
+            "outcome": t.user_attrs.get(names.ATTR_OUTCOME),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "intermediate": dict(t.intermediate_values),
         }
@@ -145,7 +150,7 @@ def _join(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     if trials.empty:
         return trials
     if runs.empty:
-        trials["status"] = trials["attr_status"].fillna(trials["state"].map(STATE_STATUS))
+        trials["status"] = trials["attr_status"].fillna(trials["state"].map(names.STATUS_OF_STATE))
         return trials.drop(columns=["attr_status"])
     by_tag = runs.dropna(subset=["_trial_tag"]).set_index("_trial_tag")["run_id"]
     missing = trials["run_id"].isin(["", None])
@@ -160,7 +165,7 @@ def _join(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             merged[col] = merged[col].where(merged[col].astype(bool), merged[f"tag:{tag}"].fillna(""))
     status = merged.get(f"tag:{names.TAG_STATUS}", pd.Series(index=merged.index, dtype=object))
     status = status.where(status.notna(), merged["attr_status"])
-    merged["status"] = status.where(status.notna(), merged["state"].map(STATE_STATUS))
+    merged["status"] = status.where(status.notna(), merged["state"].map(names.STATUS_OF_STATE))
     # A run that says "completed" while Optuna pruned it was stopped by the pruner after its last log.
     merged.loc[merged["state"].eq("PRUNED"), "status"] = "stopped"
     if "seed" in merged and "train.seed" in merged:
@@ -204,11 +209,9 @@ def dataset_digests(data: StudyData, run_ids: list[str]) -> list[dict]:
 
 def checked_storage(storage: str | None = None) -> str:
     """The Optuna storage URL; a SQLite file that does not exist is an error (Optuna would create an empty one)."""
-    from ablate.config import ConfigError
-
     url = storage or default_storage()
-    path = Path(url.removeprefix("sqlite:///"))
-    if url.startswith("sqlite:///") and not path.is_file():
+    path = sqlite_path(url)
+    if path and not path.is_file():
         raise ConfigError("storage", f"no study store at {path}; run a study first (make study)")
     return url
 

@@ -1,0 +1,228 @@
+"""Which trials a study runs: a pure function of the study spec and the results so far.
+
+Ablation, per variant (the same rule for every arm):
+1. Tune: the spec's first points (``StudySpec.first_points``). Then, while the best completed point is the most
+   extreme point tried along a nuisance dimension (diverged points count as tried: divergence above an LR brackets
+   it), one more point one step (a grid cell) beyond it, up to the range's hard limits and ``max_extra_points``.
+2. Seeds: once its tuning is final, seeds 1..min_seeds at the chosen point (the best by validation loss).
+3. More seeds: once every arm of a factor has finished look 1, the arms the verdict rule leaves undecided (and the
+   base, which every comparison is paired with) get seeds up to max_seeds (``ablate.verdicts``).
+
+Because every decision is a function of finished trials, a study killed and resumed reaches the same plan.
+Search: one trial per variant first (so no arm is starved by the sampler), then the sampler's own trials.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ablate import names, verdicts
+from ablate.spec import StudySpec, Variant
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    phase: str  # "tune" or "seed" (ablation), "arm" (search: one per variant first)
+    variant: Variant
+    point: int  # tune: the variant's point index; seed: train.seed
+    params: dict[str, Any]  # what is enqueued: scientific values + nuisance values
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.phase, self.variant.name, self.point
+
+
+@dataclass(frozen=True)
+class Result:
+    """A trial as the plan and the verdicts see it (from Optuna's trial and its user attrs)."""
+
+    phase: str
+    variant: str
+    point: int
+    state: str  # Optuna state name: WAITING, RUNNING, COMPLETE, PRUNED, FAIL
+    status: str  # the trainer's: completed, diverged, stopped, failed ("" while not finished)
+    params: dict[str, Any] = field(default_factory=dict)
+    value: float | None = None  # validation loss: selects the tune point
+    outcome: float | None = None  # the verdict metric: test loss, or uniform_loss for a diverged run
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in ("WAITING", "RUNNING")
+
+
+def result_of(trial: Any) -> Result:
+    """A Result from an Optuna FrozenTrial."""
+    attrs = trial.user_attrs
+    outcome = attrs.get(names.ATTR_OUTCOME)
+    return Result(
+        phase=attrs.get(names.ATTR_PHASE, ""),
+        variant=attrs.get(names.ATTR_VARIANT, ""),
+        point=int(attrs.get(names.ATTR_POINT, -1)),
+        state=trial.state.name,
+        status=attrs.get(names.ATTR_STATUS, "") or names.STATUS_OF_STATE.get(trial.state.name, ""),
+        params=dict(trial.params),
+        value=trial.value if trial.state.name == "COMPLETE" else None,
+        outcome=float(outcome) if outcome is not None else None,
+    )
+
+
+def results_of(trials: Iterable[Any]) -> list[Result]:
+    return [result_of(t) for t in trials]
+
+
+def rule(spec: StudySpec) -> verdicts.Rule | None:
+    """The study's decision rule; None below 2 seeds per arm, where nothing can be decided."""
+    if spec.min_seeds < 2:
+        return None
+    return verdicts.Rule(margin=spec.margin, alpha=spec.alpha, min_seeds=spec.min_seeds, max_seeds=spec.max_seeds)
+
+
+def first_trials(spec: StudySpec) -> list[PlannedTrial]:
+    """What a new study enqueues: every variant's first tune points, point-major (point 0 of every variant, then
+    point 1, ...) so a study cut short still gives every variant the same points. No nuisance: seeds directly."""
+    variants = spec.variants()
+    if spec.kind == "search":
+        first = spec.at(spec.first_points()[0]) if spec.nuisance else {}
+        return [PlannedTrial("arm", v, 0, {**v.values, **first}) for v in variants]
+    if not spec.nuisance:
+        return [PlannedTrial("seed", v, s, dict(v.values)) for s in range(1, spec.min_seeds + 1) for v in variants]
+    return [PlannedTrial("tune", v, i, {**v.values, **spec.at(q)})
+            for i, q in enumerate(spec.first_points()) for v in variants]  # fmt: skip
+
+
+def next_trials(spec: StudySpec, results: list[Result]) -> list[PlannedTrial]:
+    """Trials to enqueue now (none already planned); empty when the plan is complete or waits on running trials."""
+    if spec.kind != "ablation":
+        return []
+    planned = {(r.phase, r.variant, r.point) for r in results}
+    out: list[PlannedTrial] = []
+    for variant in spec.variants():
+        out += _variant_next(spec, variant, [r for r in results if r.variant == variant.name])
+    out += _more_seeds(spec, results)
+    return [p for p in dict((p.key, p) for p in out).values() if p.key not in planned]
+
+
+def _variant_next(spec: StudySpec, variant: Variant, mine: list[Result]) -> list[PlannedTrial]:
+    tune = [r for r in mine if r.phase == "tune"]
+    if spec.nuisance and (not tune or not all(r.finished for r in tune)):
+        return []
+    if spec.nuisance:
+        extra = bracket_step(spec, tune)
+        if extra is not None:
+            return [PlannedTrial("tune", variant, max(r.point for r in tune) + 1, {**variant.values, **extra})]
+    chosen = chosen_point(spec, tune)
+    if spec.nuisance and chosen is None:
+        return []  # nothing completed: the report says so
+    return [PlannedTrial("seed", variant, s, {**variant.values, **(chosen or {})})
+            for s in range(1, spec.min_seeds + 1)]  # fmt: skip
+
+
+def chosen_point(spec: StudySpec, tune: list[Result]) -> dict[str, Any] | None:
+    """The nuisance values of the best completed tune trial (validation loss), or None."""
+    done = [r for r in tune if r.status == "completed" and r.value is not None]
+    if not done:
+        return None
+    best = min(done, key=lambda r: (r.value, r.point))
+    return {p.key: best.params[p.key] for p in spec.nuisance}
+
+
+def bracket_step(spec: StudySpec, tune: list[Result]) -> dict[str, Any] | None:
+    """The next tune point of a variant whose best point is not yet bracketed, or None when tuning is final."""
+    extra = sum(r.point >= spec.points for r in tune)
+    if extra >= spec.max_extra_points:
+        return None
+    tried = [r for r in tune if r.status in ("completed", "diverged") and all(p.key in r.params for p in spec.nuisance)]
+    if not tried:
+        return None
+    step = 1.0 / spec.points
+    q = {p.key: [p.quantile(r.params[p.key]) for r in tried] for p in spec.nuisance}
+    chosen = chosen_point(spec, tune)
+    if chosen is None:  # everything diverged: step down along every dimension from the lowest point tried
+        low = {p.key: min(q[p.key]) for p in spec.nuisance}
+        if all(u <= EPS for u in low.values()):
+            return None
+        return spec.at({k: max(0.0, u - step) for k, u in low.items()})
+    best = {p.key: p.quantile(chosen[p.key]) for p in spec.nuisance}
+    for p in spec.nuisance:
+        u = best[p.key]
+        if u >= max(q[p.key]) - EPS and u < 1 - EPS:
+            return spec.at({**best, p.key: min(1.0, u + step)})
+        if u <= min(q[p.key]) + EPS and u > EPS:
+            return spec.at({**best, p.key: max(0.0, u - step)})
+    return None
+
+
+def edge_of_tried(spec: StudySpec, tune: list[Result]) -> list[tuple[str, str]]:
+    """(key, "low"/"high") for each dimension along which the chosen point is the most extreme point tried: at a hard
+    limit of the range, or where the extension budget ran out. Empty: the optimum is bracketed."""
+    chosen = chosen_point(spec, tune)
+    if chosen is None:
+        return []
+    tried = [r for r in tune if r.status in ("completed", "diverged") and all(p.key in r.params for p in spec.nuisance)]
+    out = []
+    for p in spec.nuisance:
+        values = [r.params[p.key] for r in tried]
+        if len(set(values)) < 2:
+            out.append((p.key, "only"))
+        elif math.isclose(chosen[p.key], max(values)):
+            out.append((p.key, "high"))
+        elif math.isclose(chosen[p.key], min(values)):
+            out.append((p.key, "low"))
+    return out
+
+
+def arm_results(spec: StudySpec, results: list[Result]) -> dict[str, verdicts.ArmResult]:
+    """Per variant, its seed-phase outcomes (diverged runs at the uniform-guess loss) for the verdicts."""
+    out = {}
+    for variant in spec.variants():
+        seeds = [r for r in results if r.variant == variant.name and r.phase == "seed" and r.finished
+                 and r.outcome is not None and r.status in ("completed", "diverged")]  # fmt: skip
+        out[variant.name] = verdicts.ArmResult(
+            name=variant.name,
+            outcomes={r.point: r.outcome for r in seeds},
+            diverged=frozenset(r.point for r in seeds if r.status == "diverged"),
+        )
+    return out
+
+
+def factors(spec: StudySpec) -> dict[str, list[str]]:
+    """Scientific key -> its alternatives' variant names (the base is every factor's reference)."""
+    out: dict[str, list[str]] = {key: [] for key in spec.scientific}
+    for v in spec.variants():
+        if v.factor:
+            out[v.factor].append(v.name)
+    return out
+
+
+def _more_seeds(spec: StudySpec, results: list[Result]) -> list[PlannedTrial]:
+    if spec.max_seeds <= spec.min_seeds:
+        return []
+    first = range(1, spec.min_seeds + 1)
+    seeds = {(r.variant, r.point): r for r in results if r.phase == "seed"}
+    if not all((v.name, s) in seeds and seeds[v.name, s].finished for v in spec.variants() for s in first):
+        return []  # look 1 needs every arm's first seeds
+    arms, r = arm_results(spec, results), rule(spec)
+    more = set()
+    for alternatives in factors(spec).values():
+        more |= verdicts.needs_more_seeds(arms["base"], [arms[a] for a in alternatives], r)
+    if more:
+        more.add("base")
+    out = []
+    for variant in spec.variants():
+        if variant.name in more:
+            params = seeds[variant.name, 1].params
+            out += [PlannedTrial("seed", variant, s, {**variant.values, **params})
+                    for s in range(spec.min_seeds + 1, spec.max_seeds + 1)]  # fmt: skip
+    return out
+
+
+def planned_size(spec: StudySpec, results: list[Result]) -> int:
+    """Trials planned so far plus the seeds still to come at the least (a progress bar's total)."""
+    planned = {(r.phase, r.variant, r.point) for r in results}
+    seeds = {(v.name, s) for v in spec.variants() for s in range(1, spec.min_seeds + 1)}
+    return len(planned) + len({("seed", *k) for k in seeds} - planned)
