@@ -34,7 +34,29 @@ ATTR_FACTOR = "factor"  # on a trial, as TAG_FACTOR
 ATTR_SEED = "seed"  # on a trial: train.seed
 ATTR_POINT = "point"  # on a planned trial: tune: the Halton point's index; seed: train.seed (phase+variant+point = key)
 ATTR_STATUS = "status"  # on a trial: the trainer's status (a diverged run is an Optuna FAIL with status "diverged")
-ATTR_SOURCE_TRIAL = "source_trial"  # on a seed trial: the tune trial whose nuisance values it re-runs
+ATTR_OUTCOME = "outcome"  # on a seed trial: the verdict metric (test loss; a diverged run: the uniform-guess loss)
+
+# Statuses: the trainer's status of a run, and how Optuna and MLflow record it. One table, following
+# mlflow.optuna.MlflowStorage (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED). A diverged run is an
+# Optuna FAIL (told from a failed one by ATTR_STATUS) and a FAILED MLflow run.
+STATUSES = {  # trainer status -> (Optuna state, MLflow run status)
+    "completed": ("COMPLETE", "FINISHED"),
+    "stopped": ("PRUNED", "KILLED"),
+    "diverged": ("FAIL", "FAILED"),
+    "failed": ("FAIL", "FAILED"),
+}
+MLFLOW_STATUS = {status: run for status, (_, run) in STATUSES.items()}
+STATUS_OF_STATE = {"COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed", "RUNNING": "running",
+                   "WAITING": "waiting"}  # an Optuna state's status when a trial carries no ATTR_STATUS
+MLFLOW_OF_STATE = {state: MLFLOW_STATUS[status] for state, status in STATUS_OF_STATE.items() if status in MLFLOW_STATUS}
+
+# Artifacts -------------------------------------------------------------------------------------------------------
+CONFIG_ARTIFACT = "config.yaml"  # on every run: the resolved config
+MAPS_ARTIFACT = "attention/attention_maps.png"  # on every run: attention of one validation sample
+CHECKPOINT_DIR = "checkpoint"  # holds model.pt when train.checkpoint
+STUDY_ARTIFACT = "study.yaml"  # on a study's parent run: the study file as written (+ ".sha256")
+BASE_CONFIG_ARTIFACT = "base_config.yaml"  # on a study's parent run
+REPORT_DIR = "report"  # on a study's parent run: index.html, results.csv, summary.md
 
 # Metrics ----------------------------------------------------------------------------------------------------------
 TRAIN_LOSS = "train/loss"
@@ -42,6 +64,7 @@ TRAIN_LR = "train/lr"
 TRAIN_GRAD_NORM = "train/grad_norm"
 TOKENS_PER_S = "perf/tokens_per_s"
 VAL_LOSS = "val/loss"  # at intermediate evaluations: the fixed validation sample; final: the full split
+TEST_LOSS = "test/loss"  # the full test split, once, at the end of a completed run
 BEST_VAL_LOSS = "best/val/loss"
 WALL_S = "perf/wall_s"
 PEAK_MEM_MB = "perf/peak_mem_mb"
@@ -53,6 +76,11 @@ FLOPS_TOTAL = "cost/flops_total"
 def val_metric(task_metric: str) -> str:
     """``"bpc"`` -> ``"val/bpc"``; the task's own metric."""
     return f"val/{task_metric}"
+
+
+def test_metric(task_metric: str) -> str:
+    """``"bpc"`` -> ``"test/bpc"``; the task's own metric on the test split."""
+    return f"test/{task_metric}"
 
 
 def entropy_metric(layer: int, head: int) -> str:
