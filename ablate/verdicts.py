@@ -1,0 +1,342 @@
+"""The verdict of an ablation: each alternative of a factor against the base, at a stated margin, with error control.
+
+Every arm is re-run on seeds 1..n and a seed fixes the data order, so the comparison is paired by seed:
+``d_s = arm_s - base_s`` over the seeds both ran (lower is better, so ``d < 0`` favours the alternative).
+``margin`` (delta) is the smallest difference that matters. Each alternative ends as one claim:
+
+- better: the mean of ``d`` is below ``-delta``   (one-sided t-test of H0 ``mean >= -delta``)
+- worse: above ``+delta``                          (H0 ``mean <= +delta``)
+- equivalent: between them                         (TOST: H0 ``mean <= -delta`` and H0 ``mean >= +delta``, both)
+- undecided: none of the three could be claimed.
+
+Read off an interval: at one-sided level ``l`` the claim is "better" exactly when the two-sided ``1 - 2l`` t-interval
+of the mean lies below ``-delta``, "worse" when above ``+delta``, "equivalent" when inside ``[-delta, +delta]``; a
+false claim therefore needs an interval that misses the true mean, which happens with probability ``2l``. That is
+why each look tests at half its alpha per side (``SIDES``): an alternative may claim in either direction, and with
+the full alpha per side the chance of a false "better" or "worse" under no effect and large noise tends to ``2 alpha``
+(the CPMP "switching between superiority and non-inferiority" argument: one two-sided interval, any claim).
+
+Within a factor, Holm's step-down runs over its alternatives' claim p-values. Seeds come in two looks: look 1 after
+``min_seeds`` seeds of every arm, look 2 after ``max_seeds`` for the arms undecided at look 1; alpha is split between
+the looks by an O'Brien-Fleming-type spending function and the looks are combined by Bonferroni. Decisions are final
+and a pure function of the results, so a study killed and resumed reaches the same ones. Holm with claims in several
+directions and arms that share a base is checked by simulation (tests/test_verdicts.py), not proven here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+from scipy import special, stats
+
+VERDICTS = ("undecided", "better", "worse", "equivalent")
+"""Verdict names, indexed by the integer codes of :class:`Judged`."""
+UNDECIDED, BETTER, WORSE, EQUIVALENT = range(4)
+SIDES = 2
+"""Each look's alpha is halved per side: one two-sided interval backs every claim (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """One alternative (or the base) of one factor, as the caller collects it."""
+
+    name: str
+    """Variant name, e.g. ``"model.num_heads=8"``."""
+    outcomes: dict[int, float]
+    """Seed (1, 2, ...) -> metric, lower is better. A diverged run is an outcome: its entry is the loss of a uniform
+    guess (``uniform_loss``, the caller's), never dropped."""
+    diverged: frozenset[int] = frozenset()
+    """Seeds whose run diverged; each must have its uniform-guess loss in ``outcomes``."""
+    cost: float = math.nan
+    """Parameters, FLOPs per token, ...: lower is cheaper; NaN when unknown."""
+
+    def __post_init__(self) -> None:
+        bad = [s for s, v in self.outcomes.items() if not (_is_seed(s) and math.isfinite(v))]
+        if bad:
+            raise ValueError(f"{self.name}: outcomes need int seeds >= 1 and finite values (a diverged run gets "
+                             f"its uniform-guess loss); bad seeds: {sorted(bad, key=str)}")
+        if not self.diverged <= self.outcomes.keys():
+            missing = sorted(self.diverged - self.outcomes.keys())
+            raise ValueError(f"{self.name}: diverged seeds {missing} have no outcome (give them the uniform loss)")
+
+
+def _is_seed(s: object) -> bool:
+    return isinstance(s, (int, np.integer)) and s >= 1
+
+
+def spent(alpha: float, t: float) -> float:
+    """Alpha spent by information fraction ``t``: Lan-DeMets O'Brien-Fleming type, ``2 - 2 Phi(z_{1-alpha/2}/sqrt t)``.
+
+    Small early (little is spent on few seeds, so the last look keeps nearly all of alpha) and ``alpha`` at ``t = 1``.
+    """
+    if t >= 1.0:
+        return alpha
+    return float(2.0 * stats.norm.sf(stats.norm.isf(alpha / 2) / math.sqrt(t)))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The study's decision rule (from the study file)."""
+
+    margin: float
+    """Smallest difference of the metric that matters, in its units (> 0)."""
+    alpha: float = 0.05
+    """Per factor, the chance of any false claim over all looks."""
+    min_seeds: int = 3
+    """Seeds of every arm at look 1."""
+    max_seeds: int = 6
+    """Seeds of the arms still undecided at look 1 (and of the base) at look 2; equal to ``min_seeds``: one look."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.margin) and self.margin > 0):
+            raise ValueError(f"margin: must be > 0, got {self.margin}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha: must be in (0, 1), got {self.alpha}")
+        if not 2 <= self.min_seeds <= self.max_seeds:
+            raise ValueError(f"seeds: need 2 <= min_seeds <= max_seeds, got {self.min_seeds} and {self.max_seeds}")
+
+    def looks(self) -> tuple[int, ...]:
+        """Seeds per arm at each look."""
+        return (self.max_seeds,) if self.min_seeds == self.max_seeds else (self.min_seeds, self.max_seeds)
+
+    def look_alphas(self) -> tuple[float, ...]:
+        """The alpha of each look (both sides together): ``alpha(t_j) - alpha(t_{j-1})``, summing to ``alpha``."""
+        cumulative = [spent(self.alpha, n / self.max_seeds) for n in self.looks()]
+        return tuple(np.diff([0.0, *cumulative]).tolist())
+
+    def statement(self, k: int) -> str:
+        """The error-rate sentence for a factor with ``k`` alternatives, numbers computed from this rule."""
+        family = f"Holm over the factor's {k} alternatives" if k > 1 else "one alternative"
+        looks = self.looks()
+        if len(looks) == 1:
+            spending = f"one look at {looks[0]} seeds"
+        else:
+            spending = f"alpha spent over {len(looks)} looks: " + ", ".join(
+                f"{_pct(a)} at {n}" + (" seeds" if j == 0 else "")
+                for j, (a, n) in enumerate(zip(self.look_alphas(), looks, strict=True)))
+        return (f"Per factor, the chance of any false 'better', 'worse' or 'equivalent' (within ±{self.margin:g}) "
+                f"claim is at most {_pct(self.alpha)} ({family}, each claim read off a two-sided interval; "
+                f"{spending}).")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One alternative against the base."""
+
+    name: str
+    verdict: str
+    """``"better"``, ``"worse"``, ``"equivalent"`` or ``"undecided"``."""
+    n: int
+    """Paired seeds used."""
+    mean: float
+    """Mean paired difference (alternative - base); NaN without a paired seed."""
+    lo: float
+    hi: float
+    """The two-sided ``1 - 2 level`` t-interval of ``mean`` (infinite below 2 paired seeds)."""
+    level: float
+    """One-sided level it was tested at: the look's alpha, halved per side, over Holm's divisor at its step (or at
+    the step where Holm stopped, when not rejected). The claim holds exactly when ``p <= level``."""
+    p: float
+    """Claim p-value: the smallest of its better, worse and equivalence (TOST) p-values; 1 below 2 paired seeds."""
+    look: int
+    """1 or 2: the look at which the verdict was reached (the last look taken, if undecided)."""
+    diverged: int
+    """Diverged seed runs of this alternative among the ``n`` used."""
+
+
+@dataclass(frozen=True)
+class Judged:
+    """:class:`Comparison` fields as arrays of shape ``(..., k)``: the vectorised form, for simulations."""
+
+    verdict: np.ndarray  # int codes into VERDICTS
+    n: np.ndarray
+    mean: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    level: np.ndarray
+    p: np.ndarray
+    look: np.ndarray
+
+
+def judge_arrays(base: np.ndarray, alternatives: np.ndarray, rule: Rule) -> Judged:
+    """The two-look procedure on arrays: ``base`` ``(..., S)``, ``alternatives`` ``(..., k, S)``, column ``s`` is
+    seed ``s + 1``, NaN where a seed did not run; seeds past ``max_seeds`` are ignored.
+
+    Look 1 uses seeds ``1..min_seeds`` only, whatever else exists, so a late analysis repeats its decisions. Look 2
+    runs Holm over all k alternatives on the paired seeds up to ``max_seeds``; an alternative decided at look 1 keeps
+    that verdict (it only takes its place in Holm's order), and one undecided at look 1 is re-judged only if it has
+    seeds beyond look 1 (otherwise its p counts as 1). The runner must not stop an arm inside look 2 on a look-2
+    verdict: that would be a third look, unpaid for.
+    """
+    diffs = _columns(alternatives, rule.max_seeds) - _columns(base, rule.max_seeds)[..., None, :]
+    alphas = rule.look_alphas()
+    first = _look(diffs[..., : rule.looks()[0]], alphas[0], rule.margin, tested=np.True_)
+    if len(alphas) == 1:
+        return first
+    decided = first.verdict != UNDECIDED
+    extended = np.sum(~np.isnan(diffs), axis=-1) > first.n
+    second = _look(diffs, alphas[1], rule.margin, tested=decided | extended, look=2)
+    take = ~decided & extended
+    return Judged(**{f.name: np.where(take, getattr(second, f.name), getattr(first, f.name)) for f in fields(Judged)})
+
+
+def _columns(values: np.ndarray, seeds: int) -> np.ndarray:
+    values = np.asarray(values, dtype=float)[..., :seeds]
+    missing = seeds - values.shape[-1]
+    return np.concatenate([values, np.full((*values.shape[:-1], missing), np.nan)], axis=-1) if missing else values
+
+
+def _look(diffs: np.ndarray, alpha: float, margin: float, tested: np.ndarray, look: int = 1) -> Judged:
+    """One look: the three tests per alternative, then Holm over the last axis but one (the alternatives)."""
+    n = np.sum(~np.isnan(diffs), axis=-1)
+    df = np.maximum(n - 1, 1)  # a placeholder below 2 seeds, where p is forced to 1 and the interval is infinite
+    mean = np.where(n > 0, np.nansum(diffs, axis=-1) / np.maximum(n, 1), np.nan)
+    squares = np.nansum((diffs - mean[..., None]) ** 2, axis=-1)
+    se = np.where(n >= 2, np.sqrt(squares / df / np.maximum(n, 1)), np.nan)
+    low = _t(mean + margin, se)  # > t_crit: the mean is above -margin
+    high = _t(mean - margin, se)  # < -t_crit: the mean is below +margin
+    # stdtr(df, t) is the t distribution's cdf (scipy.stats.t.cdf without its per-call overhead, for simulations)
+    p_claims = np.stack([special.stdtr(df, low), special.stdtr(df, -high),
+                         np.maximum(special.stdtr(df, -low), special.stdtr(df, high))])  # better, worse, equivalent
+    claim = np.argmin(p_claims, axis=0) + 1
+    p = np.where((n >= 2) & tested, np.min(p_claims, axis=0), 1.0)
+    rejected, level = _holm(p, alpha / SIDES)
+    half = np.where(n >= 2, -special.stdtrit(df, level) * np.where(n >= 2, se, 0.0), np.inf)
+    return Judged(verdict=np.where(rejected, claim, UNDECIDED), n=n, mean=mean, lo=mean - half, hi=mean + half,
+                  level=level, p=p, look=np.full(n.shape, look))
+
+
+def _t(x: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """``x / se``, and ``+-inf`` (0 for ``x = 0``) when the differences have no spread: a constant difference of
+    -0.1 is as clear as differences get, and must neither crash nor turn NaN."""
+    return np.where(se > 0, x / np.where(se > 0, se, 1.0), np.where(x > 0, np.inf, np.where(x < 0, -np.inf, 0.0)))
+
+
+def _holm(p: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down over the last axis: reject while ``p_(j) <= alpha / (k - j + 1)``; the first failure stops.
+
+    Returns the rejections and each hypothesis' level: that of its step, or of the step where Holm stopped.
+    """
+    k = p.shape[-1]
+    if k == 0:
+        return np.zeros(p.shape, bool), np.zeros(p.shape)
+    order = np.argsort(p, axis=-1, kind="stable")
+    steps = alpha / (k - np.arange(k))
+    passed = np.logical_and.accumulate(np.take_along_axis(p, order, axis=-1) <= steps, axis=-1)
+    stop = np.minimum(passed.sum(axis=-1, keepdims=True), k - 1)
+    rejected, level = np.empty(p.shape, bool), np.empty(p.shape)
+    np.put_along_axis(rejected, order, passed, axis=-1)
+    np.put_along_axis(level, order, np.where(passed, steps, steps[stop]), axis=-1)
+    return rejected, level
+
+
+def judge_factor(base: ArmResult, alternatives: list[ArmResult], rule: Rule) -> list[Comparison]:
+    """Each alternative of one factor against its base, in the order given (see :func:`judge_arrays`)."""
+    if not alternatives:
+        return []
+    judged = judge_arrays(_row(base, rule), np.stack([_row(a, rule) for a in alternatives]), rule)
+    out = []
+    for j, arm in enumerate(alternatives):
+        seeds = range(1, rule.looks()[int(judged.look[j]) - 1] + 1)
+        paired = {s for s in seeds if s in arm.outcomes and s in base.outcomes}
+        out.append(Comparison(
+            name=arm.name, verdict=VERDICTS[judged.verdict[j]], n=int(judged.n[j]), mean=float(judged.mean[j]),
+            lo=float(judged.lo[j]), hi=float(judged.hi[j]), level=float(judged.level[j]), p=float(judged.p[j]),
+            look=int(judged.look[j]), diverged=len(arm.diverged & paired)))
+    return out
+
+
+def _row(arm: ArmResult, rule: Rule) -> np.ndarray:
+    return np.array([arm.outcomes.get(s, np.nan) for s in range(1, rule.max_seeds + 1)], dtype=float)
+
+
+def needs_more_seeds(base: ArmResult, alternatives: list[ArmResult], rule: Rule) -> set[str]:
+    """Names of the alternatives undecided at look 1, once look 1 is complete (every arm has seeds
+    ``1..min_seeds``); empty before that and with a single look. Depends on look-1 results only, so it gives the same
+    set before and after their extra seeds ran. The caller also runs the base up to ``max_seeds`` if this set is
+    non-empty in any factor, and runs these arms to ``max_seeds`` whatever their intermediate numbers say.
+    """
+    first = rule.looks()[0]
+    arms = (base, *alternatives)
+    if len(rule.looks()) == 1 or any(s not in arm.outcomes for arm in arms for s in range(1, first + 1)):
+        return set()
+    judged = judge_factor(_first(base, first), [_first(a, first) for a in alternatives], rule)  # look 1 alone
+    return {c.name for c in judged if c.verdict == "undecided"}
+
+
+def _first(arm: ArmResult, seeds: int) -> ArmResult:
+    return replace(arm, outcomes={s: v for s, v in arm.outcomes.items() if s <= seeds},
+                   diverged=frozenset(s for s in arm.diverged if s <= seeds))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A factor's answer."""
+
+    choice: str
+    """The arm to choose: the base's name or an alternative's."""
+    decided: bool
+    """Every alternative decided (better, worse or equivalent). A better alternative with others still undecided
+    is chosen but not decided: an undecided one might still beat it."""
+    reason: str
+    """One or two sentences built from the numbers."""
+
+
+def answer_factor(base: ArmResult, comparisons: list[Comparison], alternatives: list[ArmResult]) -> Answer:
+    """The value to choose and why: the better alternative with the lowest mean difference; else, every
+    alternative decided, the cheapest of the base and its equivalents; else undecided, with the best guess so far."""
+    costs = {a.name: a.cost for a in alternatives}
+    if set(costs) != {c.name for c in comparisons}:
+        raise ValueError(f"comparisons {[c.name for c in comparisons]} and alternatives {list(costs)} differ")
+    by = {v: [c for c in comparisons if c.verdict == v] for v in VERDICTS}
+    undecided = "; ".join(f"{c.name} ({_interval(c)})" for c in by["undecided"])
+    if by["better"]:
+        best = min(by["better"], key=_mean)
+        choice, reason = best.name, f"{best.name} is better than {base.name} by {-best.mean:.3g} ({_interval(best)})."
+        if len(by["better"]) > 1:
+            reason += (f" Also better: {_names(c for c in by['better'] if c is not best)}; better alternatives were "
+                       "not tested against each other, so this is the lowest mean difference, not a proven best.")
+        if undecided:
+            reason += f" Still undecided: {undecided}."
+    elif not undecided:
+        choice, reason = _cheapest(base, by["equivalent"], costs)
+    else:
+        guess = min(by["undecided"] + by["equivalent"], key=_mean)
+        choice = guess.name if _mean(guess) < 0 else base.name
+        reason = f"Undecided: {undecided} still straddle the margin; best guess so far, not a verdict: {choice}."
+    diverged = [c for c in comparisons if c.diverged]
+    if diverged:
+        reason += " Diverged seed runs, counted at the uniform-guess loss: " + ", ".join(
+            f"{c.name} {c.diverged} of {c.n}" for c in diverged) + "."
+    return Answer(choice=choice, decided=not undecided, reason=reason)
+
+
+def _cheapest(base: ArmResult, equivalents: list[Comparison], costs: dict[str, float]) -> tuple[str, str]:
+    if not equivalents:
+        return base.name, f"Keep {base.name}: every alternative is worse by more than the margin."
+    candidates = {base.name: base.cost, **{c.name: costs[c.name] for c in equivalents}}
+    names = _names(equivalents)
+    if any(math.isnan(v) for v in candidates.values()):
+        return base.name, f"{names} equivalent to {base.name} within the margin; no cost to compare: keep {base.name}."
+    cheapest = min(candidates, key=candidates.get)  # the base first, so it wins a tie
+    return cheapest, (f"{names} equivalent to {base.name} within the margin, the rest worse: choose the cheapest, "
+                      f"which is {cheapest} (cost {candidates[cheapest]:.4g}; {base.name}: {base.cost:.4g}).")
+
+
+def _mean(c: Comparison) -> float:
+    return math.inf if math.isnan(c.mean) else c.mean  # no paired seed: never a best guess
+
+
+def _interval(c: Comparison) -> str:
+    return (f"difference {c.mean:+.3g}, {100 * (1 - 2 * c.level):.3g}% interval {c.lo:+.3g} to {c.hi:+.3g}, "
+            f"{c.n} seeds")
+
+
+def _names(comparisons: object) -> str:
+    return ", ".join(c.name for c in comparisons)
