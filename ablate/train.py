@@ -27,7 +27,7 @@ class RunStart:
 
     config: RunConfig
     task: Any  # ablate.tasks.Task: its .data (datasets.DatasetDict) is logged as the run's input
-    derived: dict[str, Any]  # head_dim, params, flops_per_token, device, backend, precision, torch/cuda versions
+    derived: dict[str, Any]  # head_dim, params, flops_per_token, uniform_loss, device, backend, precision, versions
 
 
 @dataclass
@@ -36,13 +36,17 @@ class RunResult:
     reason: str = ""  # why a run diverged, stopped or failed
     steps: int = 0  # optimizer steps done
     metrics: dict[str, float] = field(default_factory=dict)
-    """Final summaries, MLflow names: val/loss, val/bpc or val/acc (full validation split), best/val/loss,
-    cost/params, cost/flops_per_token, cost/flops_total, perf/tokens_per_s, perf/wall_s, perf/peak_mem_mb."""
+    """Final summaries, MLflow names: val/loss, val/bpc or val/acc (full validation split), test/loss, test/bpc or
+    test/acc (full test split; these two groups for completed runs only), best/val/loss, cost/params,
+    cost/flops_per_token, cost/flops_total, perf/tokens_per_s, perf/wall_s, perf/peak_mem_mb."""
     history: list[dict[str, float]] = field(default_factory=list)
     """One dict per evaluation: {"step": s, "val/loss": ..., "val/bpc" or "val/acc": ..., attention stats}."""
     attention_maps: Any = None  # numpy (num_layers, num_heads, T, T) of one validation sample, final model
     config_yaml: str = ""
     checkpoint: Any = None  # the final model's state_dict (CPU tensors), only when train.checkpoint
+    uniform_loss: float = math.nan
+    """Cross-entropy of a uniform guess, ln(output classes): the score a diverged run stands for. NaN only when a
+    run failed before its task was built."""
 
 
 class Callback(Protocol):
@@ -72,7 +76,9 @@ def train(config: RunConfig, callbacks: tuple[Callback, ...] | list[Callback] = 
         result = trainer.run()
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        failed = RunResult("failed", reason, trainer.step, config_yaml=to_yaml(config))
+        failed = RunResult(
+            "failed", reason, trainer.step, config_yaml=to_yaml(config), uniform_loss=trainer.uniform_loss
+        )
         _notify_end(callbacks, failed, quiet=True)
         raise
     _notify_end(callbacks, result, quiet=False)
@@ -136,6 +142,8 @@ class _Trainer:
         self.maps: Any = None
         self.train_s = 0.0  # time in training steps, evaluations excluded
         self.tokens = 0
+        self.uniform_loss = math.nan
+        self.test: dict[str, float] = {}  # test/loss and test/<metric>, once a completed run is scored
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -147,6 +155,7 @@ class _Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
         self.task = build_task(cfg.task, seed=DATA_SEED)
+        self.uniform_loss = math.log(self.task.num_classes or self.task.vocab_size)  # the output layer's classes
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model, self.task.vocab_size, self.task.seq_len, self.task.num_classes)
         self.model.to(self.device)
@@ -165,6 +174,7 @@ class _Trainer:
             "head_dim": self.config.model.resolved_head_dim,
             "params": self.num_params,
             "flops_per_token": self.flops_per_token,
+            "uniform_loss": self.uniform_loss,
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
             "backend": self.config.model.backend,
@@ -190,6 +200,7 @@ class _Trainer:
         status, reason = self.loop()
         if status == "completed":
             self.evaluate(final=True)  # the full validation split, reported at the last step
+            self.test = self.evaluate_test()
         return self.result(status, reason, start)
 
     def loop(self) -> tuple[str, str]:
@@ -249,18 +260,15 @@ class _Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, final: bool) -> float:
-        """Loss and task metric on the fixed validation sample (or the full split), plus attention statistics."""
-        from ablate.model import attention_stats
-
-        cfg = self.config.train
-        limit = None if final else cfg.eval_batches
+    def score(self, split: str, limit: int | None) -> tuple[float, float, Any]:
+        """Mean loss and the task's metric (bpc or accuracy) over ``split`` in eval mode, at most ``limit`` batches,
+        and the first batch (None for an empty split)."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         first = None
-        for batch in self.task.eval_batches("validation", cfg.batch_size, device=self.device, limit=limit):
+        for batch in self.task.eval_batches(split, self.config.train.batch_size, device=self.device, limit=limit):
             if first is None:
                 first = batch
             with self.autocast():
@@ -270,11 +278,16 @@ class _Trainer:
             correct += ((logits.argmax(-1) == batch.targets) & scored).sum()
             count += scored.sum()
         loss = (loss_sum / count.clamp(min=1)).item()
-        metrics = {"step": self.step, names.VAL_LOSS: loss}
-        if self.task.metric == "bpc":
-            metrics[names.val_metric("bpc")] = loss / math.log(2)
-        else:
-            metrics[names.val_metric("acc")] = (correct / count.clamp(min=1)).item()
+        metric = loss / math.log(2) if self.task.metric == "bpc" else (correct / count.clamp(min=1)).item()
+        return loss, metric, first
+
+    @torch.no_grad()
+    def evaluate(self, final: bool) -> float:
+        """Loss and task metric on the fixed validation sample (or the full split), plus attention statistics."""
+        from ablate.model import attention_stats
+
+        loss, metric, first = self.score("validation", None if final else self.config.train.eval_batches)
+        metrics = {"step": self.step, names.VAL_LOSS: loss, names.val_metric(self.task.metric): metric}
         if first is not None:
             with self.autocast():
                 stats, maps = attention_stats(self.model, first.inputs, first.pad_mask)
@@ -285,6 +298,12 @@ class _Trainer:
         if final:
             self._ask("on_eval", self.step, metrics)  # the run is done: a stop request changes nothing
         return loss
+
+    def evaluate_test(self) -> dict[str, float]:
+        """The full test split, scored once after the final validation; callbacks' hooks never see it, so nothing
+        that prunes or selects during a run can look at the held-out numbers."""
+        loss, metric, _ = self.score("test", None)
+        return {names.TEST_LOSS: loss, names.test_metric(self.task.metric): metric}
 
     # -- the end --------------------------------------------------------------------------------------------------
     def _ask(self, hook: str, *args: Any) -> bool:
@@ -306,7 +325,11 @@ class _Trainer:
             metrics[names.BEST_VAL_LOSS] = min(val_losses)
         if status == "completed":
             metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val/")})
+            metrics.update(self.test)
         checkpoint = None
         if self.config.train.checkpoint:
             checkpoint = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return RunResult(status, reason, self.step, metrics, self.history, self.maps, to_yaml(self.config), checkpoint)
+        return RunResult(
+            status, reason, self.step, metrics, self.history, self.maps, to_yaml(self.config), checkpoint,
+            uniform_loss=self.uniform_loss,
+        )  # fmt: skip

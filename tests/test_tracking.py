@@ -98,8 +98,10 @@ def test_a_tracked_run_holds_params_tags_histories_input_and_artifacts(client: M
         assert steps_of(client, run.info.run_id, key) == [10, 20], key
     loss = client.get_metric_history(run.info.run_id, names.VAL_LOSS)
     assert max(loss, key=lambda m: m.step).value == pytest.approx(result.metrics[names.VAL_LOSS])
-    for key in (names.BEST_VAL_LOSS, names.WALL_S, names.PEAK_MEM_MB, names.FLOPS_TOTAL):
+    for key in (names.BEST_VAL_LOSS, names.TEST_LOSS, "test/acc", names.WALL_S, names.PEAK_MEM_MB, names.FLOPS_TOTAL):
         assert steps_of(client, run.info.run_id, key) == [20], key
+    assert run.data.metrics[names.TEST_LOSS] == pytest.approx(result.metrics[names.TEST_LOSS])
+    assert float(params["derived.uniform_loss"]) == pytest.approx(result.uniform_loss)
 
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "recall" and len(dataset.dataset.digest) > 0

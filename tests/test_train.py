@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_RUN as TINY
 
 from ablate import names
 from ablate.config import RunConfig, run_config_from, with_values
-from ablate.train import RunResult, lr_at, make_optimizer, train
+from ablate.train import DATA_SEED, RunResult, lr_at, make_optimizer, train
+
+RECALL_UNIFORM_LOSS = math.log(9)  # TINY's recall: 8 key/value tokens and the filler
 
 
 def tiny(**values: object) -> RunConfig:
@@ -63,6 +66,35 @@ def test_a_completed_run_reports_steps_evaluations_and_summaries() -> None:
     assert result.attention_maps.shape == (1, 2, 16, 16)
     assert result.attention_maps.sum(-1) == pytest.approx(1.0, abs=1e-4)  # rows of attention weights
     assert "num_heads: 2" in result.config_yaml and result.checkpoint is None
+    assert result.uniform_loss == pytest.approx(RECALL_UNIFORM_LOSS) == rec.derived["uniform_loss"]
+
+
+def held_out(metrics: dict) -> list[str]:
+    return [k for k in metrics if k.startswith("test/")]
+
+
+def test_a_completed_run_scores_the_full_test_split_with_its_final_model_unseen_by_callbacks() -> None:
+    from ablate.model import Transformer
+    from ablate.tasks import build_task
+
+    cfg = tiny(**{"task.num_test": 20, "train.checkpoint": True})  # 20 rows: batches of 8, 8 and 4
+    rec = Recorder()
+    result = train(cfg, [rec])
+    task = build_task(cfg.task, seed=DATA_SEED)
+    model = Transformer(cfg.model, task.vocab_size, task.seq_len, task.num_classes)
+    model.load_state_dict(result.checkpoint)
+    (batch,) = task.eval_batches("test", 20)
+    with torch.no_grad():
+        logits = model.eval()(batch.inputs)
+    scored = batch.targets != -100
+    want_loss = F.cross_entropy(logits[scored], batch.targets[scored]).item()  # a mean over every scored token
+    want_acc = (logits.argmax(-1) == batch.targets)[scored].float().mean().item()
+    assert result.metrics[names.TEST_LOSS] == pytest.approx(want_loss, rel=1e-5)
+    assert result.metrics[names.test_metric("acc")] == pytest.approx(want_acc)
+    assert held_out(result.metrics) == [names.TEST_LOSS, "test/acc"] and rec.ends[0].metrics == result.metrics
+    # held out: no hook during the run (pruning, selection) and no history entry ever carries a test number
+    assert not [k for _, m in rec.steps + rec.evals for k in held_out(m)]
+    assert not [k for h in result.history for k in held_out(h)]
 
 
 def test_same_seed_same_curve_and_another_seed_another() -> None:
@@ -80,7 +112,8 @@ def test_a_huge_learning_rate_diverges_without_raising() -> None:
     result = train(tiny(**{"train.lr": 1e4, "train.warmup_steps": 0, "train.grad_clip": 0.0}), [rec])
     assert result.status == "diverged" and "train/loss" in result.reason
     assert result.steps < 20 and rec.ends == [result]
-    assert names.VAL_LOSS not in result.metrics  # no final evaluation of a broken model
+    assert names.VAL_LOSS not in result.metrics and not held_out(result.metrics)  # no evaluation of a broken model
+    assert result.uniform_loss == pytest.approx(RECALL_UNIFORM_LOSS)  # what the study scores it at
 
 
 def test_a_callback_returning_true_stops_the_run() -> None:
@@ -97,6 +130,7 @@ def test_an_exception_ends_the_run_failed_then_propagates(error: BaseException) 
         train(tiny(), [rec, other])
     for r in (rec, other):  # every callback hears the end exactly once
         assert [e.status for e in r.ends] == ["failed"] and r.ends[0].steps == 10
+        assert r.ends[0].uniform_loss == pytest.approx(RECALL_UNIFORM_LOSS) and not held_out(r.ends[0].metrics)
     assert type(error).__name__ in rec.ends[0].reason
 
 
@@ -123,8 +157,10 @@ def test_weight_decay_applies_to_linear_matrices_only() -> None:
     assert decayed["weight_decay"] == cfg.train.weight_decay and plain["weight_decay"] == 0.0
 
 
-def test_classification_task_reports_accuracy() -> None:
+def test_classification_task_reports_accuracy_on_validation_and_test() -> None:
     cfg = tiny(**{"task.name": "listops", "task.seq_len": 32, "task.max_depth": 2, "task.max_args": 3})
     result = train(cfg)
     assert result.status == "completed"
     assert 0.0 <= result.metrics["val/acc"] <= 1.0 and math.isfinite(result.metrics[names.VAL_LOSS])
+    assert 0.0 <= result.metrics["test/acc"] <= 1.0 and math.isfinite(result.metrics[names.TEST_LOSS])
+    assert result.uniform_loss == pytest.approx(math.log(10))  # ten classes (the values 0-9), not the vocabulary
