@@ -15,10 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
 
 from ablate import names  # noqa: E402
-from ablate.report.analysis import fmt, nuisance_ranges, seed_runs, variant_order  # noqa: E402
-from ablate.report.load import StudyData  # noqa: E402
+from ablate.report.analysis import fmt, seed_runs  # noqa: E402
+from ablate.report.load import StudyData, completed  # noqa: E402
 
 PALETTE = "colorblind"
 WIDTH = 4.2  # inches per panel; at 110 dpi two panels fit a laptop's content column
@@ -53,88 +57,248 @@ def _colors(keys: list[str]) -> dict[str, tuple]:
 
 
 def variant_colors(data: StudyData) -> dict[str, tuple]:
-    """One colour per variant, the same in every figure of the page."""
-    return _colors(variant_order(data)) if "variant" in data.trials else {}
+    """One colour per variant, the same in every figure of the page and whatever has run so far: the study file's
+    order (``StudySpec.variants``), then any variant only the trials name."""
+    planned = [v.name for v in data.spec.variants()]
+    ran = [v for v in dict.fromkeys(data.trials["variant"]) if v] if "variant" in data.trials else []
+    return _colors(planned + [v for v in ran if v not in planned])
+
+
+VERDICT_STYLE = {  # verdict -> (palette index, marker): colour and shape both, so a grey print still tells them apart
+    "better": (2, "D"),
+    "worse": (3, "s"),
+    "equivalent": (0, "o"),
+    "undecided": (7, "o"),
+}
 
 
 def isolation(data: StudyData, table: pd.DataFrame) -> str | None:
-    """Per factor: val/loss of each value's re-tuned best point, mean with 95% CI over seeds, seeds as dots."""
-    factors = [f for f in dict.fromkeys(table["factor"]) if f]
-    runs = seed_runs(data)
-    if not factors or runs.empty:
+    """Per factor: each value's paired difference from the base on the verdict metric (test loss), with the interval
+    the verdict was read off, the ±margin band of "equivalent", and every seed's own difference as a grey dot."""
+    factors = [f for f in dict.fromkeys(table["factor"]) if f] if "factor" in table else []
+    seeds = seed_differences(data)
+    if not factors or (table["diff"].isna().all() and seeds.empty):
         return None
-    fig, axes = _panels(len(factors))
+    fig, axes = _panels(len(factors), height=3.4)
     base = table[table["variant"] == "base"]
+    seen: set[str] = set()
     for ax, factor in zip(axes, factors, strict=False):
-        rows = pd.concat([base.assign(value=_base_label(data, factor)), table[table["factor"] == factor]])
-        keys = [_sort_key(v) for v in rows["value"]]
-        rows = rows.iloc[sorted(range(len(rows)), key=keys.__getitem__)]
-        labels = [fmt(v) for v in rows["value"]]
-        x = np.arange(len(rows))
-        colors = ["0.35" if v == "base" else sns.color_palette(PALETTE)[0] for v in rows["variant"]]
-        ax.errorbar(x, rows["mean"], yerr=rows["ci"].fillna(0), fmt="none", ecolor="0.3", capsize=4, zorder=1)
-        ax.scatter(x, rows["mean"], c=colors, s=60, zorder=2, label="mean ± 95% CI")
-        for i, variant in enumerate(rows["variant"]):
-            pts = runs.loc[runs["variant"] == variant, "value"]
-            ax.scatter(np.full(len(pts), i + 0.12), pts, s=12, color="0.55", zorder=2)
-        ax.set_xticks(x, [f"{lab}\n(base)" if v == "base" else lab for lab, v in zip(labels, rows["variant"],
-                                                                                      strict=False)])
-        ax.set_xlabel(factor)
-        ax.set_ylabel("final val/loss (seed runs)")
-    fig.suptitle("Best val/loss per value after re-tuning, 95% CI over seeds (grey dots: single seeds)")
+        rows = table[table["factor"] == factor]
+        seen |= set(rows["verdict"])
+        _isolation_panel(ax, data, factor, base, rows, seeds)
+    fig.legend(handles=_isolation_legend(seen, data.spec.margin, seeds["diverged"].any()), loc="outside lower center",
+               ncols=4, fontsize=7, frameon=False)
+    fig.suptitle(f"{names.TEST_LOSS}: each value minus the base, paired by seed; error bar: the interval the verdict "
+                 f"uses ({_levels(table)})\nshaded: ±{data.spec.margin:g}, the margin inside which values are "
+                 "equivalent", fontsize=9)
     return to_uri(fig)
 
 
-def _sort_key(value: object) -> tuple:
-    """Numbers (also as MLflow's param strings) in numeric order, then other values as text."""
+def _levels(table: pd.DataFrame) -> str:
+    """The intervals' confidence, which Holm's step and the look set per alternative: ``95%`` or ``97.5-98.3%``."""
+    levels = sorted({round(100 * (1 - 2 * v), 1) for v in table.get("level", pd.Series(dtype=float)).dropna()})
+    if not levels:
+        return "Holm-adjusted level"
+    return f"{levels[0]:g}%" if len(levels) == 1 else f"{levels[0]:g}–{levels[-1]:g}%, Holm-adjusted"
+
+
+def seed_differences(data: StudyData) -> pd.DataFrame:
+    """Per alternative and seed, its outcome minus the base's outcome for the same seed (the pairs the verdict
+    uses), and whether either of the two runs diverged (its outcome is then the uniform-guess loss)."""
+    columns = ["variant", "seed", "diff", "diverged"]
+    runs = seed_runs(data)
+    runs = runs[runs["seed"].notna()] if "seed" in runs else runs.iloc[:0]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    runs = runs.assign(seed=runs["seed"].astype(int), outcome=runs["outcome"].astype(float),
+                       diverged=runs["status"].eq("diverged"))
+    per = runs.groupby(["variant", "seed"]).agg(outcome=("outcome", "mean"), diverged=("diverged", "any"))
+    base = per.loc["base"] if "base" in per.index.get_level_values(0) else per.iloc[:0].droplevel(0)
+    alt = per.drop(index="base", level=0, errors="ignore").reset_index()
+    alt = alt[alt["seed"].isin(base.index)]
+    paired = base.loc[alt["seed"]]
+    return pd.DataFrame({"variant": alt["variant"].to_numpy(), "seed": alt["seed"].to_numpy(),
+                         "diff": alt["outcome"].to_numpy() - paired["outcome"].to_numpy(),
+                         "diverged": alt["diverged"].to_numpy() | paired["diverged"].to_numpy()}, columns=columns)
+
+
+def _isolation_panel(ax: plt.Axes, data: StudyData, factor: str, base: pd.DataFrame, rows: pd.DataFrame,
+                     seeds: pd.DataFrame) -> None:
+    margin = data.spec.margin
+    points = [("base", data.spec.base_value(factor), base)] + [(r["variant"], r["value"], r.to_frame().T)
+                                                                 for _, r in rows.iterrows()]
+    listed = [fmt(v) for v in data.spec.scientific.get(factor, ())]
+    points.sort(key=lambda p: _sort_key(p[1], listed))
+    ax.axhspan(-margin, margin, color=sns.color_palette(PALETTE)[0], alpha=0.12, lw=0, zorder=0)
+    ax.axhline(0, ls="--", lw=1, color="0.3", zorder=1)
+    extent = [-margin, margin]
+    for x, (variant, _, row) in enumerate(points):
+        if variant == "base":
+            ax.scatter([x], [0], marker="*", s=140, color="0.2", zorder=3)
+            continue
+        r = row.iloc[0]
+        extent += _draw_verdict(ax, x, r)
+        pts = seeds[seeds["variant"] == variant]
+        for diverged, sub in pts.groupby("diverged"):
+            ax.scatter(np.full(len(sub), x + 0.18), sub["diff"], s=34 if diverged else 12, zorder=2,
+                       marker="x" if diverged else "o", color="0.15" if diverged else "0.6")
+        extent += list(pts["diff"])
+    ax.set_xticks(range(len(points)), [_tick(variant, value, row) for variant, value, row in points])
+    ax.set_xlim(-0.5, len(points) - 0.5)
+    ax.set_xlabel(factor)
+    ax.set_ylabel(f"{names.TEST_LOSS} − base")
+    ax.margins(y=0.15)
+    extent = [e for e in extent if math.isfinite(e)]
+    if max(map(abs, extent)) > 20 * margin:  # a diverged seed (uniform-guess loss) would flatten the margin band
+        _symlog(ax, margin, min(extent), max(extent))
+        ax.set_ylabel(f"{names.TEST_LOSS} − base\n(log scale beyond ±{5 * margin:g})")
+
+
+def _symlog(ax: plt.Axes, margin: float, lo: float, hi: float) -> None:
+    """Linear within five margins (most of the height), logarithmic beyond; ticks at 0, two margins and powers of 10
+    (none at the switch, where the next power would crowd it)."""
+    linear = 5 * margin
+    ax.set_yscale("symlog", linthresh=linear, linscale=4)
+    pad = [v * 1.6 if abs(v) > linear else v + math.copysign(0.3 * linear, v) for v in (lo, hi)]
+    ax.set_ylim(*pad)
+    powers = [10.0**k for k in range(math.floor(math.log10(linear)) + 1, math.ceil(math.log10(max(-lo, hi))) + 1)]
+    ticks = [0.0, -2 * margin, 2 * margin] + [s * p for p in powers for s in (-1, 1)]
+    ax.set_yticks(sorted(t for t in ticks if pad[0] <= t <= pad[1]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def _draw_verdict(ax: plt.Axes, x: int, r: pd.Series) -> list[float]:
+    """One alternative's mean difference and interval, styled by its verdict; the values it spans (for scaling)."""
+    index, marker = VERDICT_STYLE.get(r["verdict"], VERDICT_STYLE["undecided"])
+    color = sns.color_palette(PALETTE)[index]
+    face = "white" if r["verdict"] == "undecided" else color
+    diff, lo, hi = (float(r[k]) for k in ("diff", "lo", "hi"))
+    if not math.isfinite(diff):
+        ax.annotate("no paired seed", (x, 0), xytext=(0, 8), textcoords="offset points", ha="center", fontsize=7)
+        return []
+    if math.isfinite(lo) and math.isfinite(hi):
+        ax.errorbar([x], [diff], yerr=[[max(diff - lo, 0)], [max(hi - diff, 0)]], fmt=marker, ms=7, color=color,
+                    mfc=face, mew=1.5, capsize=4, zorder=3)
+        return [diff, lo, hi]
+    ax.plot([x], [diff], marker, ms=7, color=color, mfc=face, mew=1.5, zorder=3)
+    ax.annotate("no interval\n(< 2 seeds)", (x, diff), xytext=(0, 9), textcoords="offset points", ha="center",
+                fontsize=7)
+    return [diff]
+
+
+def _tick(variant: str, value: object, row: pd.DataFrame) -> str:
+    """``value``, then ``(base)`` or the verdict, then the seeds counted (and how many of them diverged)."""
+    r = row.iloc[0] if len(row) else pd.Series(dtype=object)
+    seeds = f"n={int(r['seeds'])}" if pd.notna(r.get("seeds")) else "n=0"
+    if pd.notna(r.get("diverged")) and int(r["diverged"]):
+        seeds += f", {int(r['diverged'])} div."
+    return f"{fmt(value)}\n{'(base)' if variant == 'base' else r.get('verdict', '')}\n{seeds}"
+
+
+def _isolation_legend(verdicts: set[str], margin: float, diverged: bool) -> list:
+    palette = sns.color_palette(PALETTE)
+    handles = [Line2D([], [], marker="*", ls="", ms=10, color="0.2", label="base (0 by definition)")]
+    for verdict, (index, marker) in VERDICT_STYLE.items():
+        if verdict in verdicts:
+            handles.append(Line2D([], [], marker=marker, ls="", ms=7, color=palette[index], mew=1.5,
+                                  mfc="white" if verdict == "undecided" else palette[index], label=verdict))
+    handles += [Patch(color=palette[0], alpha=0.12, label=f"±{margin:g}: equivalent"),
+                Line2D([], [], marker="o", ls="", ms=4, color="0.6", label="one seed")]
+    if diverged:
+        handles.append(Line2D([], [], marker="x", ls="", ms=6, color="0.15", label="seed with a diverged run"))
+    return handles
+
+
+def _sort_key(value: object, listed: list[str] = ()) -> tuple:
+    """Numbers (also as MLflow's param strings) in numeric order, then other values in the study file's order
+    (``listed``, as ``fmt`` writes them), then as text."""
     try:
         return (0, float(value), "")
     except (TypeError, ValueError):
-        return (1, 0.0, str(value))
+        text = fmt(value)
+        return (1, listed.index(text) if text in listed else len(listed), text)
 
 
-def _base_label(data: StudyData, factor: str) -> object:
-    from ablate.report.analysis import base_value
-
-    return base_value(factor, data)
-
-
-def lr_sensitivity(data: StudyData, param: str = "train.lr") -> str | None:
-    """Tune phase: val/loss against a nuisance parameter, one line per variant, each best point starred."""
+def lr_sensitivity(data: StudyData, param: str = "train.lr", table: pd.DataFrame | None = None) -> str | None:
+    """Tune phase: val/loss against a nuisance parameter, one line per variant (panels by factor, the base in each),
+    the chosen point starred with its basin (the range within the margin of its loss) as a bar under it, diverged
+    tune runs as crosses along the top (they have no loss), and the searched range shaded."""
     t = data.trials
-    if "phase" not in t or param not in t:
+    if t.empty or "phase" not in t or param not in t:
         return None
-    tune = t[(t["phase"] == "tune") & (t["status"] == "completed") & t["value"].notna()]
-    if tune.empty:
+    tune = t[(t["phase"] == "tune") & t[param].notna()]
+    done, diverged = completed(tune), tune[tune["status"] == "diverged"]
+    if done.empty and diverged.empty:
         return None
     factors = [f for f in dict.fromkeys(tune["factor"]) if f] or [""]
-    fig, axes = _panels(len(factors))
+    fig, axes = _panels(len(factors), height=3.4)
     colors = variant_colors(data)
-    spec = nuisance_ranges(data).get(param)
+    chosen = _table_rows(table)
+    spec = next((p for p in data.spec.nuisance if p.key == param), None)
     for ax, factor in zip(axes, factors, strict=False):
-        rows = tune[tune["factor"].isin([factor, ""])]
-        for variant, sub in rows.groupby("variant", sort=False):
-            sub = sub.sort_values(param)
-            ax.plot(sub[param], sub["value"], marker="o", ms=4, color=colors[variant], label=variant)
-            best = sub.loc[sub["value"].idxmin()]
-            ax.scatter([best[param]], [best["value"]], marker="*", s=160, color=colors[variant], edgecolor="k",
-                       zorder=3)
+        for variant in [v for v in colors if v in set(tune.loc[tune["factor"].isin([factor, ""]), "variant"])]:
+            color, label = colors[variant], _value_label(data, variant, factor)
+            sub = done[done["variant"] == variant].sort_values(param)
+            ax.plot(sub[param], sub["value"], marker="o", ms=4, color=color, label=label)
+            gone = diverged.loc[diverged["variant"] == variant, param]
+            ax.scatter(gone, np.full(len(gone), 0.96), marker="x", s=36, color=color, zorder=3,
+                       transform=ax.get_xaxis_transform())  # x: data, y: the axes' top, whatever the losses
+            _star(ax, fig, sub, param, chosen.get(variant), color)
         if spec:
-            ax.axvspan(float(spec["low"]), float(spec["high"]), color="0.9", zorder=0)
-            ax.set_xlim(float(spec["low"]) * 0.8, float(spec["high"]) * 1.25)
-        if spec is None or spec.get("log"):
+            ax.axvspan(spec.low, spec.high, color="0.95", zorder=0)
+        if spec.log if spec else _wide(t[param]):
             ax.set_xscale("log")
+        ax.margins(y=0.12)
         ax.set_xlabel(param)
         ax.set_ylabel("final val/loss (tune runs)")
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"Sensitivity to {param} (shaded: searched range; ★ best point)")
+        ax.legend(fontsize=7, loc="best", title=factor or None, title_fontsize=7)
+    fig.suptitle(f"Sensitivity to {param}: ★ chosen point, bar under it: its basin (within ±{data.spec.margin:g} of "
+                 "its val/loss);\n× along the top: diverged tune runs (no loss); shaded: searched range", fontsize=9)
     return to_uri(fig)
 
 
-def curves(data: StudyData, best: dict[str, str]) -> str | None:
-    """val/loss and train/loss histories of the best run of each variant."""
+def _table_rows(table: pd.DataFrame | None) -> dict[str, pd.Series]:
+    if table is None or table.empty:
+        return {}
+    return {r["variant"]: r for _, r in table.iterrows()}
+
+
+def _value_label(data: StudyData, variant: str, factor: str) -> str:
+    """In a factor's panel a variant is its value: ``8``, ``base (4)``."""
+    if not factor:
+        return variant
+    if variant == "base":
+        return f"base ({fmt(data.spec.base_value(factor))})"
+    return variant.partition("=")[2] if variant.startswith(f"{factor}=") else variant
+
+
+def _star(ax: plt.Axes, fig: plt.Figure, sub: pd.DataFrame, param: str, row: pd.Series | None, color: tuple) -> None:
+    """The chosen point (the table's, else the lowest val/loss as the runner picks it) and its basin under it."""
+    if sub.empty:
+        return
+    best = sub.loc[sub["value"].idxmin()]
+    if row is not None and pd.notna(row.get("lr")):
+        near = sub[np.isclose(sub[param].astype(float), float(row["lr"]), rtol=1e-6)]
+        best = near.iloc[0] if len(near) else best
+    ax.scatter([best[param]], [best["value"]], marker="*", s=170, color=color, edgecolor="k", lw=0.6, zorder=4)
+    if row is None or not (pd.notna(row.get("basin_lo")) and pd.notna(row.get("basin_hi"))):
+        return
+    under = offset_copy(ax.transData, fig=fig, y=-10, units="points")
+    ax.plot([row["basin_lo"], row["basin_hi"]], [best["value"]] * 2, transform=under, color=color, lw=2.2,
+            marker="|", ms=7, mew=2.2, solid_capstyle="butt", zorder=4)
+
+
+def _wide(values: pd.Series) -> bool:
+    """Positive values spread over more than a factor of 20: a log axis reads better."""
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    return len(v) > 0 and v.min() > 0 and v.max() > 20 * v.min()
+
+
+def curves(data: StudyData, runs: dict[str, str]) -> str | None:
+    """val/loss and train/loss histories of each variant's median seed run (``variant -> run id``): the typical
+    run, not the luckiest."""
     frames = []
-    for variant, run_id in best.items():
+    for variant, run_id in runs.items():
         for key in (names.VAL_LOSS, names.TRAIN_LOSS):
             h = data.history(run_id, key)
             frames.append(h.assign(variant=variant, metric=key))
@@ -142,19 +306,19 @@ def curves(data: StudyData, best: dict[str, str]) -> str | None:
     if df.empty:
         return None
     fig, axes = _panels(2)
+    palette = {**_colors(list(runs)), **variant_colors(data)}
     for ax, key in zip(axes, (names.VAL_LOSS, names.TRAIN_LOSS), strict=False):
-        palette = {**_colors(list(best)), **variant_colors(data)}
         sns.lineplot(df[df["metric"] == key], x="step", y="value", hue="variant", ax=ax, marker="." if key ==
-                     names.VAL_LOSS else None, palette={k: palette[k] for k in best})
+                     names.VAL_LOSS else None, palette={k: palette[k] for k in runs})
         ax.set_ylabel(key)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, title="variant (median seed)", title_fontsize=7)
+    fig.suptitle("Training curves of each variant's median seed run", fontsize=9)
     return to_uri(fig)
 
 
 def pareto(data: StudyData) -> str | None:
     """Final val/loss of every completed run against training FLOPs and wall time; the Pareto front as a step."""
-    t = data.trials
-    done = t[(t["status"] == "completed") & t["value"].notna()]
+    done = completed(data.trials)
     xs = [k for k in (names.FLOPS_TOTAL, names.WALL_S) if k in done and done[k].notna().any()]
     if not xs:
         return None
@@ -162,7 +326,7 @@ def pareto(data: StudyData) -> str | None:
     hue = "variant" if data.kind == "ablation" else None
     for ax, key in zip(axes, xs, strict=False):
         rows = done.dropna(subset=[key])
-        colors = variant_colors(data)
+        colors = {v: c for v, c in variant_colors(data).items() if v in set(rows["variant"])}  # no empty entries
         sns.scatterplot(rows, x=key, y="value", hue=hue, ax=ax, s=30, palette=colors if hue else None,
                         hue_order=list(colors) if hue else None)
         front = pareto_front(rows, key)
@@ -212,37 +376,52 @@ def max_logit(data: StudyData, row: pd.Series) -> str | None:
 
 
 def importance(imp: pd.DataFrame) -> str | None:
+    """fANOVA importance per parameter (bars) and PED-ANOVA (dots). The bar's error bar is the sd of fANOVA over
+    forest seeds: the estimator's own randomness, not uncertainty about the study (a rerun study could differ more)."""
     if imp.empty:
         return None
-    fig, ax = plt.subplots(figsize=(WIDTH + 1, 0.6 + 0.4 * len(imp)))
+    fig, ax = plt.subplots(figsize=(WIDTH + 1, 1.0 + 0.4 * len(imp)))
     ax.barh(imp["param"], imp["fanova"], xerr=imp["fanova_std"].fillna(0), color=sns.color_palette(PALETTE)[0],
             capsize=3, label="fANOVA (mean ± sd over forest seeds)")
     if imp["ped_anova"].notna().any():
         ax.scatter(imp["ped_anova"], imp["param"], color=sns.color_palette(PALETTE)[1], zorder=3, label="PED-ANOVA")
     ax.invert_yaxis()
-    ax.set_xlabel("importance (normalised)")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("importance (normalised)\nerror bar: sd of fANOVA over forest seeds, the estimator's own "
+                  "randomness,\nnot uncertainty about the study", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
     return to_uri(fig)
 
 
 def interaction(data: StudyData, a: str, b: str) -> str | None:
-    """Best val/loss per cell of two parameters (continuous ones binned into quartiles)."""
-    t = data.trials
-    done = t[(t["status"] == "completed") & t["value"].notna()].dropna(subset=[a, b])
+    """Mean val/loss per cell of two parameters (continuous ones binned into quartiles), with each cell's count: a
+    cell's minimum would reward the cells that happened to get more trials."""
+    done = completed(data.trials).dropna(subset=[a, b])
     if done.empty:
         return None
-    grid = done.assign(**{a: _bins(done[a]), b: _bins(done[b])})
-    pivot = grid.pivot_table(index=a, columns=b, values="value", aggfunc="min", observed=False)
+    mean, count = cell_means(done.assign(**{a: _bins(done[a]), b: _bins(done[b])}), a, b)
+    annot = np.where(count.to_numpy() > 0, [[f"{m:.3g}\n(n={int(n)})" for m, n in zip(mr, nr, strict=True)]
+                                            for mr, nr in zip(mean.to_numpy(), count.to_numpy(), strict=True)], "")
     fig, ax = plt.subplots(figsize=(WIDTH + 1, 3.4))
-    sns.heatmap(pivot, annot=True, fmt=".3g", cmap="viridis_r", ax=ax, cbar_kws={"label": "best val/loss"})
-    ax.set_title(f"Interaction: {a} × {b}")
+    sns.heatmap(mean, annot=annot, fmt="", annot_kws={"fontsize": 7}, cmap="viridis_r", ax=ax,
+                cbar_kws={"label": "mean val/loss"})
+    ax.set_title(f"Interaction: {a} × {b} (mean val/loss of the completed runs per cell)", fontsize=9)
     return to_uri(fig)
 
 
+def cell_means(grid: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean val/loss and run count per ``(a, b)`` cell, ``a`` down and ``b`` across; an empty cell is NaN and 0."""
+    cells = grid.groupby([a, b], observed=False)["value"].agg(["mean", "count"])
+    return cells["mean"].unstack(b), cells["count"].unstack(b).fillna(0).astype(int)
+
+
 def _bins(values: pd.Series) -> pd.Series:
+    """Few distinct values as they are (numbers in numeric order), many numbers as quartile bins."""
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.isna().any() or numeric.nunique() <= 6:
-        return values.map(fmt)
+        labels = values.map(fmt)
+        order = sorted(dict.fromkeys(zip(labels, values, strict=True)), key=lambda p: _sort_key(p[1]))
+        categories = list(dict.fromkeys(label for label, _ in order))
+        return pd.Series(pd.Categorical(labels, categories=categories, ordered=True), index=values.index)
     edges = np.unique(np.quantile(numeric, [0, 0.25, 0.5, 0.75, 1]))
     labels = [f"{fmt(lo)}–{fmt(hi)}" for lo, hi in zip(edges[:-1], edges[1:], strict=False)]
     return pd.cut(numeric, edges, labels=labels, include_lowest=True)

@@ -1,0 +1,179 @@
+"""The report's figures, drawn from a hand-built study: a PNG for normal input, None for nothing to draw, and the
+marks a reader relies on (the verdict's interval, the margin band, diverged runs, the basin, cell means)."""
+
+from __future__ import annotations
+
+import base64
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ablate.report import plots
+from ablate.report.load import StudyData
+from ablate.spec import spec_from_mapping
+
+MARGIN = 0.02
+UNIFORM = math.log(64)  # the uniform-guess loss a diverged seed run counts at
+SPEC = {
+    "name": "figs", "kind": "ablation", "task": {"name": "charlm", "seq_len": 16},
+    "model": {"embed_dim": 16, "num_heads": 4, "num_layers": 1},
+    "scientific": {"model.num_heads": [4, 16, 2], "model.scaling": ["sqrt", "none"]},
+    "nuisance": {"train.lr": {"low": 1e-3, "high": 3e-2, "log": True}}, "margin": MARGIN,
+}  # fmt: skip
+LRS = (1.8e-3, 5.5e-3, 1.7e-2)
+# variant -> (factor, value, offset of its loss, seed outcomes: seed -> (test loss, diverged))
+VARIANTS = {
+    "base": ("", "", 0.0, {1: (2.00, False), 2: (2.03, False), 3: (1.98, False)}),
+    "model.num_heads=16": ("model.num_heads", 16, -0.1, {1: (1.89, False), 2: (1.92, False), 3: (1.90, False)}),
+    "model.num_heads=2": ("model.num_heads", 2, 0.05, {1: (2.02, False), 2: (UNIFORM, True), 3: (2.00, False)}),
+    "model.scaling=none": ("model.scaling", "none", 0.3, {1: (2.31, False)}),
+}  # fmt: skip
+
+
+class Data(StudyData):
+    """A StudyData whose histories come from a formula instead of an MLflow store."""
+
+    def history(self, run_id: str, key: str) -> pd.DataFrame:
+        steps = np.arange(0, 101, 25)
+        floor = 1.5 + 0.1 * (key == "val/loss") - 0.1 * run_id.startswith("model.num_heads=16")
+        return pd.DataFrame({"step": steps, "value": floor + 2.5 / (1 + steps / 20)})
+
+
+def _trials() -> pd.DataFrame:
+    rows = []
+    for variant, (factor, value, offset, seeds) in VARIANTS.items():
+        changes = {"model.num_heads": 4, "model.scaling": "sqrt", **({factor: value} if factor else {})}
+        for lr in LRS:
+            loss = 2.0 + offset + 0.3 * (math.log10(lr) - math.log10(5.5e-3)) ** 2
+            rows.append({"phase": "tune", "status": "completed", "value": loss, "train.lr": lr, **changes})
+        for seed, (outcome, diverged) in seeds.items():
+            rows.append({"phase": "seed", "status": "diverged" if diverged else "completed", "seed": seed,
+                         "value": math.nan if diverged else outcome - 0.01, "outcome": outcome, "train.lr": 5.5e-3,
+                         **changes})  # fmt: skip
+        for row in rows[-len(seeds) - len(LRS):]:
+            row.update(variant=variant, factor=factor, run_id=f"{variant}/{row.get('seed', row['train.lr'])}")
+    rows.append({"phase": "tune", "status": "diverged", "value": math.nan, "train.lr": 3e-2, "variant": "base",
+                 "factor": "", "run_id": "base/diverged", "model.num_heads": 4, "model.scaling": "sqrt"})
+    t = pd.DataFrame(rows)
+    t["trial"] = range(len(t))
+    t["state"] = t["status"].map({"completed": "COMPLETE", "diverged": "FAIL"})
+    return t
+
+
+def _table() -> pd.DataFrame:
+    """The verdict table as analysis builds it (numbers made up, consistent with the trials)."""
+    rows = [
+        ("base", "", "", 3, 0, 2.003, 0.06, math.nan, math.nan, math.nan, ""),
+        ("model.num_heads=16", "model.num_heads", 16, 3, 0, 1.903, 0.04, -0.10, -0.16, -0.04, "better"),
+        ("model.num_heads=2", "model.num_heads", 2, 3, 1, 2.725, 3.1, 0.72, -2.9, 4.3, "undecided"),
+        ("model.scaling=none", "model.scaling", "none", 1, 0, 2.31, math.nan, 0.31, math.nan, math.nan, "undecided"),
+    ]  # fmt: skip
+    cols = ["variant", "factor", "value", "seeds", "diverged", "test_mean", "test_ci", "diff", "lo", "hi", "verdict"]
+    table = pd.DataFrame(rows, columns=cols)
+    level = [math.nan, 0.0125, 0.025, 0.025]  # one-sided: Holm's first step of two, its second, a lone alternative
+    return table.assign(level=level, lr=5.5e-3, bracketed=True, basin_lo=3.1e-3, basin_hi=9.7e-3)
+
+
+@pytest.fixture
+def data() -> Data:
+    spec = spec_from_mapping(SPEC)
+    return Data("figs", "ablation", spec, "sqlite://", "sqlite://", study=None, trials=_trials(), client=None)
+
+
+@pytest.fixture
+def empty(data: Data) -> Data:
+    return Data("figs", "ablation", data.spec, "sqlite://", "sqlite://", study=None, trials=data.trials.iloc[:0],
+                client=None)
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the functions hand to ``to_uri``, still open for inspection."""
+    figures, real = [], plots.to_uri
+
+    def keep(fig: object) -> str:
+        figures.append(fig)  # closing it in to_uri leaves its artists readable
+        return real(fig)
+
+    monkeypatch.setattr(plots, "to_uri", keep)
+    plots.theme()
+    return figures
+
+
+def _is_png(uri: str | None) -> bool:
+    return bool(uri) and base64.b64decode(uri.removeprefix("data:image/png;base64,"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_differences_pair_each_alternative_with_the_base_seed_by_seed(data: Data) -> None:
+    diffs = plots.seed_differences(data).set_index(["variant", "seed"])
+    assert diffs.loc[("model.num_heads=16", 2), "diff"] == pytest.approx(1.92 - 2.03)
+    assert diffs.loc[("model.num_heads=2", 2), "diff"] == pytest.approx(UNIFORM - 2.03)
+    assert diffs["diverged"].sum() == 1 and diffs.loc[("model.num_heads=2", 2), "diverged"]
+    assert len(diffs) == 7 and "base" not in diffs.index.get_level_values(0)
+
+
+def test_isolation_draws_the_verdict_interval_the_margin_and_every_seed(data: Data, drawn: list) -> None:
+    assert _is_png(plots.isolation(data, _table()))
+    heads, scaling = drawn[0].axes[:2]
+    assert "the interval the verdict uses (95–97.5%, Holm-adjusted)" in drawn[0].get_suptitle()
+    heads_ylim = heads.get_ylim()
+    labels = [t.get_text() for t in heads.get_xticklabels()]
+    assert [label.split("\n")[0] for label in labels] == ["2", "4", "16"]  # numeric, not text, order
+    assert "(base)" in labels[1] and "better" in labels[2] and "1 div." in labels[0]
+    band = [p for p in heads.patches if p.get_height() == pytest.approx(2 * MARGIN)]
+    assert band and band[0].get_y() == pytest.approx(-MARGIN)
+    for diff in plots.seed_differences(data)["diff"]:  # the diverged seed too, on its log-scaled axis
+        assert heads_ylim[0] <= diff <= heads_ylim[1]
+    assert heads.get_yscale() == "symlog" and scaling.get_yscale() == "linear"
+    assert "n=1" in scaling.get_xticklabels()[1].get_text()  # one seed: no interval, shown as such
+    assert any("no interval" in t.get_text() for t in scaling.texts)
+
+
+def test_lr_sensitivity_marks_the_chosen_point_its_basin_and_diverged_runs(data: Data, drawn: list) -> None:
+    table = _table()
+    assert _is_png(plots.lr_sensitivity(data, "train.lr", table))
+    ax = drawn[0].axes[0]
+    xlim = ax.get_xlim()
+    assert ax.get_xscale() == "log" and xlim[0] < 1e-3 and xlim[1] > 3e-2  # searched range and diverged point
+    bars = [line for line in ax.lines if list(line.get_xdata()) == [3.1e-3, 9.7e-3]]
+    assert len(bars) == 3  # base, 16 and 2 heads: one basin under each star
+    assert _is_png(plots.lr_sensitivity(data))  # without a table: stars, no basins
+    assert not [line for line in drawn[1].axes[0].lines if list(line.get_xdata()) == [3.1e-3, 9.7e-3]]
+
+
+def test_curves_are_labelled_as_median_seed_runs(data: Data, drawn: list) -> None:
+    assert _is_png(plots.curves(data, {"base": "base/2", "model.num_heads=16": "model.num_heads=16/1"}))
+    assert drawn[0].axes[0].get_legend().get_title().get_text() == "variant (median seed)"
+
+
+def test_interaction_shows_the_mean_per_cell_with_its_count(data: Data, drawn: list) -> None:
+    done = data.trials[data.trials["status"] == "completed"]
+    mean, count = plots.cell_means(done, "model.num_heads", "train.lr")
+    cell = done[(done["model.num_heads"] == 2) & (done["train.lr"] == 5.5e-3)]["value"]
+    assert len(cell) == 3 and mean.loc[2, 5.5e-3] == pytest.approx(cell.mean()) != pytest.approx(cell.min())
+    assert count.loc[2, 5.5e-3] == 3
+    assert _is_png(plots.interaction(data, "model.num_heads", "train.lr"))
+    ax = drawn[0].axes[0]
+    assert f"{cell.mean():.3g}\n(n=3)" in [t.get_text() for t in ax.texts]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["2", "4", "16"]  # numeric order
+    assert drawn[0].axes[1].get_ylabel() == "mean val/loss"  # the colour bar
+
+
+def test_importance_says_what_its_error_bar_measures(drawn: list) -> None:
+    imp = pd.DataFrame({"param": ["train.lr", "model.num_heads"], "fanova": [0.7, 0.3], "fanova_std": [0.05, 0.04],
+                        "ped_anova": [0.6, 0.4]})  # fmt: skip
+    assert _is_png(plots.importance(imp))
+    label = drawn[0].axes[0].get_xlabel()
+    assert "sd of fANOVA over forest seeds" in label and "not uncertainty about the study" in label
+
+
+def test_nothing_to_draw_gives_no_figure(data: Data, empty: Data) -> None:
+    assert plots.isolation(empty, pd.DataFrame()) is None
+    assert plots.isolation(empty, _table().assign(diff=math.nan)) is None  # no seed run finished yet
+    assert plots.lr_sensitivity(empty, "train.lr", _table()) is None
+    assert plots.lr_sensitivity(data, "model.head_dim") is None  # not a column of the trials
+    assert plots.curves(data, {}) is None
+    assert plots.interaction(empty, "model.num_heads", "train.lr") is None
+    assert plots.importance(pd.DataFrame()) is None
