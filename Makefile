@@ -4,17 +4,34 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUDY  ?= studies/default.yaml
+LOCK   := requirements.lock
+TORCH  ?= 2.13.0
 
-.PHONY: install study report ui test bench lint clean
+.PHONY: install lock study report ui test bench lint clean
 
 install: $(STAMP)
 
-# Reinstalls only when the dependencies change, so a second `make install` is a no-op.
-$(STAMP): pyproject.toml
+# Reinstalls only when the dependencies or the lock change, so a second `make install` is a no-op. The lock pins
+# every version (a study's numbers depend on them); pyproject.toml keeps ranges so `make lock` can move them.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
+
+# Re-resolves pyproject.toml in a throwaway venv (the newest releases that fit, torch held at $(TORCH)) and writes
+# $(LOCK). Local version labels (+cpu) are cut so each machine takes its own torch build, and the dry run against
+# PyPI alone (no pip config, no local wheels) refuses a pin that only this machine's mirror has.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet 'torch==$(TORCH)' -e '.[dev]'
+	{ echo '# Pins for `make install` (pip constraints). Written by `make lock` with' \
+	    "$$(.venv-lock/bin/python -V) on $$(uname -sm); do not edit by hand."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^#' | sed 's/+[^ ]*$$//'; } > .venv-lock/$(LOCK)
+	PIP_CONFIG_FILE=/dev/null .venv-lock/bin/pip --isolated install --quiet --dry-run --ignore-installed \
+	    -r .venv-lock/$(LOCK)
+	mv .venv-lock/$(LOCK) $(LOCK) && rm -rf .venv-lock
 
 study: install
 	$(BIN)/ablate study $(STUDY)
