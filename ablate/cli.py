@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "train":
-        from ablate.tracking import train_from_file
+        from ablate.commands import train_from_file
 
         return train_from_file(args.config, args.overrides)
     if args.command == "study":
@@ -78,7 +78,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             return tracking_overhead(args.tracking, args.out)
         return run_bench(args.out, quick=args.quick)
     if args.command == "ui":
-        from ablate.tracking import open_ui
+        from ablate.commands import open_ui
 
         return open_ui(args.port)
     return None

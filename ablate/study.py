@@ -293,6 +293,9 @@ class _QueueLock:
 
 def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
     """Write the report; the study's data stays valid when this fails, so say how to retry instead of raising."""
+    from mlflow import MlflowClient
+
+    from ablate.commands import runs_url
     from ablate.report import build_report
 
     try:
@@ -301,5 +304,6 @@ def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
         print(f"ablate study: the report failed ({type(err).__name__}: {err}); retry: ablate report {spec.name}",
               file=sys.stderr)  # fmt: skip
         return 1
-    print(f"Report: {path}\nAll runs: make ui  (MLflow UI at http://127.0.0.1:5000, experiment {spec.name!r})")
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name(spec.name)
+    print(f"Report: {path}\nAll runs: make ui, then {runs_url(experiment.experiment_id)}")
     return 0

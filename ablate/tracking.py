@@ -11,15 +11,12 @@ from __future__ import annotations
 import functools
 import json
 import queue
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +26,10 @@ from mlflow.exceptions import MlflowException
 
 import ablate
 from ablate import names
-from ablate.config import flatten, load_run_config, to_dict, to_yaml
+from ablate.config import flatten, to_dict, to_yaml
+from ablate.figures import save_attention_maps
 from ablate.stores import default_tracking_uri
-from ablate.train import RunResult, RunStart, train
+from ablate.train import RunResult, RunStart
 
 # The mapping of mlflow.optuna.MlflowStorage (a pruned trial is KILLED).
 RUN_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
@@ -46,7 +44,6 @@ CHECKPOINT_DIR = "checkpoint"  # holds model.pt
 TAG_TRACKING_ERROR = "ablate.tracking_error"  # a background write failed: the record may be incomplete
 SCHEMA_SAMPLE_ROWS = 16
 FLUSH_EVERY_S = 10.0  # buffered metrics reach the store at the first evaluation this long after the last write
-MAP_MAX_SIDE = 64  # attention map cells a side in the PNG
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -297,99 +294,3 @@ def _dataset_entity(task: Any) -> Dataset:
 
 def dataset_input(task: Any) -> DatasetInput:
     return DatasetInput(_dataset_entity(task), tags=[InputTag("mlflow.data.context", "train")])
-
-
-def save_attention_maps(maps: Any, path: Path, max_side: int = MAP_MAX_SIDE) -> None:
-    """A grid of attention maps (rows: layers, columns: heads), mean-pooled to at most ``max_side`` cells a side,
-    each query row scaled to its own maximum: where each query looks stays visible in long, diffuse or causal maps
-    (a causal map's first row, weight 1, would otherwise wash out the rest). Drawn with a colormap lookup and PIL,
-    not a matplotlib figure: a few ms, paid once per run."""
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw
-
-    maps = np.asarray(maps, dtype=np.float32)  # (L, H, T, T)
-    layers, heads, t, _ = maps.shape
-    pool = -(-t // max_side)  # ceil: T=256 -> 4x4 blocks of 64 x 64 cells
-    if pool > 1:
-        side = -(-t // pool) * pool
-        maps = np.pad(maps, [(0, 0), (0, 0), (0, side - t), (0, side - t)])
-        maps = maps.reshape(layers, heads, side // pool, pool, side // pool, pool).mean(axis=(3, 5))
-        t = side // pool
-    maps = maps / np.maximum(maps.max(axis=3, keepdims=True), 1e-12)
-    gap = max(1, t // 16)
-    tiles = np.full((layers, heads, t + gap, t + gap), np.nan, dtype=np.float32)
-    tiles[:, :, :t, :t] = maps
-    grid = tiles.transpose(0, 2, 1, 3).reshape(layers * (t + gap), heads * (t + gap))[:-gap, :-gap]  # (L*T', H*T')
-    zoom = max(1, min(4, 800 // grid.shape[1]))  # screen pixels per cell
-    rgb = (colormaps["viridis"](np.nan_to_num(grid))[..., :3] * 255).astype(np.uint8)  # (L*T', H*T', 3)
-    rgb[np.isnan(grid)] = 255  # white gaps between maps
-    image = Image.fromarray(rgb.repeat(zoom, axis=0).repeat(zoom, axis=1))
-    pooled = f", {pool}x{pool} mean-pooled" if pool > 1 else ""
-    title = f"attention of one validation sample (rows: queries, each / its max{pooled})"
-    left, top, bottom = 52, 18, 16  # room for the labels
-    canvas = Image.new("RGB", (max(image.width + left + 4, 8 * len(title)), image.height + top + bottom), "white")
-    canvas.paste(image, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((left, 3), title, fill="black")
-    for j in range(heads):
-        draw.text((left + int((j * (t + gap) + t / 2) * zoom) - 6, top + image.height + 2), f"h{j}", fill="black")
-    for i in range(layers):
-        draw.text((2, top + int((i * (t + gap) + t / 2) * zoom) - 5), f"layer {i}", fill="black")
-    canvas.save(path)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler) raises KeyboardInterrupt, so the trainer's cleanup runs
-    and the MLflow run ends FAILED instead of staying RUNNING forever. Main thread only; elsewhere a no-op."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-# -- commands -------------------------------------------------------------------------------------------------------
-def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
-    """``ablate train CONFIG``: one tracked run; prints one line. Exit 0 when it completed, 1 otherwise."""
-    config = load_run_config(path, overrides)
-    tracker = MLflowTracker(run_name=Path(path).stem, tags={names.TAG_ROLE: "run"})
-    try:
-        with sigterm_as_interrupt():
-            result = train(config, callbacks=(tracker,))
-    except KeyboardInterrupt as err:
-        print(f"ablate train: interrupted ({err or 'Ctrl-C'}); run {tracker.run_id} ended FAILED", file=sys.stderr)
-        return 130
-    shown = [k for k in result.metrics if k.startswith(("val/", "best/"))] + [names.WALL_S]
-    summary = " ".join(f"{k}={result.metrics[k]:.4g}" for k in shown if k in result.metrics)
-    look = f"#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
-    print(
-        f"{result.status}{' (' + result.reason + ')' if result.reason else ''}: {summary} run={tracker.run_id} "
-        f"look: `make ui`, then http://127.0.0.1:5000/{look}"
-    )
-    return 0 if result.status == "completed" else 1
-
-
-def open_ui(port: int = 5000) -> int:
-    """``ablate ui``: the MLflow UI on 127.0.0.1 against the default store, until Ctrl-C."""
-    uri = default_tracking_uri()
-    prepare_store(uri)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    root = artifact_root(uri)
-    if root:
-        command += ["--default-artifact-root", root]
-    print(f"MLflow UI on http://127.0.0.1:{port} (store {uri}); Ctrl-C stops it", file=sys.stderr)
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0

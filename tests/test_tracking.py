@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from ablate import names
 from ablate.config import RunConfig, run_config_from, with_values
-from ablate.tracking import MLflowTracker, ensure_experiment, git_state, train_from_file
+from ablate.tracking import MLflowTracker, ensure_experiment, git_state
 from ablate.train import train
 
 
@@ -159,19 +159,6 @@ def test_a_checkpoint_is_logged_only_when_asked(client: MlflowClient, tmp_path: 
     assert "tok_emb.weight" in state
 
 
-def test_ablate_train_runs_a_study_files_base_and_prints_one_line(
-    client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    study = {"name": "heads", "kind": "ablation", **TINY}  # keys other than model/task/train are not the run's
-    path = tmp_path / "heads.yaml"
-    path.write_text(yaml.safe_dump(study))
-    assert train_from_file(path, ["model.num_heads=4"]) == 0
-    (line,) = capsys.readouterr().out.strip().splitlines()
-    run = only_run(client)
-    assert line.startswith("completed") and run.info.run_id in line and "make ui" in line and "val/loss=" in line
-    assert run.data.params["model.num_heads"] == "4" and run.data.tags[names.TAG_ROLE] == "run"
-
-
 def test_git_state_is_unknown_outside_git(monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
@@ -206,7 +193,7 @@ def test_large_attention_maps_are_pooled_into_one_small_png(tmp_path: Path) -> N
     import numpy as np
     from matplotlib.image import imread
 
-    from ablate.tracking import save_attention_maps
+    from ablate.figures import save_attention_maps
 
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     save_attention_maps(np.full((2, 4, 64, 64), 1 / 64), small)
@@ -214,25 +201,6 @@ def test_large_attention_maps_are_pooled_into_one_small_png(tmp_path: Path) -> N
     # 256 keys pooled 4x4 to the 64-cell limit: the same maps area (only the title, saying so, may be wider)
     assert imread(large).shape[0] == imread(small).shape[0]
     assert imread(large).shape[1] <= max(imread(small).shape[1], 8 * 90)
-
-
-def test_sigterm_ends_the_run_failed_instead_of_running(client: MlflowClient) -> None:
-    import os
-    import signal
-
-    from ablate.tracking import sigterm_as_interrupt
-
-    class Terminate(Recorder):
-        def on_step(self, step: int, metrics: dict) -> bool:
-            if step == 10:
-                os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or `timeout` would
-            return False
-
-    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
-        train(tiny(), [MLflowTracker(), Terminate()])
-    run = only_run(client)
-    assert run.info.status == "FAILED" and "SIGTERM" in run.data.tags[names.TAG_REASON]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
 
 
 def test_a_run_failing_before_its_first_step_is_still_recorded(client: MlflowClient) -> None:

@@ -1,0 +1,129 @@
+"""The commands ``ablate`` dispatches to besides a study and a report: train one run, open the MLflow UI.
+
+Links into the MLflow UI come from ``runs_url`` only. MLflow 3 opens an experiment on its GenAI overview ("0
+traces") unless the URL asks for the machine-learning workflow; the experiment tag ``mlflow.experimentKind`` does not
+change that (MLflow 3.17's experiment page takes the kind from the workflow type), so the URL carries it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from ablate import names
+
+UI_HOST = "127.0.0.1"
+STOP_WAIT_S = 10.0  # after SIGTERM, the UI's server gets this long to exit before its group gets SIGKILL
+# The runs table of the machine-learning workflow, best validation loss first: a sort other than by start time
+# lists trials flat instead of folded under their (collapsed) study run.
+RUNS_TABLE = {"workflowType": "machine_learning", "orderByKey": f"metrics.`{names.VAL_LOSS}`", "orderByAsc": "true"}
+
+
+def runs_url(experiment_id: str, run_id: str | None = None, port: int = 5000) -> str:
+    """The MLflow UI's runs table of ``experiment_id`` (or the page of ``run_id`` in it), served by ``ablate ui``."""
+    if run_id is None:
+        return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs?{urlencode(RUNS_TABLE)}"
+    workflow = urlencode({"workflowType": RUNS_TABLE["workflowType"]})
+    return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs/{run_id}?{workflow}"
+
+
+def latest_experiment_id(tracking_uri: str) -> str | None:
+    """The most recently created experiment in the store, MLflow's empty ``Default`` aside; None when there is none."""
+    from ablate.tracking import client_for
+
+    found = client_for(tracking_uri).search_experiments(
+        filter_string="name != 'Default'", order_by=["creation_time DESC"], max_results=1
+    )
+    return found[0].experiment_id if found else None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler) raises KeyboardInterrupt, so the trainer's cleanup runs
+    and the MLflow run ends FAILED instead of staying RUNNING forever. Main thread only; elsewhere a no-op."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
+    """``ablate train CONFIG``: one tracked run; prints one line. Exit 0 when it completed, 1 otherwise."""
+    from ablate.config import load_run_config
+    from ablate.tracking import MLflowTracker
+    from ablate.train import train
+
+    config = load_run_config(path, overrides)
+    tracker = MLflowTracker(run_name=Path(path).stem, tags={names.TAG_ROLE: "run"})
+    try:
+        with sigterm_as_interrupt():
+            result = train(config, callbacks=(tracker,))
+    except KeyboardInterrupt as err:
+        print(f"ablate train: interrupted ({err or 'Ctrl-C'}); run {tracker.run_id} ended FAILED", file=sys.stderr)
+        return 130
+    shown = [k for k in result.metrics if k.startswith(("val/", "best/"))] + [names.WALL_S]
+    summary = " ".join(f"{k}={result.metrics[k]:.4g}" for k in shown if k in result.metrics)
+    print(
+        f"{result.status}{' (' + result.reason + ')' if result.reason else ''}: {summary} run={tracker.run_id} "
+        f"look: `make ui`, then {runs_url(tracker.experiment_id, tracker.run_id)}"
+    )
+    return 0 if result.status == "completed" else 1
+
+
+def open_ui(port: int = 5000) -> int:
+    """``ablate ui``: the MLflow UI on 127.0.0.1 against the default store until Ctrl-C or SIGTERM; prints the runs
+    table of the newest experiment. The server runs in its own process group, stopped whole on the way out (its
+    uvicorn workers and job runners would otherwise outlive us and keep the port)."""
+    from ablate.stores import default_tracking_uri
+    from ablate.tracking import artifact_root, prepare_store
+
+    uri = default_tracking_uri()
+    prepare_store(uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", UI_HOST]
+    command += ["--port", str(port)]
+    root = artifact_root(uri)
+    if root:
+        command += ["--default-artifact-root", root]
+    experiment_id = latest_experiment_id(uri)
+    workflow = urlencode({"workflowType": RUNS_TABLE["workflowType"]})
+    url = runs_url(experiment_id, port=port) if experiment_id else f"http://{UI_HOST}:{port}/#/experiments?{workflow}"
+    print(f"MLflow UI (store {uri}) starting; Ctrl-C stops it", file=sys.stderr)
+    print(url, flush=True)
+    server = subprocess.Popen(command, start_new_session=True)
+    try:
+        with sigterm_as_interrupt():
+            return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_group(server)
+
+
+def stop_group(leader: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
+    """SIGTERM to the process group that ``leader`` heads; once the leader has exited (or after ``wait_s``), SIGKILL
+    to whatever is left of the group. Waiting on the leader rather than polling the group: an orphan's zombie stays
+    in the group until some init reaps it, which in a container may take seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        leader.wait(wait_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
