@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_report import built_ablation
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -45,8 +44,8 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
 
 
-def test_page_loads_without_errors_and_every_image_decodes(tmp_path, tmp_path_factory):
-    _, path, page = built_ablation(tmp_path_factory)
+def test_page_loads_without_errors_and_every_image_decodes(tmp_path, built_ablation):
+    _, path, page = built_ablation
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("<head>", "<head>\n" + PROBE, 1), encoding="utf-8")
     out = chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri())

@@ -78,7 +78,7 @@ def _context(data: StudyData) -> dict:
     statuses = t["status"].value_counts().to_dict() if not t.empty else {}
     ctx = {
         "name": data.name, "kind": data.kind, "description": data.spec.description,
-        "task_metric": data.task_metric, "edges": [], "statement": "", "fair": "", "margin": data.spec.margin,
+        "task_metric": data.task_metric, "edges": [], "fair": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
         "figures": {}, "search": None, "attention": _attention(data),
@@ -106,8 +106,6 @@ def _ablation(data: StudyData, ctx: dict) -> None:
                    "optimum is bracketed)." if len(tuned) and tuned["bracketed"].all() else
                    f"Tuning did not bracket the optimum of {int((~tuned['bracketed']).sum())} of {len(tuned)} "
                    "variants (warnings below): their comparisons may be unfair." if len(tuned) else "")
-    statements = dict.fromkeys(a["statement"] for a in ctx["answers"] if a["statement"])
-    ctx["statement"] = " ".join(statements)
     ctx["headline"] = (f"{decided} of {len(ctx['answers'])} scientific parameters decided at a margin of "
                        f"±{data.spec.margin:g} test loss: " + "; ".join(
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))

@@ -182,6 +182,21 @@ def _cost_sentence(table: pd.DataFrame, variant: str) -> str:
     return f" It costs {', '.join(costs)}." if costs else ""
 
 
+def _edge_text(data: StudyData, r: pd.Series) -> str:
+    """Why a variant's chosen point is the most extreme one tried, and what the user can do about it."""
+    p = data.spec.nuisance[0]
+    where = {"high": "the highest", "low": "the lowest", "only": "the only"}
+    ends = " and ".join(where.get(e.strip(), e) for e in r["edge"].split(","))
+    if math.isclose(r["lr"], p.high) or math.isclose(r["lr"], p.low):
+        why = "it sits at a hard limit of the range: widen the range"
+    elif r["extra_points"] >= data.spec.max_extra_points:
+        why = f"the bracketing search used its {data.spec.max_extra_points} extra points: raise max_extra_points"
+    else:
+        why = "no further point was tried: resume the study to finish its tuning"
+    return (f"{ends} value tried ({int(r['tune_points'])} points, {int(r['extra_points'])} beyond the first); {why}. "
+            "Its optimum may lie beyond, so its comparison may be unfair.")
+
+
 def ratio_text(value: float, base: float, what: str) -> str:
     if math.isnan(value) or math.isnan(base) or base == 0:
         return ""
@@ -197,11 +212,7 @@ def tuning_warnings(data: StudyData, table: pd.DataFrame) -> list[dict]:
         if pd.isna(r["lr"]):
             text = f"{r['variant']}: no tune run completed (all diverged or failed): nothing to re-run on seeds."
         else:
-            where = {"high": "the highest", "low": "the lowest", "only": "the only"}
-            ends = ", ".join(where.get(e.strip(), e) for e in r["edge"].split(","))
-            text = (f"{r['variant']}: the chosen {data.spec.nuisance[0].key} = {fmt(r['lr'])} is {ends} value tried "
-                    f"({int(r['tune_points'])} points, {int(r['extra_points'])} beyond the first); at a hard limit of "
-                    "the range or out of extension budget, so its optimum may lie beyond: widen the range.")
+            text = f"{r['variant']}: the chosen {data.spec.nuisance[0].key} = {fmt(r['lr'])} is " + _edge_text(data, r)
         out.append({"variant": r["variant"], "text": text})
     return out
 
