@@ -209,7 +209,9 @@ class StoreBuilder:
         return {names.ATTR_OUTCOME: loss + 0.01 if state == "completed" else UNIFORM_LOSS}
 
     def _dist(self, key: str):
-        spec = (self.spec.get("nuisance") or {}).get(key) or (self.spec.get("scientific") or {}).get(key)
+        bare = key.split(".")[-1]  # a study file may name a parameter by its bare field name
+        spec = next((section[k] for section in (self.spec.get("nuisance") or {}, self.spec.get("scientific") or {})
+                     for k in (key, bare) if k in section), None)
         if isinstance(spec, dict):
             return FloatDistribution(spec["low"], spec["high"], log=spec.get("log", False))
         return CategoricalDistribution(spec)

@@ -119,6 +119,27 @@ def test_study_with_only_failed_and_pruned_trials_still_reports(tmp_path):
                                           "failed %": "33.33", "pruned %": "33.33"}]
 
 
+def test_study_with_zero_trials_reports_instead_of_claiming_it_is_missing(tmp_path):
+    from ablate.report import build_report
+
+    b = StoreBuilder(tmp_path, {**SPEC, "name": "empty"})
+    page = build_report("empty", storage=b.storage, tracking_uri=b.tracking_uri, out=tmp_path / "r").read_text()
+    assert "no trials yet" in page
+
+
+def test_a_bare_nuisance_key_is_resolved_like_the_runner_does(tmp_path):
+    """``lr:`` in the study file is ``train.lr``: the report's tuning checks and LR plot must still see it."""
+    from ablate.report import build_report
+
+    spec = {**SPEC, "name": "bare", "nuisance": {"lr": SPEC["nuisance"]["train.lr"]}}
+    b = StoreBuilder(tmp_path, spec)
+    for i, lr in enumerate((1e-3, 3e-3)):
+        b.add("base", "tune", {"train.lr": lr}, 0, 2.0 - i * 0.1, point=i)
+    page = build_report("bare", storage=b.storage, tracking_uri=b.tracking_uri, out=tmp_path / "r").read_text()
+    assert "base: the chosen train.lr = 0.003 is the highest value tried" in page
+    assert 'alt="learning-rate sensitivity"' in page and "Nothing to plot yet: learning-rate" not in page
+
+
 def build_search(root: Path, n: int = 10) -> StoreBuilder:
     spec = {**SPEC, "name": "hunt", "kind": "search", "scientific": {"model.num_heads": [1, 2, 4]},
             "nuisance": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "budget": {"trials": n}}

@@ -298,3 +298,10 @@ def test_diverged_tune_trials_step_down_and_no_seed_runs_without_a_tuned_point(w
         assert (t.state, t.user_attrs[names.ATTR_STATUS]) == (TrialState.FAIL, "diverged")
         run = client.get_run(t.user_attrs[names.ATTR_RUN_ID])
         assert run.info.status == "FAILED" and run.data.tags[names.TAG_STATUS] == "diverged"
+
+
+def test_without_nuisance_parameters_variants_go_straight_to_seeds(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "a.yaml", nuisance=None, seeds=2))
+    first = plan.first_trials(spec)
+    assert {(p.phase, p.point) for p in first} == {("seed", 1), ("seed", 2)}  # no identical "tune" trials
+    assert len(first) == 2 * len(spec.variants())

@@ -69,7 +69,7 @@ def results_table(data: StudyData) -> pd.DataFrame:
     t = data.trials
     lead = [c for c in ("trial", "state", "status", "phase", "variant", "seed", "value") if c in t]
     metrics = [c for c in t.columns if "/" in c and not c.startswith(("attn/", "train/"))]
-    return t[lead + analysis.varied_params(data) + sorted(metrics) + ["run_id"]]
+    return t[lead + analysis.varied_params(data) + sorted(metrics) + [c for c in ("run_id",) if c in t]]
 
 
 def _context(data: StudyData) -> dict:
@@ -81,7 +81,8 @@ def _context(data: StudyData) -> dict:
         "task_metric": data.task_metric, "edges": [], "fair": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
-        "figures": {}, "search": None, "attention": _attention(data),
+        "figures": dict.fromkeys(("isolation", "lr", "importance", "interaction")), "search": None,
+        "attention": _attention(data),
         "provenance": _provenance(data, counts, statuses), "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
     }
     if data.kind == "ablation":
