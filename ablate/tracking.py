@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -29,7 +29,9 @@ from ablate import names
 from ablate.config import flatten, to_dict, to_yaml
 from ablate.figures import save_attention_maps
 from ablate.stores import default_tracking_uri
-from ablate.train import RunResult, RunStart
+
+if TYPE_CHECKING:  # torch is imported when a run starts, not by `ablate ui` reading the store
+    from ablate.train import RunResult, RunStart
 
 # The mapping of mlflow.optuna.MlflowStorage (a pruned trial is KILLED).
 RUN_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
