@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
@@ -36,6 +37,7 @@ from ablate.study_runs import Monitor, ParentRun, end_orphan_runs, end_trial_run
 PLAN_DIGEST = "plan_digest"  # study user attr, set once the plan is enqueued
 MAX_RETRY = 2  # a trial whose worker died is re-enqueued at most this often
 POLL_S = 1.0
+SCHEMA_RETRIES = 5
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -107,13 +109,17 @@ def open_storage(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
         end_trial_run(tracking_uri, trial, "FAILED", "worker stopped sending heartbeats")
         retry(study, trial)
 
-    return RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=spec.heartbeat,
-        grace_period=3 * spec.heartbeat,
-        heartbeat_stale_trial_callback=on_stale,
-    )
+    for attempt in range(SCHEMA_RETRIES):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=spec.heartbeat,
+                              grace_period=3 * spec.heartbeat, heartbeat_stale_trial_callback=on_stale)  # fmt: skip
+        except sqlalchemy.exc.DBAPIError as err:
+            # Workers started together on a fresh database race to create Optuna's tables; the loser sees a
+            # duplicate type or table. A moment later the schema exists and opening it is a read.
+            if attempt == SCHEMA_RETRIES - 1 or "already exists" not in str(err) and "UniqueViolation" not in str(err):
+                raise
+            time.sleep(POLL_S * (1 + attempt))
+    raise AssertionError("unreachable")
 
 
 def plan_digest(spec: StudySpec) -> str:

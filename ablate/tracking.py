@@ -28,21 +28,16 @@ import ablate
 from ablate import names
 from ablate.config import flatten, to_dict, to_yaml
 from ablate.figures import save_attention_maps
-from ablate.stores import default_tracking_uri
+from ablate.stores import default_tracking_uri, sqlite_path
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not by `ablate ui` reading the store
     from ablate.train import RunResult, RunStart
 
-# The mapping of mlflow.optuna.MlflowStorage (a pruned trial is KILLED).
-RUN_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 MAX_BATCH_METRICS = 1000  # MLflow's cap on metrics in one log_batch
 MAX_BATCH_PARAMS = 100  # and on params
 TAG_ABLATE_VERSION = "ablate.version"
 TAG_TORCH_VERSION = "torch.version"
 TAG_CUDA_VERSION = "cuda.version"
-CONFIG_ARTIFACT = "config.yaml"
-MAPS_ARTIFACT = "attention/attention_maps.png"
-CHECKPOINT_DIR = "checkpoint"  # holds model.pt
 TAG_TRACKING_ERROR = "ablate.tracking_error"  # a background write failed: the record may be incomplete
 SCHEMA_SAMPLE_ROWS = 16
 FLUSH_EVERY_S = 10.0  # buffered metrics reach the store at the first evaluation this long after the last write
@@ -50,14 +45,13 @@ FLUSH_EVERY_S = 10.0  # buffered metrics reach the store at the first evaluation
 
 def artifact_root(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store live beside it (``runs/artifacts``); other stores keep their server's default."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
+    path = sqlite_path(tracking_uri)
+    return str(path.parent / "artifacts") if path else None
 
 
 def prepare_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///"):  # SQLite creates the file but not its folder
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if path := sqlite_path(tracking_uri):  # SQLite creates the file but not its folder
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -133,8 +127,8 @@ class MLflowTracker:
 
     ``run_id`` is set in ``on_start``. Params, the dataset and metrics are written by a background thread (metrics
     batched, sent at evaluations at most every ``FLUSH_EVERY_S``); ``on_end`` waits for them, then logs the final
-    summaries, status and artifacts. The run always ends with a final status (``RUN_STATUS``), also when training
-    raised: the trainer calls ``on_end`` with status ``failed`` before re-raising.
+    summaries, status and artifacts. The run always ends with a final status (``names.MLFLOW_STATUS``), also when
+    training raised: the trainer calls ``on_end`` with status ``failed`` before re-raising.
     """
 
     def __init__(
@@ -173,7 +167,7 @@ class MLflowTracker:
         for i in range(0, len(items), MAX_BATCH_PARAMS):
             self._writer.submit(self.client.log_batch, self.run_id, params=items[i : i + MAX_BATCH_PARAMS])
         self._writer.submit(self._log_dataset, start.task)
-        self._writer.submit(self.client.log_text, self.run_id, to_yaml(start.config), CONFIG_ARTIFACT)
+        self._writer.submit(self.client.log_text, self.run_id, to_yaml(start.config), names.CONFIG_ARTIFACT)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._add(step, metrics)
@@ -191,7 +185,7 @@ class MLflowTracker:
         if self.run_id is None:  # failed before on_start: still leave a record of the attempt
             self._create_run({})
             if result.config_yaml:
-                self.client.log_text(self.run_id, result.config_yaml, CONFIG_ARTIFACT)
+                self.client.log_text(self.run_id, result.config_yaml, names.CONFIG_ARTIFACT)
         try:
             final = {k: v for k, v in result.metrics.items() if self._last_step.get(k) != result.steps}
             self._add(result.steps, final)
@@ -211,7 +205,7 @@ class MLflowTracker:
                 print(f"ablate: MLflow logging failed for run {self.run_id}: {error}", file=sys.stderr)
                 self.client.set_tag(self.run_id, TAG_TRACKING_ERROR, f"{type(error).__name__}: {error}"[:5000])
         finally:  # whatever failed above, the run must not stay RUNNING
-            self.client.set_terminated(self.run_id, RUN_STATUS.get(result.status, "FAILED"))
+            self.client.set_terminated(self.run_id, names.MLFLOW_STATUS.get(result.status, "FAILED"))
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _create_run(self, extra_tags: dict[str, str]) -> None:
@@ -259,15 +253,15 @@ class MLflowTracker:
     def _log_artifacts(self, result: RunResult) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if result.attention_maps is not None:
-                path = Path(tmp) / Path(MAPS_ARTIFACT).name
+                path = Path(tmp) / Path(names.MAPS_ARTIFACT).name
                 save_attention_maps(result.attention_maps, path)
-                self.client.log_artifact(self.run_id, str(path), str(Path(MAPS_ARTIFACT).parent))
+                self.client.log_artifact(self.run_id, str(path), str(Path(names.MAPS_ARTIFACT).parent))
             if result.checkpoint is not None:
                 import torch
 
                 path = Path(tmp) / "model.pt"
                 torch.save(result.checkpoint, path)
-                self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
+                self.client.log_artifact(self.run_id, str(path), names.CHECKPOINT_DIR)
 
 
 _DATASETS: dict[str, Dataset] = {}  # task digest -> entity: a study's trials share one

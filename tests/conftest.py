@@ -21,7 +21,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from ablate import names
-from ablate.config import flatten, run_config_from, to_dict, with_values
+from ablate.config import RunConfig, flatten, run_config_from, to_dict, with_values
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: studies/ are read from here, never from the cwd
 
@@ -46,6 +46,39 @@ TINY_STUDY = {
     "seeds": 1,
     "max_extra_points": 0,  # a fixed size: 2 variants x (1 tune + 1 seed) trials
 }  # fmt: skip
+
+
+def tiny(**values: object) -> RunConfig:
+    """TINY_RUN with dotted keys changed."""
+    return with_values(run_config_from(TINY_RUN), values)
+
+
+class Recorder:
+    """A train callback that records every event; can ask to stop at a step, or raise at a step."""
+
+    def __init__(
+        self, stop_at: int | None = None, raise_at: int | None = None, error: BaseException | None = None
+    ) -> None:
+        self.stop_at, self.raise_at, self.error = stop_at, raise_at, error or RuntimeError("boom")
+        self.steps: list[tuple[int, dict]] = []
+        self.evals: list[tuple[int, dict]] = []
+        self.ends: list = []
+        self.derived: dict = {}
+
+    def on_start(self, start) -> None:
+        self.derived = start.derived
+
+    def on_step(self, step: int, metrics: dict) -> bool:
+        self.steps.append((step, metrics))
+        if step == self.raise_at:
+            raise self.error
+        return step == self.stop_at
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self.evals.append((step, metrics))
+
+    def on_end(self, result) -> None:
+        self.ends.append(result)
 
 
 @pytest.fixture(autouse=True)

@@ -32,25 +32,34 @@ def _reachable() -> str:
 
 
 @pytest.fixture
-def pg_study():
+def pg_url():
+    """A database created for this test and dropped after it: a new user's empty database, never tables left
+    behind by an earlier run (two workers racing to create Optuna's schema is exactly what must work)."""
+    import psycopg
+
     reason = _reachable()
     if reason:
         pytest.skip(f"PostgreSQL not reachable at {URL} ({reason})")
-    name = f"pg-{uuid.uuid4().hex[:10]}"
-    yield name
-    optuna.delete_study(study_name=name, storage=URL)
+    server = URL.replace("+psycopg", "")
+    db = f"ablate_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    yield URL.rsplit("/", 1)[0] + f"/{db}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
 
 
-def test_two_processes_share_a_postgres_study(pg_study, tmp_path):
+def test_two_processes_share_a_postgres_study_on_a_fresh_database(pg_url, tmp_path):
+    pg_study = "pg"
     spec = {**TINY_STUDY, "name": pg_study, "points": 2, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     path = tmp_path / "pg.yaml"
     path.write_text(yaml.safe_dump(spec))
-    cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--storage", URL, "--no-report"]
+    cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--storage", pg_url, "--no-report"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
 
-    trials = optuna.load_study(study_name=pg_study, storage=URL).get_trials()
+    trials = optuna.load_study(study_name=pg_study, storage=pg_url).get_trials()
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
     keys = collections.Counter((t.user_attrs[names.ATTR_PHASE], t.user_attrs[names.ATTR_VARIANT],
                                 t.user_attrs[names.ATTR_POINT]) for t in trials)  # fmt: skip

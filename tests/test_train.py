@@ -7,45 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RUN as TINY
+from conftest import Recorder, tiny
 
 from ablate import names
-from ablate.config import RunConfig, run_config_from, with_values
-from ablate.train import DATA_SEED, RunResult, lr_at, make_optimizer, train
+from ablate.train import DATA_SEED, lr_at, make_optimizer, train
 
 RECALL_UNIFORM_LOSS = math.log(9)  # TINY's recall: 8 key/value tokens and the filler
-
-
-def tiny(**values: object) -> RunConfig:
-    return with_values(run_config_from(TINY), values)
-
-
-class Recorder:
-    """Records every event; can ask to stop at a step, or raise at a step."""
-
-    def __init__(
-        self, stop_at: int | None = None, raise_at: int | None = None, error: BaseException | None = None
-    ) -> None:
-        self.stop_at, self.raise_at, self.error = stop_at, raise_at, error or RuntimeError("boom")
-        self.steps: list[tuple[int, dict]] = []
-        self.evals: list[tuple[int, dict]] = []
-        self.ends: list[RunResult] = []
-        self.derived: dict = {}
-
-    def on_start(self, start) -> None:
-        self.derived = start.derived
-
-    def on_step(self, step: int, metrics: dict) -> bool:
-        self.steps.append((step, metrics))
-        if step == self.raise_at:
-            raise self.error
-        return step == self.stop_at
-
-    def on_eval(self, step: int, metrics: dict) -> None:
-        self.evals.append((step, metrics))
-
-    def on_end(self, result: RunResult) -> None:
-        self.ends.append(result)
 
 
 def test_a_completed_run_reports_steps_evaluations_and_summaries() -> None:
