@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 STUDY  ?= studies/default.yaml
 LOCK   := requirements.lock
 TORCH  ?= 2.13.0
+DASHBOARD_PORT ?= 8080
 
-.PHONY: install lock study report ui test bench lint clean
+.PHONY: install lock study report ui dashboard test bench lint clean
 
 install: $(STAMP)
 
@@ -41,6 +42,12 @@ report: install
 
 ui: install
 	$(BIN)/ablate ui
+
+# Optuna's own dashboard on the study storage ($ABLATE_STORAGE, else runs/optuna.db), on http://127.0.0.1:8080.
+# optuna-dashboard is the `dashboard` extra, installed on first use, so that `make install` stays as it is.
+dashboard: install
+	$(BIN)/python -c 'import optuna_dashboard' 2>/dev/null || $(BIN)/pip install --quiet -c $(LOCK) -e '.[dashboard]'
+	$(BIN)/ablate dashboard --port $(DASHBOARD_PORT)
 
 test: install
 	$(BIN)/pytest -q

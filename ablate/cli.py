@@ -1,4 +1,4 @@
-"""The ``ablate`` command: train, study, report, bench, ui. Bad input exits 2 with one line on stderr."""
+"""The ``ablate`` command: train, study, report, bench, ui, dashboard. Bad input exits 2 with one line on stderr."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the local store")
     p.add_argument("--port", type=int, default=5000)
+
+    p = sub.add_parser("dashboard", help="Optuna's dashboard on 127.0.0.1 against the study storage")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: $ABLATE_STORAGE or runs/optuna.db)")
     return parser
 
 
@@ -81,6 +85,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from ablate.commands import open_ui
 
         return open_ui(args.port)
+    if args.command == "dashboard":
+        from ablate.commands import open_dashboard
+
+        return open_dashboard(args.port, args.storage)
     return None
 
 

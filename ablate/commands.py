@@ -1,4 +1,5 @@
-"""The commands ``ablate`` dispatches to besides a study and a report: train one run, open the MLflow UI.
+"""The commands ``ablate`` dispatches to besides a study and a report: train one run, the MLflow UI, Optuna's
+dashboard.
 
 Links into the MLflow UI come from ``runs_url`` only. MLflow 3 opens an experiment on its GenAI overview ("0
 traces") unless the URL asks for the machine-learning workflow; the experiment tag ``mlflow.experimentKind`` does not
@@ -21,6 +22,7 @@ from urllib.parse import urlencode
 from ablate import names
 
 UI_HOST = "127.0.0.1"
+DASHBOARD_PORT = 8080  # optuna-dashboard's own default
 STOP_WAIT_S = 10.0  # after SIGTERM, the UI's server gets this long to exit before its group gets SIGKILL
 # The runs table of the machine-learning workflow, best validation loss first: a sort other than by start time
 # lists trials flat instead of folded under their (collapsed) study run.
@@ -89,8 +91,7 @@ def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
 
 def open_ui(port: int = 5000) -> int:
     """``ablate ui``: the MLflow UI on 127.0.0.1 against the default store until Ctrl-C or SIGTERM; prints the runs
-    table of the newest experiment. The server runs in its own process group, stopped whole on the way out (its
-    uvicorn workers and job runners would otherwise outlive us and keep the port)."""
+    table of the newest experiment."""
     from ablate.stores import default_tracking_uri
     from ablate.tracking import artifact_root, prepare_store
 
@@ -105,6 +106,34 @@ def open_ui(port: int = 5000) -> int:
     workflow = urlencode({"workflowType": RUNS_TABLE["workflowType"]})
     url = runs_url(experiment_id, port=port) if experiment_id else f"http://{UI_HOST}:{port}/#/experiments?{workflow}"
     print(f"MLflow UI (store {uri}) starting; Ctrl-C stops it", file=sys.stderr)
+    return serve(command, url)
+
+
+def open_dashboard(port: int = DASHBOARD_PORT, storage: str | None = None) -> int:
+    """``ablate dashboard``: Optuna's dashboard (the ``dashboard`` extra) on 127.0.0.1 against the study storage
+    (``storage``, else the default one of ``ablate study``) until Ctrl-C or SIGTERM. Exit 2 when it is not installed."""
+    executable = Path(sys.executable).with_name("optuna-dashboard")
+    if not executable.exists():
+        print("ablate dashboard: optuna-dashboard is not installed; `make dashboard` installs it", file=sys.stderr)
+        return 2
+    from optuna.storages import RDBStorage
+
+    from ablate.stores import default_storage, sqlite_path
+
+    url = storage or default_storage()
+    path = sqlite_path(url)
+    if path is not None:  # SQLite creates the file but not its folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+    RDBStorage(url)  # the tables of a store no study has written yet: the dashboard opens stores as they are
+    print(f"Optuna dashboard (storage {url}) starting; Ctrl-C stops it", file=sys.stderr)
+    command = [str(executable), "--host", UI_HOST, "--port", str(port), "--quiet", url]
+    return serve(command, f"http://{UI_HOST}:{port}/dashboard")
+
+
+def serve(command: list[str], url: str) -> int:
+    """Print ``url``, then run the server ``command`` until it exits, Ctrl-C or SIGTERM. The server gets its own
+    process group, stopped whole on the way out: its workers (uvicorn's, gunicorn's, MLflow's job runners) would
+    otherwise outlive us and keep the port."""
     print(url, flush=True)
     server = subprocess.Popen(command, start_new_session=True)
     try:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -122,3 +126,51 @@ def test_stopping_the_ui_stops_every_process_of_its_group(trap: str) -> None:
     finally:  # never leave a sleeper behind when the assertion fails
         with contextlib.suppress(ProcessLookupError):
             os.killpg(leader.pid, signal.SIGKILL)
+
+
+def test_ablate_dashboard_without_optuna_dashboard_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from ablate import commands
+
+    monkeypatch.setattr(commands.sys, "executable", str(tmp_path / "bin" / "python"))  # a venv without it
+    assert commands.open_dashboard(port=free_port()) == 2
+    assert "make dashboard" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.load(response)
+    except OSError:
+        return None
+
+
+def test_ablate_dashboard_serves_the_study_storage_from_its_first_study_on(tmp_path: Path) -> None:
+    pytest.importorskip("optuna_dashboard", reason="the `dashboard` extra (`make dashboard` installs it)")
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"  # a fresh clone: not even the folder yet
+    port = free_port()
+    env = {**os.environ, "ABLATE_STORAGE": storage}
+    cmd = [sys.executable, "-m", "ablate.cli", "dashboard", "--port", str(port)]
+    dashboard = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert dashboard.stdout.readline().strip() == f"http://127.0.0.1:{port}/dashboard"
+        api = f"http://127.0.0.1:{port}/api/studies"
+        deadline = time.monotonic() + 60
+        while (found := get_json(api)) is None and dashboard.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert found == {"study_summaries": []}
+        optuna.create_study(study_name="later", storage=storage)  # what `ablate study` writes, seen live
+        assert [s["study_name"] for s in get_json(api)["study_summaries"]] == ["later"]
+    finally:
+        dashboard.send_signal(signal.SIGTERM)
+        dashboard.wait(timeout=30)
+    assert dashboard.returncode == 0 and get_json(api) is None  # stopped with its server
