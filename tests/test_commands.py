@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
-from conftest import TINY_RUN
+from conftest import TINY_RUN, Recorder, tiny
 from mlflow import MlflowClient
 
 from ablate import names
@@ -80,22 +80,17 @@ def test_the_ui_opens_on_the_newest_experiment_not_mlflows_default(client: Mlflo
 
 
 def test_sigterm_ends_the_run_failed_instead_of_running(client: MlflowClient) -> None:
-    from ablate.config import run_config_from
     from ablate.tracking import MLflowTracker
     from ablate.train import train
 
-    class Terminate:
-        def on_start(self, start) -> None: ...
-        def on_eval(self, step: int, metrics: dict) -> None: ...
-        def on_end(self, result) -> None: ...
-
+    class Terminate(Recorder):
         def on_step(self, step: int, metrics: dict) -> bool:
             if step == 10:
                 os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or `timeout` would
             return False
 
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
-        train(run_config_from(TINY_RUN), [MLflowTracker(), Terminate()])
+        train(tiny(), [MLflowTracker(), Terminate()])
     run = only_run(client)
     assert run.info.status == "FAILED" and "SIGTERM" in run.data.tags[names.TAG_REASON]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
