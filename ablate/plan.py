@@ -204,12 +204,14 @@ def _more_seeds(spec: StudySpec, results: list[Result]) -> list[PlannedTrial]:
         return []
     first = range(1, spec.min_seeds + 1)
     seeds = {(r.variant, r.point): r for r in results if r.phase == "seed"}
-    if not all((v.name, s) in seeds and seeds[v.name, s].finished for v in spec.variants() for s in first):
-        return []  # look 1 needs every arm's first seeds
+    active = [v.name for v in spec.variants() if not _seedless(spec, v, results)]
+    if "base" not in active or not all((v, s) in seeds and seeds[v, s].finished for v in active for s in first):
+        return []  # look 1 needs the first seeds of every arm that has a tuned point
     arms, r = arm_results(spec, results), rule(spec)
     more = set()
     for alternatives in factors(spec).values():
-        more |= verdicts.needs_more_seeds(arms["base"], [arms[a] for a in alternatives], r)
+        arms_of = [arms[a] for a in alternatives if a in active]
+        more |= verdicts.needs_more_seeds(arms["base"], arms_of, r)
     if more:
         more.add("base")
     out = []
@@ -219,6 +221,13 @@ def _more_seeds(spec: StudySpec, results: list[Result]) -> list[PlannedTrial]:
             out += [PlannedTrial("seed", variant, s, {**variant.values, **params})
                     for s in range(spec.min_seeds + 1, spec.max_seeds + 1)]  # fmt: skip
     return out
+
+
+def _seedless(spec: StudySpec, variant: Variant, results: list[Result]) -> bool:
+    """Tuning is over and no tune run completed: the variant has nothing to re-run on seeds."""
+    tune = [r for r in results if r.variant == variant.name and r.phase == "tune"]
+    return (bool(spec.nuisance) and bool(tune) and all(r.finished for r in tune)
+            and bracket_step(spec, tune) is None and chosen_point(spec, tune) is None)  # fmt: skip
 
 
 def planned_size(spec: StudySpec, results: list[Result]) -> int:

@@ -24,14 +24,6 @@ from ablate import names
 from ablate.commands import latest_experiment_id, runs_url, sigterm_as_interrupt, stop_group, train_from_file
 
 
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store with its schema created once: migrations take seconds, a copy milliseconds."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, empty_store: Path) -> MlflowClient:
     """The default store (``$MLFLOW_TRACKING_URI``) is a fresh copy in tmp_path, the working directory."""

@@ -192,6 +192,12 @@ def test_more_seeds_go_only_to_undecided_arms_and_the_base(tmp_path):
         ("base", 4), ("base", 5), ("model.num_heads=1", 4), ("model.num_heads=1", 5)]
     waiting = plan.next_trials(spec, results[:-1])  # look 1 waits for every arm's first seeds
     assert [(p.variant.name, p.point) for p in waiting] == [("model.num_heads=1", 3)]
+    # an arm whose every tune run diverged has no seeds: look 1 goes ahead without it
+    noisy = _results(spec, "model.num_heads=4", lr, {1: 2.05, 2: 1.95, 3: 2.10})
+    dead = _results(spec, "model.num_heads=1", {0.00316: "diverged"})
+    nxt = plan.next_trials(spec, results[:4] + noisy + dead)
+    assert sorted((p.variant.name, p.point) for p in nxt) == [
+        ("base", 4), ("base", 5), ("model.num_heads=4", 4), ("model.num_heads=4", 5)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
