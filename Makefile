@@ -20,13 +20,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
-# Re-resolves pyproject.toml in a throwaway venv (the newest releases that fit, torch held at $(TORCH)) and writes
-# $(LOCK). Local version labels (+cpu) are cut so each machine takes its own torch build, and the dry run against
-# PyPI alone (no pip config, no local wheels) refuses a pin that only this machine's mirror has.
+# Re-resolves pyproject.toml with every extra in a throwaway venv (the newest releases that fit, torch held at
+# $(TORCH)) and writes $(LOCK). Local version labels (+cpu) are cut so each machine takes its own torch build, and
+# the dry run against PyPI alone (no pip config, no local wheels) refuses a pin that only this machine's mirror has.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --upgrade pip
-	.venv-lock/bin/pip install --quiet 'torch==$(TORCH)' -e '.[dev]'
+	.venv-lock/bin/pip install --quiet 'torch==$(TORCH)' -e '.[dev,dashboard]'
 	{ echo '# Pins for `make install` (pip constraints). Written by `make lock` with' \
 	    "$$(.venv-lock/bin/python -V) on $$(uname -sm); do not edit by hand."; \
 	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^#' | sed 's/+[^ ]*$$//'; } > .venv-lock/$(LOCK)
