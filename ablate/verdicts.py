@@ -334,6 +334,10 @@ def _mean(c: Comparison) -> float:
 
 
 def _interval(c: Comparison) -> str:
+    if c.n == 0:
+        return "no paired seed run yet"
+    if c.n == 1:
+        return f"difference {c.mean:+.3g} from 1 seed, no interval"
     return (f"difference {c.mean:+.3g}, {100 * (1 - 2 * c.level):.3g}% interval {c.lo:+.3g} to {c.hi:+.3g}, "
             f"{c.n} seeds")
 

@@ -259,3 +259,12 @@ def test_simulated_false_claim_rate_per_factor_is_at_most_alpha(effect, noise):
 def test_simulated_procedure_reaches_the_true_verdict(effect, noise, verdict):
     """The error control above is not bought by never claiming anything."""
     assert (simulate(effect, noise, factors=1000) == verdict).mean() >= 0.95
+
+
+def test_an_alternative_without_paired_seeds_is_described_in_words_not_nan():
+    rule = Rule(margin=0.03, min_seeds=3, max_seeds=3)
+    base = ArmResult("base", {1: 2.0, 2: 2.01, 3: 1.99})
+    none, one = ArmResult("a", {}), ArmResult("b", {1: 2.1})
+    answer = answer_factor(base, judge_factor(base, [none, one], rule), [none, one])
+    assert "a (no paired seed run yet)" in answer.reason and "b (difference +0.1 from 1 seed" in answer.reason
+    assert "nan" not in answer.reason
