@@ -143,7 +143,8 @@ def _isolation_panel(ax: plt.Axes, data: StudyData, factor: str, base: pd.DataFr
             ax.scatter(np.full(len(sub), x + 0.18), sub["diff"], s=34 if diverged else 12, zorder=2,
                        marker="x" if diverged else "o", color="0.15" if diverged else "0.6")
         extent += list(pts["diff"])
-    ax.set_xticks(range(len(points)), [_tick(variant, value, row) for variant, value, row in points])
+    ax.set_xticks(range(len(points)), [_tick(variant, value, row) for variant, value, row in points],
+                  fontsize=8 if len(points) <= 4 else 6)
     ax.set_xlim(-0.5, len(points) - 0.5)
     ax.set_xlabel(factor)
     ax.set_ylabel(f"{names.TEST_LOSS} − base")
@@ -174,7 +175,8 @@ def _draw_verdict(ax: plt.Axes, x: int, r: pd.Series) -> list[float]:
     face = "white" if r["verdict"] == "undecided" else color
     diff, lo, hi = (float(r[k]) for k in ("diff", "lo", "hi"))
     if not math.isfinite(diff):
-        ax.annotate("no paired seed", (x, 0), xytext=(0, 8), textcoords="offset points", ha="center", fontsize=7)
+        ax.annotate("no paired seed", (x, 0), xytext=(0, 8), textcoords="offset points", ha="center", fontsize=7,
+                    rotation=90)  # upright: side by side they would overlap
         return []
     if math.isfinite(lo) and math.isfinite(hi):
         ax.errorbar([x], [diff], yerr=[[max(diff - lo, 0)], [max(hi - diff, 0)]], fmt=marker, ms=7, color=color,
