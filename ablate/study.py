@@ -311,5 +311,6 @@ def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     experiment = MlflowClient(tracking_uri).get_experiment_by_name(spec.name)
-    print(f"Report: {path}\nAll runs: make ui, then {runs_url(experiment.experiment_id)}")
+    answer = (path.parent / "summary.md").read_text(encoding="utf-8").splitlines()[0].removeprefix("# ")
+    print(f"\n{answer}\nReport: {path}\nAll runs: make ui, then {runs_url(experiment.experiment_id)}")
     return 0

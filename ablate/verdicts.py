@@ -2,18 +2,20 @@
 
 Every arm is re-run on seeds 1..n and a seed fixes the data order, so the comparison is paired by seed:
 ``d_s = arm_s - base_s`` over the seeds both ran (lower is better, so ``d < 0`` favours the alternative).
-``margin`` (delta) is the smallest difference that matters. Each alternative ends as one claim:
+``margin`` (delta) is the smallest difference that matters. Each alternative ends as one claim, the first that holds:
 
-- better: the mean of ``d`` is below ``-delta``   (one-sided t-test of H0 ``mean >= -delta``)
-- worse: above ``+delta``                          (H0 ``mean <= +delta``)
-- equivalent: between them                         (TOST: H0 ``mean <= -delta`` and H0 ``mean >= +delta``, both)
+- equivalent: within ``[-delta, +delta]``        (TOST: H0 ``mean <= -delta`` and H0 ``mean >= +delta``, both)
+- worse: above 0                                 (one-sided t-test of H0 ``mean <= 0``)
+- better: below ``-delta``                       (H0 ``mean >= -delta``)
 - undecided: none of the three could be claimed.
 
-Read off an interval: at one-sided level ``l`` the claim is "better" exactly when the two-sided ``1 - 2l`` t-interval
-of the mean lies below ``-delta``, "worse" when above ``+delta``, "equivalent" when inside ``[-delta, +delta]``; a
-false claim therefore needs an interval that misses the true mean, which happens with probability ``2l``. That is
+The asymmetry is the decision's: switching away from the base must pay for itself (better by more than the
+margin), while staying needs only that the alternative is worse or that the difference does not matter. Read off
+an interval: at one-sided level ``l`` the claim is "equivalent" exactly when the two-sided ``1 - 2l`` t-interval of
+the mean lies inside ``[-delta, +delta]``, else "worse" when it lies above 0, else "better" when below ``-delta``;
+each claim is false only if that interval misses the true mean, which happens with probability ``2l``. That is
 why each look tests at half its alpha per side (``SIDES``): an alternative may claim in either direction, and with
-the full alpha per side the chance of a false "better" or "worse" under no effect and large noise tends to ``2 alpha``
+the full alpha per side the chance of a false claim under no effect and large noise tends to ``2 alpha``
 (the CPMP "switching between superiority and non-inferiority" argument: one two-sided interval, any claim).
 
 Within a factor, Holm's step-down runs over its alternatives' claim p-values. Seeds come in two looks: look 1 after
@@ -202,11 +204,13 @@ def _look(diffs: np.ndarray, alpha: float, margin: float, tested: np.ndarray, lo
     low = _t(mean + margin, se)  # > t_crit: the mean is above -margin
     high = _t(mean - margin, se)  # < -t_crit: the mean is below +margin
     # stdtr(df, t) is the t distribution's cdf (scipy.stats.t.cdf without its per-call overhead, for simulations)
-    p_claims = np.stack([special.stdtr(df, low), special.stdtr(df, -high),
-                         np.maximum(special.stdtr(df, -low), special.stdtr(df, high))])  # better, worse, equivalent
-    claim = np.argmin(p_claims, axis=0) + 1
-    p = np.where((n >= 2) & tested, np.min(p_claims, axis=0), 1.0)
+    p_better = special.stdtr(df, low)
+    p_worse = special.stdtr(df, -_t(mean, se))
+    p_equivalent = np.maximum(special.stdtr(df, -low), special.stdtr(df, high))
+    p = np.where((n >= 2) & tested, np.minimum(np.minimum(p_better, p_worse), p_equivalent), 1.0)
     rejected, level = _holm(p, alpha / SIDES)
+    # the first claim that holds at the level Holm tested it at: equivalent, then worse, then better
+    claim = np.where(p_equivalent <= level, EQUIVALENT, np.where(p_worse <= level, WORSE, BETTER))
     half = np.where(n >= 2, -special.stdtrit(df, level) * np.where(n >= 2, se, 0.0), np.inf)
     return Judged(verdict=np.where(rejected, claim, UNDECIDED), n=n, mean=mean, lo=mean - half, hi=mean + half,
                   level=level, p=p, look=np.full(n.shape, look))
@@ -319,14 +323,14 @@ def answer_factor(base: ArmResult, comparisons: list[Comparison], alternatives: 
 
 def _cheapest(base: ArmResult, equivalents: list[Comparison], costs: dict[str, float]) -> tuple[str, str]:
     if not equivalents:
-        return base.name, f"Keep {base.name}: every alternative is worse by more than the margin."
+        return base.name, f"Keep {base.name}: every alternative is worse."
     candidates = {base.name: base.cost, **{c.name: costs[c.name] for c in equivalents}}
     names = _names(equivalents)
     if any(math.isnan(v) for v in candidates.values()):
         return base.name, f"{names} equivalent to {base.name} within the margin; no cost to compare: keep {base.name}."
     cheapest = min(candidates, key=candidates.get)  # the base first, so it wins a tie
     return cheapest, (f"{names} equivalent to {base.name} within the margin, the rest worse: choose the cheapest, "
-                      f"which is {cheapest} (cost {candidates[cheapest]:.4g}; {base.name}: {base.cost:.4g}).")
+                      f"which is {cheapest} (cost: " + ", ".join(f"{n} {c:.4g}" for n, c in candidates.items()) + ").")
 
 
 def _mean(c: Comparison) -> float:

@@ -109,8 +109,8 @@ def test_holm_differs_from_unadjusted_tests(ps, verdicts, levels):
 
 
 def test_interval_agrees_with_the_verdict_and_with_scipy():
-    """The displayed 1 - 2 level interval lies below -margin exactly when 'better', above +margin when 'worse',
-    inside when 'equivalent'; interval and p-value match scipy's t-test of the same paired seeds."""
+    """The displayed 1 - 2 level interval lies inside [-margin, margin] exactly when 'equivalent', else above 0 when
+    'worse', else below -margin when 'better'; interval and p-value match scipy's t-test of the same paired seeds."""
     rng = np.random.default_rng(1)
     seen = set()
     for _ in range(20):
@@ -120,12 +120,13 @@ def test_interval_agrees_with_the_verdict_and_with_scipy():
         alternatives = [arm(f"a{j}", values + effects[j] + noises[j] * rng.standard_normal(6)) for j in range(3)]
         for a, c in zip(alternatives, judge_factor(base, alternatives, RULE), strict=True):
             inside = -MARGIN <= c.lo <= c.hi <= MARGIN
-            claims = {"better": c.hi <= -MARGIN, "worse": c.lo >= MARGIN, "equivalent": inside}
-            assert [v for v, holds in claims.items() if holds] == ([] if c.verdict == "undecided" else [c.verdict])
+            claims = {"equivalent": inside, "worse": c.lo >= 0, "better": c.hi <= -MARGIN}  # the first that holds
+            first = next((v for v, holds in claims.items() if holds), "undecided")
+            assert first == c.verdict
             d = np.array([a.outcomes[s] - base.outcomes[s] for s in range(1, c.n + 1)])
             lo, hi = stats.t.interval(1 - 2 * c.level, c.n - 1, loc=d.mean(), scale=stats.sem(d))
             p = min(stats.ttest_1samp(d, -MARGIN, alternative="less").pvalue,
-                    stats.ttest_1samp(d, MARGIN, alternative="greater").pvalue,
+                    stats.ttest_1samp(d, 0.0, alternative="greater").pvalue,
                     max(stats.ttest_1samp(d, -MARGIN, alternative="greater").pvalue,
                         stats.ttest_1samp(d, MARGIN, alternative="less").pvalue))
             assert (c.lo, c.hi, c.p) == pytest.approx((lo, hi, p), rel=1e-6, abs=1e-12)
@@ -238,8 +239,9 @@ def simulate(effect: float, noise: float, factors: int = 10_000, k: int = 3, see
     return judge_arrays(base, np.where(runs_on, alternatives, np.nan), RULE).verdict
 
 
-FALSE = {0.0: (BETTER, WORSE), MARGIN: (BETTER, WORSE, EQUIVALENT), -MARGIN: (BETTER, WORSE, EQUIVALENT)}
-# Exactly at +-margin every claim is false: better/worse need beyond it, equivalence (TOST) needs strictly inside.
+FALSE = {0.0: (BETTER, WORSE), MARGIN: (BETTER, EQUIVALENT), -MARGIN: (BETTER, WORSE, EQUIVALENT)}
+# At +margin "worse" (above 0) is true and the rest false; at -margin every claim is false: better needs beyond it,
+# equivalence (TOST) needs strictly inside.
 # The noise levels are the worst cases: large noise under no effect (better and worse each fire at their level),
 # small noise at the margin (the claim across the boundary fires at its level).
 
@@ -268,3 +270,16 @@ def test_an_alternative_without_paired_seeds_is_described_in_words_not_nan():
     answer = answer_factor(base, judge_factor(base, [none, one], rule), [none, one])
     assert "a (no paired seed run yet)" in answer.reason and "b (difference +0.1 from 1 seed" in answer.reason
     assert "nan" not in answer.reason
+
+
+def test_worse_needs_only_to_be_above_zero_but_better_must_beat_the_margin():
+    """Keeping the base needs no margin (the alternative is worse, or the difference does not matter); switching to
+    an alternative must pay for itself. Near the margin the two directions therefore differ."""
+    rule = Rule(margin=0.03, min_seeds=6, max_seeds=6)
+    noise = np.array([0.004, -0.003, 0.002, -0.004, 0.003, -0.002])
+    base = arm("base", BASE_VALUES)
+    worse, better = arm("w", BASE_VALUES + 0.029 + noise), arm("b", BASE_VALUES - 0.029 + noise)
+    (w,) = judge_factor(base, [worse], rule)
+    (b,) = judge_factor(base, [better], rule)
+    assert (w.verdict, b.verdict) == ("worse", "undecided")
+    assert w.lo > 0 and w.hi > 0.03 and b.lo < -0.03 < b.hi < 0

@@ -164,7 +164,10 @@ def answers(data: StudyData, table: pd.DataFrame) -> list[dict]:
         comparisons = verdicts.judge_factor(arms["base"], [arms[a] for a in alternatives], rule)
         answer = verdicts.answer_factor(arms["base"], comparisons, [arms[a] for a in alternatives])
         chosen = next((c for c in comparisons if c.name == answer.choice), None)
-        label = chosen.verdict if chosen else ("keep base" if answer.decided else "undecided")
+        if chosen and (answer.decided or chosen.verdict == "better"):
+            label = chosen.verdict
+        else:
+            label = "keep base" if answer.decided else "undecided"  # a best guess is not labelled by its verdict
         choice = fmt(variant_value(answer.choice, factor, data)) if chosen else bval
         text = answer.reason + _cost_sentence(table, answer.choice)
         out.append({"factor": factor, "choice": choice, "verdict": label, "decided": answer.decided,
