@@ -95,6 +95,10 @@ BAD = {
     "unknown_param": ({"scientific": {"model.heads": [1, 2]}}, "scientific.model.heads"),
     "bad_range": ({"nuisance": {"train.lr": {"low": 1e-2, "high": 1e-3}}}, "nuisance.train.lr"),
     "pruned_ablation": ({"pruner": "median"}, "pruner"),
+    "name_outside_reports": ({"name": ".."}, "name"),  # reports/<name>/ must stay inside reports/
+    "bad_seeds": ({"seeds": {"min": 4, "max": 3}}, "seeds.max"),
+    "unknown_seeds_key": ({"seeds": {"least": 2}}, "seeds.least"),
+    "zero_margin": ({"margin": 0}, "margin"),
 }
 
 
