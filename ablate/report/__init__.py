@@ -95,11 +95,12 @@ def _context(data: StudyData) -> dict:
 
 
 def _ablation(data: StudyData, ctx: dict) -> None:
-    table = analysis.verdict_table(data) if not data.trials.empty else pd.DataFrame()
+    results = analysis.plan_results(data)
+    table = analysis.verdict_table(data, results) if not data.trials.empty else pd.DataFrame()
     if table.empty:
         ctx["headline"] = "no trials yet"
         return
-    ctx["answers"] = analysis.answers(data, table)
+    ctx["answers"] = analysis.answers(data, table, results)
     ctx["edges"] = analysis.tuning_warnings(data, table)
     decided = sum(a["decided"] for a in ctx["answers"])
     tuned = table[table["tune_points"] > 0]

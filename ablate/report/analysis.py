@@ -98,9 +98,10 @@ def basin(tune: pd.DataFrame, param: str, margin: float) -> tuple[float, float]:
     return float(near.min()), float(near.max())
 
 
-def verdict_table(data: StudyData) -> pd.DataFrame:
-    """One row per variant (base first): its tuning, its seed re-runs, its verdict against the base, its costs."""
-    spec, results = data.spec, plan_results(data)
+def verdict_table(data: StudyData, results: list[plan.Result]) -> pd.DataFrame:
+    """One row per variant (base first): its tuning, its seed re-runs, its verdict against the base, its costs.
+    ``results`` are the study's trials as the plan sees them (``plan_results``), read once per report."""
+    spec = data.spec
     arms = plan.arm_results(spec, results)
     comparisons = {c.name: c for c in _comparisons(data, arms)}
     runs, t = seed_runs(data), data.trials
@@ -130,8 +131,8 @@ def verdict_table(data: StudyData) -> pd.DataFrame:
             "basin_lo": lo, "basin_hi": hi,
         }
         row["bracketed"] = bool(chosen) and not row["edge"]
+        done = completed(mine)
         for key in COST_KEYS:
-            done = completed(mine)
             row[key] = float(done[key].mean()) if key in done and done[key].notna().any() else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
@@ -147,10 +148,10 @@ def _comparisons(data: StudyData, arms: dict[str, verdicts.ArmResult]) -> list[v
     return out
 
 
-def answers(data: StudyData, table: pd.DataFrame) -> list[dict]:
+def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) -> list[dict]:
     """Per scientific factor: the value to choose, whether that is decided, why, and the error rate it controls."""
     rule = plan.rule(data.spec)
-    arms = plan.arm_results(data.spec, plan_results(data))
+    arms = plan.arm_results(data.spec, results)
     costs = dict(zip(table["variant"], table[CHOICE_COST], strict=True)) if len(table) else {}
     arms = {k: verdicts.ArmResult(a.name, a.outcomes, a.diverged, costs.get(k, math.nan)) for k, a in arms.items()}
     out = []
