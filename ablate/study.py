@@ -10,20 +10,17 @@ A diverged run is an Optuna FAIL (user attr ``status: diverged``; MLflow FAILED)
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
@@ -31,13 +28,13 @@ from ablate import names, plan
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
-from ablate.stores import default_storage, default_tracking_uri, sqlite_path
+from ablate.storage import PlanLock, open_storage
+from ablate.stores import default_storage, default_tracking_uri
 from ablate.study_runs import Monitor, ParentRun, end_orphan_runs, end_trial_run, print_results
 
 PLAN_DIGEST = "plan_digest"  # study user attr, set once the plan is enqueued
 MAX_RETRY = 2  # a trial whose worker died is re-enqueued at most this often
 POLL_S = 1.0
-SCHEMA_RETRIES = 5
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -97,29 +94,15 @@ def _exit_code(study: optuna.Study, before: set[int]) -> int:
     return 1 if failed else 0
 
 
-def open_storage(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
-    """The study's storage, with heartbeats: a trial silent for 3 heartbeats is failed, its run ended, and retried."""
-    engine_kwargs: dict[str, Any] = {}
-    if path := sqlite_path(url):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers write to one file
+def _open(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
+    """The storage; a trial whose worker went silent has its MLflow run ended FAILED and is re-enqueued."""
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
         end_trial_run(tracking_uri, trial, "FAILED", "worker stopped sending heartbeats")
         retry(study, trial)
 
-    for attempt in range(SCHEMA_RETRIES):
-        try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=spec.heartbeat,
-                              grace_period=3 * spec.heartbeat, heartbeat_stale_trial_callback=on_stale)  # fmt: skip
-        except sqlalchemy.exc.DBAPIError as err:
-            # Workers started together on a fresh database race to create Optuna's tables; the loser sees a
-            # duplicate type or table. A moment later the schema exists and opening it is a read.
-            if attempt == SCHEMA_RETRIES - 1 or "already exists" not in str(err) and "UniqueViolation" not in str(err):
-                raise
-            time.sleep(POLL_S * (1 + attempt))
-    raise AssertionError("unreachable")
+    return open_storage(url, spec.heartbeat, on_stale)
 
 
 def plan_digest(spec: StudySpec) -> str:
@@ -133,7 +116,7 @@ def plan_digest(spec: StudySpec) -> str:
 
 def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.Study:
     """Create the study (parent run, plan, marker) exactly once; later calls and other workers load it."""
-    storage = open_storage(storage_url, spec, tracking_uri)
+    storage = _open(storage_url, spec, tracking_uri)
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, direction="minimize")
     except optuna.exceptions.DuplicatedStudyError:
@@ -218,11 +201,11 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
          deadline: float | None, threads: int, worker: int) -> int:  # fmt: skip
     """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run."""
     spec = load_spec(spec_path, overrides)
-    storage = open_storage(storage_url, spec, tracking_uri)
+    storage = _open(storage_url, spec, tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, worker),
                               pruner=_pruner(spec))  # fmt: skip
     parent_run_id = study.user_attrs[names.ATTR_PARENT_RUN_ID]
-    lock = _QueueLock(storage_url, spec.name)
+    lock = PlanLock(storage_url, spec.name)
     objective = Objective(spec, parent_run_id, tracking_uri, threads, lock)
     done = 0
     while (trials is None or done < trials) and (deadline is None or time.time() < deadline):
@@ -269,32 +252,6 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps)
     return optuna.pruners.NopPruner()
-
-
-class _QueueLock:
-    """A file lock held from "is a trial waiting?" until the trial is taken, so no worker samples an extra one."""
-
-    def __init__(self, storage_url: str, study_name: str) -> None:
-        if path := sqlite_path(storage_url):
-            self.path = path.with_name(f"{path.name}.{study_name}.lock")
-        else:  # workers on other machines are not covered; see the module docstring
-            key = hashlib.sha256(f"{storage_url}|{study_name}".encode()).hexdigest()[:16]
-            self.path = Path(tempfile.gettempdir()) / f"ablate-{key}.lock"
-        self._file: Any = None
-
-    def __enter__(self) -> _QueueLock:
-        self._file = open(self.path, "a")  # noqa: SIM115 (released in release(), maybe before __exit__)
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-        return self
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
