@@ -17,6 +17,7 @@ TAG_VARIANT = "ablate.variant"  # "base" or "<param>=<value>", e.g. "model.num_h
 TAG_FACTOR = "ablate.factor"  # the scientific parameter a variant changes ("" for base)
 TAG_STATUS = "ablate.status"  # the trainer's status: completed, diverged, stopped (pruned), failed
 TAG_REASON = "ablate.reason"  # why a run diverged, stopped or failed
+TAG_SETUP_ID = "ablate.setup_id"  # on a study's parent run: the Optuna study's set-up id (ATTR_SETUP_ID)
 TAG_SPEC_SHA256 = "ablate.spec_sha256"  # on a study's parent run: sha256 of the study file as written
 TAG_GIT_COMMIT = "git.commit"
 TAG_GIT_DIRTY = "git.dirty"
@@ -26,6 +27,7 @@ TAG_BACKEND = "ablate.backend"
 # Optuna user attributes -------------------------------------------------------------------------------------------
 ATTR_RUN_ID = "mlflow_run_id"  # on a trial: its MLflow child run
 ATTR_PARENT_RUN_ID = "mlflow_parent_run_id"  # on a study
+ATTR_SETUP_ID = "setup_id"  # on a study: a random id set when it is created, tagged on its parent run
 ATTR_KIND = "kind"  # on a study: "ablation" or "search"
 ATTR_SPEC = "spec"  # on a study: the study file's mapping, as loaded
 ATTR_PHASE = "phase"  # on a trial, as TAG_PHASE
@@ -34,6 +36,10 @@ ATTR_FACTOR = "factor"  # on a trial, as TAG_FACTOR
 ATTR_SEED = "seed"  # on a trial: train.seed
 ATTR_POINT = "point"  # on a planned trial: tune: the Halton point's index; seed: train.seed (phase+variant+point = key)
 ATTR_STATUS = "status"  # on a trial: the trainer's status (a diverged run is an Optuna FAIL with status "diverged")
+ATTR_RETRY_OF = "retry_of"  # on a re-enqueued copy: the number of the attempt it repeats
+ATTR_ATTEMPT = "attempt"  # on a planned trial: 1 for the first attempt at its key, then 2, 3, ...
+ATTR_REASON = "reason"  # on a failed or interrupted trial: why (the exception, the signal, the lost heartbeat)
+ATTR_WORKER = "worker"  # on a trial: host:pid of the worker that took it
 ATTR_OUTCOME = "outcome"  # on a seed trial: the verdict metric (test loss; a diverged run: the uniform-guess loss)
 
 # Statuses: the trainer's status of a run, and how Optuna and MLflow record it. One table, following
@@ -44,6 +50,7 @@ STATUSES = {  # trainer status -> (Optuna state, MLflow run status)
     "stopped": ("PRUNED", "KILLED"),
     "diverged": ("FAIL", "FAILED"),
     "failed": ("FAIL", "FAILED"),
+    "interrupted": ("FAIL", "KILLED"),  # Ctrl-C or SIGTERM: a stop, not a result; the trial goes back in the queue
 }
 MLFLOW_STATUS = {status: run for status, (_, run) in STATUSES.items()}
 STATUS_OF_STATE = {"COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed", "RUNNING": "running",

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from ablate import names
+from ablate import names, recovery
 from ablate.config import fmt, with_values
 from ablate.spec import StudySpec
 
@@ -27,9 +27,20 @@ class Objective:
     def __init__(self, spec: StudySpec, parent_run_id: str, tracking_uri: str, threads: int, lock: Any) -> None:
         self.spec, self.parent_run_id, self.tracking_uri = spec, parent_run_id, tracking_uri
         self.threads, self.lock = threads, lock
+        self.number: int | None = None  # the trial this worker is running: an interrupt hands it back
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.number = trial.number
+        trial.set_user_attr(names.ATTR_WORKER, recovery.worker_id())
         self.lock.release()  # the trial is ours now; other workers may take the next one
+        recovery.failpoint("trial:start")
+        try:
+            return self._train(trial)
+        except Exception as err:  # the reason stays on the trial; a rerun retries it (ablate.recovery)
+            trial.set_user_attr(names.ATTR_REASON, recovery.describe_reason(err)[:2000])
+            raise
+
+    def _train(self, trial: optuna.Trial) -> float:
         from ablate.train import train
 
         spec = self.spec
@@ -41,6 +52,7 @@ class Objective:
         values = {**params, "train.seed": seed, "train.threads": spec.base.train.threads or self.threads}
         config = with_values(spec.base, values)
         result = train(config, [tracker, TrialBridge(trial, tracker, prune=spec.pruner != "none")])
+        recovery.failpoint("trial:end")
         if result.status == "stopped":
             raise optuna.TrialPruned(result.reason)
         if result.status == "diverged":
@@ -86,6 +98,7 @@ class TrialBridge:
         self.trial, self.tracker, self.prune = trial, tracker, prune
 
     def on_start(self, start: Any) -> None:
+        recovery.failpoint("trial:run")  # the MLflow run exists, the trial does not name it yet
         self.trial.set_user_attr(names.ATTR_RUN_ID, self.tracker.run_id)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -99,6 +112,8 @@ class TrialBridge:
         with contextlib.suppress(Exception):  # the tracker creates a run even when training failed early
             self.trial.set_user_attr(names.ATTR_RUN_ID, self.tracker.run_id)
         self.trial.set_user_attr(names.ATTR_STATUS, result.status)
+        if result.status != "completed" and result.reason:
+            self.trial.set_user_attr(names.ATTR_REASON, result.reason[:2000])
         outcome = result.metrics.get(names.TEST_LOSS) if result.status == "completed" else None
         if result.status == "diverged":
             outcome = result.uniform_loss  # a diverged run is the worst outcome, never a dropped one

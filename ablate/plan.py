@@ -72,7 +72,17 @@ def result_of(trial: Any) -> Result:
 
 
 def results_of(trials: Iterable[Any]) -> list[Result]:
-    return [result_of(t) for t in trials]
+    """Results in trial order; of a planned key tried more than once, the latest attempt only (the earlier ones
+    were interrupted, lost their worker or raised, and were re-queued: ``ablate.recovery``)."""
+    latest: dict[tuple[str, str, int], Result] = {}
+    sampled = []
+    for t in sorted(trials, key=lambda t: t.number):
+        r = result_of(t)
+        if r.phase in ("tune", "seed", "arm"):
+            latest[(r.phase, r.variant, r.point)] = r
+        else:
+            sampled.append(r)
+    return list(latest.values()) + sampled
 
 
 def rule(spec: StudySpec) -> verdicts.Rule | None:

@@ -10,31 +10,37 @@ A diverged run is an Optuna FAIL (user attr ``status: diverged``; MLflow FAILED)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
+import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import names, plan
+from ablate import names, plan, recovery
+from ablate.commands import sigterm_as_interrupt
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
 from ablate.storage import PlanLock, open_storage
 from ablate.stores import default_storage, default_tracking_uri
-from ablate.study_runs import Monitor, ParentRun, end_orphan_runs, end_trial_run, print_results
+from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, reconcile_runs
 
-PLAN_DIGEST = "plan_digest"  # study user attr, set once the plan is enqueued
-MAX_RETRY = 2  # a trial whose worker died is re-enqueued at most this often
+PLAN_DIGEST = "plan_digest"  # study user attr: what the plan depends on; a resume with another plan is refused
+SETUP_DONE = "setup_done"  # study user attr, set once the parent run and the first trials exist
 POLL_S = 1.0
+STOP_GRACE_S = 60.0  # after an interrupt, how long workers get to hand their trials back
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -59,24 +65,34 @@ def run_study(
         raise ConfigError("--trials", f"must be >= 1, got {trials}")
     storage_url = storage or spec.storage or default_storage()
     tracking_uri = spec.tracking_uri or default_tracking_uri()
-    study = setup_study(spec, storage_url, tracking_uri)
-    parent = ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID])
-    end_orphan_runs(study, parent)
-    parent.resume()
     timeout = timeout if timeout is not None else spec.timeout
     deadline = time.time() + timeout if timeout else None
     threads = spec.base.train.threads or max(1, (os.cpu_count() or 1) // workers)
-    monitor = Monitor(study, total=lambda trials: planned_size(spec, trials))
-    before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    try:
-        with monitor:
-            if workers == 1:
-                work(str(spec_path), list(overrides), storage_url, tracking_uri, trials, deadline, threads, 0)
-            else:
-                _spawn(str(spec_path), list(overrides), storage_url, tracking_uri, trials, deadline, threads, workers)
-    finally:
-        end_orphan_runs(study, parent)
-        parent.finish(done=not _pending(study))
+    args = (str(spec_path), list(overrides), storage_url, tracking_uri, trials, deadline, threads)
+    interrupted = False
+    with sigterm_as_interrupt():  # SIGTERM (kill, a scheduler) stops a study as Ctrl-C does
+        study = setup_study(spec, storage_url, tracking_uri)
+        parent = ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID])
+        before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        with PlanLock(storage_url, spec.name):
+            reconcile_runs(study, parent)
+            recovery.retry_failed(study)
+        parent.resume()
+        try:
+            with Monitor(study, total=lambda trials: planned_size(spec, trials)):
+                if workers == 1:
+                    work(*args, 0)
+                else:
+                    _spawn(*args, workers)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            reconcile_runs(study, parent)
+            parent.finish(done=not _pending(study))
+    if interrupted:
+        print("ablate study: stopped; its unfinished trials are back in the queue. Resume: the same command",
+              file=sys.stderr)  # fmt: skip
+        return 130
     print_results(spec, study)
     code = _exit_code(study, before)
     return max(code, _report(spec, storage_url, tracking_uri)) if report else code
@@ -96,11 +112,13 @@ def _exit_code(study: optuna.Study, before: set[int]) -> int:
 
 def _open(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
     """The storage; a trial whose worker went silent has its MLflow run ended FAILED and is re-enqueued."""
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        end_trial_run(tracking_uri, trial, "FAILED", "worker stopped sending heartbeats")
-        retry(study, trial)
+        reason = "worker stopped sending heartbeats"
+        end_trial_run(ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID]), trial,
+                      "FAILED", reason)  # fmt: skip
+        if int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) <= recovery.MAX_RETRY:
+            recovery.requeue(study, trial, reason)
 
     return open_storage(url, spec.heartbeat, on_stale)
 
@@ -115,23 +133,43 @@ def plan_digest(spec: StudySpec) -> str:
 
 
 def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.Study:
-    """Create the study (parent run, plan, marker) exactly once; later calls and other workers load it."""
+    """Create or load the study and finish its set-up: parent run, first trials, markers.
+
+    Every step is idempotent and runs under the plan lock, so any number of processes starting together, or a
+    rerun after a set-up killed at any point, converge on one parent run and one copy of the plan.
+    """
     storage = _open(storage_url, spec, tracking_uri)
-    try:
-        study = optuna.create_study(storage=storage, study_name=spec.name, direction="minimize")
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=spec.name, storage=storage)
-        return _check_resumable(spec, study, storage_url)
-    parent = ParentRun.create(tracking_uri, spec)
-    study.set_user_attr(names.ATTR_KIND, spec.kind)
-    study.set_user_attr(names.ATTR_SPEC, json.loads(json.dumps(spec.data, default=str)))
-    study.set_user_attr(names.ATTR_PARENT_RUN_ID, parent.run_id)
-    enqueue(study, plan.first_trials(spec))
-    study.set_user_attr(PLAN_DIGEST, plan_digest(spec))
+    with PlanLock(storage_url, spec.name):
+        try:
+            study = optuna.create_study(storage=storage, study_name=spec.name, direction="minimize")
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=spec.name, storage=storage)
+        recovery.failpoint("setup:created")
+        attrs = study.user_attrs
+        digest = attrs.get(PLAN_DIGEST)
+        if digest is not None and digest != plan_digest(spec):
+            raise ConfigError("name", f"study {spec.name!r} in {storage_url} was created from another plan (base, "
+                              f"values or points differ); change name, or delete it: optuna delete-study "
+                              f"--study-name {spec.name} --storage {storage_url}", spec.source)  # fmt: skip
+        if attrs.get(SETUP_DONE):
+            return study
+        if digest is None:
+            study.set_user_attr(PLAN_DIGEST, plan_digest(spec))
+        setup_id = attrs.get(names.ATTR_SETUP_ID) or uuid.uuid4().hex
+        study.set_user_attr(names.ATTR_SETUP_ID, setup_id)
+        if names.ATTR_PARENT_RUN_ID not in attrs:
+            parent = ParentRun.find_or_create(tracking_uri, spec, setup_id)
+            recovery.failpoint("setup:parent")
+            study.set_user_attr(names.ATTR_PARENT_RUN_ID, parent.run_id)
+        study.set_user_attr(names.ATTR_KIND, spec.kind)
+        study.set_user_attr(names.ATTR_SPEC, json.loads(json.dumps(spec.data, default=str)))
+        planned = {recovery.key_of(t) for t in study.get_trials(deepcopy=False)}
+        enqueue(study, [p for p in plan.first_trials(spec) if p.key not in planned], failpoint="setup:enqueue")
+        study.set_user_attr(SETUP_DONE, True)
     return study
 
 
-def enqueue(study: optuna.Study, trials: list[plan.PlannedTrial]) -> None:
+def enqueue(study: optuna.Study, trials: list[plan.PlannedTrial], failpoint: str = "") -> None:
     for planned in trials:
         attrs = {
             names.ATTR_PHASE: planned.phase,
@@ -140,24 +178,7 @@ def enqueue(study: optuna.Study, trials: list[plan.PlannedTrial]) -> None:
             names.ATTR_POINT: planned.point,
         }
         study.enqueue_trial(planned.params, user_attrs=attrs)
-
-
-def _check_resumable(spec: StudySpec, study: optuna.Study, storage_url: str) -> optuna.Study:
-    for _ in range(60):  # another process may be enqueueing the plan right now
-        digest = study.user_attrs.get(PLAN_DIGEST)
-        if digest:
-            break
-        time.sleep(POLL_S)
-    else:
-        raise ConfigError("name", f"study {spec.name!r} in {storage_url} has no plan (its setup died); delete it")
-    if digest != plan_digest(spec):
-        raise ConfigError(
-            "name",
-            f"study {spec.name!r} in {storage_url} was created from another plan (base, values or points differ); "
-            f"change name, or delete it: optuna delete-study --study-name {spec.name} --storage {storage_url}",
-            spec.source,
-        )
-    return study
+        recovery.failpoint(failpoint)
 
 
 def planned_size(spec: StudySpec, trials: list[FrozenTrial]) -> int | None:
@@ -185,21 +206,39 @@ def _spawn(spec_path: str, overrides: list[str], storage_url: str, tracking_uri:
         if share == 0:
             continue
         args = (spec_path, overrides, storage_url, tracking_uri, share, deadline, threads, i)
-        procs.append(ctx.Process(target=work, args=args, name=f"ablate-worker-{i}"))
+        procs.append(ctx.Process(target=_worker_process, args=args, name=f"ablate-worker-{i}"))
     for p in procs:
         p.start()
     try:
         for p in procs:
             p.join()
-    finally:
+    except KeyboardInterrupt:
+        # Ctrl-C reached the workers too (one process group); SIGTERM reached only this process: pass it on.
+        # Each worker puts its trial back in the queue and exits; one that hangs is killed after STOP_GRACE_S.
         for p in procs:
             if p.is_alive():
                 p.terminate()
+        for p in procs:
+            p.join(STOP_GRACE_S)
+            if p.is_alive():
+                p.kill()
+        raise
+
+
+def _worker_process(*args: Any) -> None:
+    """A spawned worker: SIGTERM is an interrupt; an interrupt ends the process quietly (exit 130)."""
+    try:
+        with sigterm_as_interrupt():
+            work(*args)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: str, trials: int | None,
          deadline: float | None, threads: int, worker: int) -> int:  # fmt: skip
-    """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run."""
+    """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run.
+
+    An interrupt (Ctrl-C, SIGTERM) puts the worker's trial back in the queue, then re-raises."""
     spec = load_spec(spec_path, overrides)
     storage = _open(storage_url, spec, tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, worker),
@@ -218,12 +257,32 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
                 lock.release()
                 time.sleep(POLL_S)
                 continue
+            objective.number = None
             try:
                 study.optimize(objective, n_trials=1, catch=(Exception,))
             except optuna.exceptions.UpdateFinishedTrialError as err:  # failed as stale while alive (a pause)
                 print(f"ablate study: {err}; its retry will run again", file=sys.stderr)
+            except KeyboardInterrupt as err:
+                with _signals_ignored():  # a second Ctrl-C must not cut the hand-back short
+                    if objective.number is not None:
+                        recovery.stop_trial(study, objective.number, "interrupted", recovery.describe_reason(err))
+                raise
         done += 1
     return done
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    try:
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _has_work(spec: StudySpec, study: optuna.Study) -> bool:

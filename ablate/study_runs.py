@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from mlflow.entities import Param
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
@@ -31,9 +32,24 @@ class ParentRun:
         self.client, self.study_name, self.run_id = client_for(tracking_uri), study_name, run_id
 
     @classmethod
-    def create(cls, tracking_uri: str, spec: StudySpec) -> ParentRun:
+    def find_or_create(cls, tracking_uri: str, spec: StudySpec, setup_id: str) -> ParentRun:
+        """The study's run: the one that a set-up of this Optuna study (``setup_id``) created before it died,
+        else a new one. Never the run of an older, deleted study of the same name."""
+        client = client_for(tracking_uri)
+        experiment = client.get_experiment_by_name(spec.name)
+        if experiment is not None:
+            where = f"tags.`{names.TAG_ROLE}` = 'study' and tags.`{names.TAG_SETUP_ID}` = '{setup_id}'"
+            found = client.search_runs([experiment.experiment_id], where, order_by=["attributes.start_time ASC"],
+                                       max_results=1)  # fmt: skip
+            if found:
+                return cls(tracking_uri, spec.name, found[0].info.run_id)
+        return cls.create(tracking_uri, spec, setup_id)
+
+    @classmethod
+    def create(cls, tracking_uri: str, spec: StudySpec, setup_id: str) -> ParentRun:
         client = client_for(tracking_uri)
         tags = {
+            names.TAG_SETUP_ID: setup_id,
             names.TAG_STUDY: spec.name,
             names.TAG_ROLE: "study",
             names.TAG_KIND: spec.kind,
@@ -62,36 +78,65 @@ class ParentRun:
         self.client.set_terminated(self.run_id, "FINISHED" if done else "KILLED")
 
 
-def end_trial_run(tracking_uri: str, trial: FrozenTrial, status: str, reason: str) -> None:
-    """End the MLflow run of ``trial`` if it is still RUNNING (its worker died)."""
-    run_id = trial.user_attrs.get(names.ATTR_RUN_ID)
-    if not run_id:
-        return
-    client = client_for(tracking_uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, names.TAG_STATUS, "failed")
-        client.set_tag(run_id, names.TAG_REASON, reason)
-        client.set_terminated(run_id, status)
+def trial_runs(client: Any, experiment_id: str, parent_id: str, number: int | None = None) -> dict[int, list[Any]]:
+    """The study's child runs by trial number (from the run's trial tag, which exists from the run's creation on,
+    so a run whose worker died before recording its id on the trial is still found)."""
+    where = f"tags.`{names.TAG_ROLE}` = 'trial' and tags.`mlflow.parentRunId` = '{parent_id}'"
+    if number is not None:
+        where += f" and tags.`{names.TAG_TRIAL}` = '{number}'"
+    out: dict[int, list[Any]] = {}
+    for run in client.search_runs([experiment_id], filter_string=where, max_results=50_000):
+        tag = run.data.tags.get(names.TAG_TRIAL, "")
+        if tag.isdigit():
+            out.setdefault(int(tag), []).append(run)
+    return out
 
 
-def end_orphan_runs(study: optuna.Study, parent: ParentRun) -> int:
-    """End child runs still RUNNING whose trial is not running any more (a worker died after ``tell``). Count."""
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    running = parent.client.search_runs(
-        [parent.experiment_id],
-        filter_string=f"tags.`{names.TAG_ROLE}` = 'trial' and attributes.status = 'RUNNING'",
-        max_results=10_000,
-    )
-    ended = 0
-    for run in running:
-        number = run.data.tags.get(names.TAG_TRIAL)
-        state = states.get(int(number)) if number and number.isdigit() else None
-        if state == TrialState.RUNNING:
+def end_trial_run(parent: ParentRun, trial: FrozenTrial, status: str, reason: str) -> None:
+    """Give ``trial`` (whose worker died) its one run, ended ``status``: end it if RUNNING, create it if the
+    worker died before creating it."""
+    runs = trial_runs(parent.client, parent.experiment_id, parent.run_id, trial.number).get(trial.number, [])
+    _settle(parent, trial, runs, status, reason)
+
+
+def reconcile_runs(study: optuna.Study, parent: ParentRun) -> int:
+    """Every trial that has ended has exactly one ended child run: runs left RUNNING by a dead worker are ended
+    with their trial's status, and a trial killed before its run was created gets one (FAILED, with the reason).
+    Returns how many runs were ended or created."""
+    by_trial = trial_runs(parent.client, parent.experiment_id, parent.run_id)
+    fixed = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue  # a live worker's trial, or one whose heartbeat has not gone stale yet
-        parent.client.set_tag(run.info.run_id, names.TAG_REASON, f"run left RUNNING; its trial is {state}")
-        parent.client.set_terminated(run.info.run_id, names.MLFLOW_OF_STATE.get(state.name if state else "", "FAILED"))
-        ended += 1
-    return ended
+        status = names.MLFLOW_OF_STATE.get(t.state.name, "FAILED")
+        if t.user_attrs.get(names.ATTR_STATUS) in names.MLFLOW_STATUS:
+            status = names.MLFLOW_STATUS[t.user_attrs[names.ATTR_STATUS]]
+        runs = by_trial.get(t.number, [])
+        if not runs or any(r.info.status == "RUNNING" for r in runs):
+            _settle(parent, t, runs, status, f"run left {'RUNNING' if runs else 'uncreated'}; "
+                    f"its trial is {t.state.name}")  # fmt: skip
+            fixed += 1
+    return fixed
+
+
+def _settle(parent: ParentRun, trial: FrozenTrial, runs: list[Any], status: str, reason: str) -> None:
+    client = parent.client
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, names.TAG_STATUS, trial.user_attrs.get(names.ATTR_STATUS, "failed"))
+            client.set_tag(run.info.run_id, names.TAG_REASON, reason)
+            client.set_terminated(run.info.run_id, status)
+    if runs:
+        return
+    a = trial.user_attrs
+    tags = {names.TAG_ROLE: "trial", names.TAG_TRIAL: str(trial.number), names.TAG_STUDY: parent.study_name,
+            names.TAG_PHASE: a.get(names.ATTR_PHASE, ""), names.TAG_VARIANT: a.get(names.ATTR_VARIANT, ""),
+            names.TAG_FACTOR: a.get(names.ATTR_FACTOR, ""), names.TAG_STATUS: a.get(names.ATTR_STATUS, "failed"),
+            names.TAG_REASON: reason, "mlflow.parentRunId": parent.run_id}  # fmt: skip
+    name = f"{trial.number}-{a.get(names.ATTR_PHASE, '')}-{a.get(names.ATTR_VARIANT, '')}"
+    run = client.create_run(parent.experiment_id, run_name=name, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in trial.params.items()])
+    client.set_terminated(run.info.run_id, status)
 
 
 def describe(t: FrozenTrial) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ablate import names
 from ablate.config import RunConfig, TrainConfig, to_yaml
 
-STATUSES = ("completed", "diverged", "stopped", "failed")
+STATUSES = ("completed", "diverged", "stopped", "failed", "interrupted")
 
 
 @dataclass
@@ -76,8 +76,9 @@ def train(config: RunConfig, callbacks: tuple[Callback, ...] | list[Callback] = 
         result = trainer.run()
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         failed = RunResult(
-            "failed", reason, trainer.step, config_yaml=to_yaml(config), uniform_loss=trainer.uniform_loss
+            status, reason, trainer.step, config_yaml=to_yaml(config), uniform_loss=trainer.uniform_loss
         )
         _notify_end(callbacks, failed, quiet=True)
         raise

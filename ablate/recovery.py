@@ -1,0 +1,107 @@
+"""Trials that did not end in a result go back in the queue: one rule for interrupts, dead workers and errors.
+
+A planned trial is known by its key (phase, variant, point). An attempt at a key that ends without a result (an
+interrupt, a worker that stopped sending heartbeats, an exception) is an Optuna FAIL that keeps its reason; a copy
+with the same params and plan attrs, numbered ``attempt + 1``, is enqueued, so the plan and the verdicts see the
+latest attempt only (``plan.results_of``). Interrupts are always re-queued (a stop is not a failure); a dead worker
+at once, up to ``MAX_RETRY`` times; an error at the next run of the study (fix the cause, rerun), up to
+``MAX_RETRY`` times. A diverged run is a result and never retried.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ablate import names
+
+MAX_RETRY = 2  # attempts after the first for a key whose trials die or raise
+PLAN_ATTRS = (names.ATTR_PHASE, names.ATTR_VARIANT, names.ATTR_FACTOR, names.ATTR_POINT)
+FAILPOINT_ENV = "ABLATE_FAILPOINT"
+
+
+def key_of(trial: FrozenTrial) -> tuple[str, str, int] | None:
+    """A planned trial's key; None for a trial the sampler chose (a search's own trials)."""
+    a = trial.user_attrs
+    if a.get(names.ATTR_PHASE) not in ("tune", "seed", "arm"):
+        return None
+    return a[names.ATTR_PHASE], a.get(names.ATTR_VARIANT, ""), int(a.get(names.ATTR_POINT, -1))
+
+
+def is_error(trial: FrozenTrial) -> bool:
+    """A FAIL that is neither a result (diverged) nor a stop (interrupted): an exception, or a worker that died."""
+    status = trial.user_attrs.get(names.ATTR_STATUS, "failed")
+    return trial.state == TrialState.FAIL and status not in ("diverged", "interrupted")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """Enqueue the next attempt at ``trial``'s key (its params and plan attrs; not its run, status or outcome)."""
+    attrs = {k: trial.user_attrs[k] for k in PLAN_ATTRS if k in trial.user_attrs}
+    attrs[names.ATTR_RETRY_OF] = trial.number
+    attrs[names.ATTR_ATTEMPT] = int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) + 1
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    print(f"ablate study: trial {trial.number} ({reason}) goes back in the queue", flush=True)
+
+
+def latest_attempts(trials: Iterable[FrozenTrial]) -> dict[tuple[str, str, int], FrozenTrial]:
+    """The latest attempt at each planned key."""
+    latest: dict[tuple[str, str, int], FrozenTrial] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if (key := key_of(t)) is not None:
+            latest[key] = t
+    return latest
+
+
+def retry_failed(study: optuna.Study) -> list[int]:
+    """At the start of a run: re-enqueue keys whose latest attempt ended in an error or an interrupt (bounded for
+    errors). Returns the numbers of the trials retried; says which keys have used up their retries."""
+    retried = []
+    for t in latest_attempts(study.get_trials(deepcopy=False)).values():
+        if t.state != TrialState.FAIL or t.user_attrs.get(names.ATTR_STATUS) == "diverged":
+            continue
+        attempt = int(t.user_attrs.get(names.ATTR_ATTEMPT, 1))
+        reason = t.user_attrs.get(names.ATTR_REASON, t.user_attrs.get(names.ATTR_STATUS, "failed"))
+        if is_error(t) and attempt > MAX_RETRY:
+            print(f"ablate study: trial {t.number} failed {attempt} times, not retried: {reason}", flush=True)
+            continue
+        requeue(study, t, reason)
+        retried.append(t.number)
+    return retried
+
+
+def stop_trial(study: optuna.Study, number: int, status: str, reason: str) -> bool:
+    """Mark this worker's trial ``number`` as ended by ``status`` (unless it already ended with a result) and
+    re-queue it. True when it was re-queued."""
+    trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+    if trial.state == TrialState.RUNNING:
+        study._storage.set_trial_user_attr(trial._trial_id, names.ATTR_STATUS, status)
+        study._storage.set_trial_user_attr(trial._trial_id, names.ATTR_REASON, reason)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        trial = study._storage.get_trial(trial._trial_id)
+    elif trial.state != TrialState.FAIL or trial.user_attrs.get(names.ATTR_STATUS) not in (status, None):
+        return False  # it ended with a result (complete, pruned, diverged) before the stop reached it
+    if status == "interrupted" or int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) <= MAX_RETRY:
+        requeue(study, trial, reason)
+        return True
+    return False
+
+
+def failpoint(name: str) -> None:
+    """Die here, as a SIGKILL would, when ``$ABLATE_FAILPOINT`` names this point: the fault-injection tests'
+    way to kill a process at an exact moment (set-up, a trial's start, its MLflow run, its end)."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def describe_reason(err: Any) -> str:
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
