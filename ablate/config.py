@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ BACKENDS = ("sdpa", "manual")
 TASKS = ("charlm", "recall", "listops")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_FILE_BYTES = 1_000_000  # a study file is a page of YAML; more is a mistake (or an attack) before it is copied
+MAX_DEPTH = 32  # nesting of a YAML file; studies need 4
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_INT = 2**63 - 1  # what SQLite, Optuna and MLflow store; beyond it an int cannot be a size, a seed or a step
 
 
 class ConfigError(ValueError):
@@ -32,7 +37,7 @@ class ConfigError(ValueError):
 
     def __str__(self) -> str:
         where = f"{self.source}: " if self.source else ""
-        return f"{where}{self.key}: {self.problem}"
+        return _one_line(f"{where}{_clip(self.key, 120)}: {_clip(self.problem, 400)}")
 
     def at(self, source: str, prefix: str = "") -> ConfigError:
         """The same error, located in ``source`` and under the key ``prefix``."""
@@ -43,6 +48,16 @@ class ConfigError(ValueError):
         else:
             key = self.key
         return ConfigError(key, self.problem, self.source or source)
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a YAML key, say) escaped, so an error is always one line."""
+    return CONTROL.sub(lambda m: repr(m.group(0))[1:-1], text)
+
+
+def _clip(text: Any, limit: int) -> str:
+    text = str(text)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
 
 
 def choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
@@ -203,15 +218,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if not classes:
                 raise
             keys = ", ".join(f.name for f in dataclasses.fields(classes[0]))
-            raise ConfigError(key, f"must be {_type_name(scalars[0])} or a mapping of {keys}, got {value!r}") from None
+            problem = f"must be {_type_name(scalars[0])} or a mapping of {keys}, got {_short(value)}"
+            raise ConfigError(key, problem) from None
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a mapping, got {value!r}")
+            raise ConfigError(key, f"must be a mapping, got {_short(value)}")
         inner = typing.get_args(tp)[1]
         return {k: _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if origin is list or tp is list:
         if not isinstance(value, list):
-            raise ConfigError(key, f"must be a list, got {value!r}")
+            raise ConfigError(key, f"must be a list, got {_short(value)}")
         return list(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=key)
@@ -219,16 +235,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         ok = isinstance(value, bool)
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and abs(value) > MAX_INT:
+            raise ConfigError(key, f"must be an int of at most 19 digits (below 2**63), got {_short(value)}")
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not (abs(value) <= MAX_INT if isinstance(value, int) else math.isfinite(value)):
+            raise ConfigError(key, f"must be a finite number, got {_short(value)}")
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
     else:
         ok = True
     if not ok:
-        raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(key, f"must be {_type_name(tp)}, got {_short(value)}")
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message stays one short line whatever the input."""
+    if isinstance(value, int) and value.bit_length() > 3 * limit:  # repr() of a huge int is slow, or refused
+        return f"an int of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
@@ -243,12 +271,12 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in fields:
+        if not isinstance(name, str) or name not in fields:
             raise ConfigError(key, f"unknown key; allowed: {', '.join(fields)}")
         kwargs[name] = _coerce(value, hints[name], key)
         allowed = fields[name].metadata.get("choices")
         if allowed and kwargs[name] not in allowed:
-            raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+            raise ConfigError(key, f"unknown value {_short(value)}; allowed: {', '.join(allowed)}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -260,7 +288,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", f"expected key=value, got {text!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = parse_yaml(raw, "--set") if raw.strip() else ""
+    except ConfigError as err:
+        raise ConfigError("--set", f"{key.strip()}: {err.problem}") from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads "1e-3" as a string
     return key.strip(), value
@@ -286,16 +317,83 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def read_yaml(path: str | Path) -> dict:
-    """The mapping in a YAML file, or a ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("file", "not found", str(path))
+class _Loader(yaml.SafeLoader):
+    """YAML without aliases, and nested at most MAX_DEPTH deep; it knows the key it is reading, for the error.
+
+    An alias costs nothing to load, but every copy, dump or error message of the value expands it: ten nested
+    aliases of ten items each are 10**10 items (the "billion laughs"). Study files need none, so none are read.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.path: list[Any] = []
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise ConfigError(self.key or "yaml", f"YAML aliases (*name) are not allowed; write the value out "
+                                                  f"(line {self.peek_event().start_mark.line + 1})")  # fmt: skip
+        if len(self.path) > MAX_DEPTH:
+            raise ConfigError(self.key, f"nested deeper than {MAX_DEPTH} levels")
+        self.path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.path.pop()
+
+    @property
+    def key(self) -> str:
+        """The dotted key of the node being read: ``scientific.model.num_heads[1]``."""
+        key = ""
+        for part in self.path:
+            if isinstance(part, int):
+                key += f"[{part}]"
+            elif part is not None:
+                key += f".{part}" if key else str(part)
+        return key
+
+
+def parse_yaml(text: str, source: str = "") -> Any:
+    """The value of YAML ``text`` (no aliases, bounded nesting), or a one-line ConfigError naming ``source``."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except ConfigError as err:
+        raise err.at(source) from None
     except yaml.YAMLError as err:
-        line = getattr(getattr(err, "problem_mark", None), "line", None)
-        raise ConfigError("yaml", f"not valid YAML (line {line + 1 if line is not None else '?'})", str(path)) from None
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark is not None else "line ?"
+        problem = str(getattr(err, "problem", None) or "").strip()
+        raise ConfigError("yaml", f"not valid YAML ({line}{': ' + _short(problem, 80) if problem else ''})",
+                          source) from None  # fmt: skip
+    except (ValueError, OverflowError, RecursionError) as err:  # a value YAML types but Python cannot hold
+        detail = _short(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, 120)
+        raise ConfigError("yaml", f"a value cannot be read ({detail})", source) from None
+
+
+def read_text(path: str | Path) -> str:
+    """A study or config file's text: a regular file of at most MAX_FILE_BYTES of UTF-8, else a ConfigError."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("file", "not found", str(path))
+    if not path.is_file():
+        raise ConfigError("file", "not a regular file", str(path))
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError("file", f"cannot read ({err.strerror or err})", str(path)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError("file", f"larger than {MAX_FILE_BYTES:,} bytes; a study file is a page of YAML", str(path))
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError("file", f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as "
+                                  "UTF-8", str(path)) from None  # fmt: skip
+
+
+def read_yaml(path: str | Path, text: str | None = None) -> dict:
+    """The mapping in a YAML file (or in its ``text``, already read), or a ConfigError naming the file."""
+    text = read_text(path) if text is None else text
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError("file", "must contain a YAML mapping at the top level", str(path))
     return data
@@ -315,9 +413,18 @@ def run_config_from(data: dict, overrides: list[str] = (), source: str = "") -> 
         raise err.at(source) from None
 
 
-def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """A run config file, or a study file whose base configuration is trained."""
-    return run_config_from(read_yaml(path), overrides, str(path))
+def load_run_config(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> RunConfig:
+    """A run config file, or a study file whose base configuration is trained; with ``preflight`` also checked
+    against this machine (the data source, the memory) before anything is written."""
+    config = run_config_from(read_yaml(path), overrides, str(path))
+    if preflight:
+        from ablate.preflight import check_run  # preflight builds on this module
+
+        try:
+            check_run(config)
+        except ConfigError as err:
+            raise err.at(str(path)) from None
+    return config
 
 
 def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:

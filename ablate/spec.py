@@ -30,11 +30,14 @@ from ablate.config import (
     fmt,
     from_dict,
     parse_override,
+    read_text,
     read_yaml,
     set_path,
     to_dict,
     with_values,
 )
+from ablate.preflight import check_study
+from ablate.stores import redact_text
 
 KINDS = ("ablation", "search")
 SAMPLERS = ("tpe", "random", "halton")
@@ -42,6 +45,20 @@ PRUNERS = ("none", "median", "hyperband")
 HALTON_SEED = 0  # the same nuisance points for every variant, and for every run of the same study file
 MAX_SEARCH_COMBINATIONS = 100_000
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # also a folder name under reports/: no "..", no "/"
+MAX_NAME = 100  # characters of a study name: it is a folder, a lock file's name and an MLflow experiment
+MAX_POINTS = 1000  # tune points, extra points and seeds per variant: a plan of millions of trials is a typo
+MAX_VARIANTS = 1000
+MAX_WORKERS = 256  # worker processes on one machine
+
+
+def check_name(name: object, key: str = "name") -> str:
+    """``name`` if it is a safe study name (a single path component: a folder under reports/, a lock file's name),
+    else a ConfigError naming ``key``. Names read back from a store are checked too: a store can be shared."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or len(name) > MAX_NAME:
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise ConfigError(key, f"must be a name of at most {MAX_NAME} letters, digits, '_', '.', '-' (not starting "
+                               f"with '.' or '-'), got {shown}")  # fmt: skip
+    return name
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,8 @@ class Seeds:
             raise ConfigError("min", f"must be >= 1, got {self.min}")
         if self.max < self.min:
             raise ConfigError("max", f"must be >= min ({self.min}), got {self.max}")
+        if self.max > MAX_POINTS:
+            raise ConfigError("max", f"must be <= {MAX_POINTS}, got {self.max}")
 
 
 @dataclass(frozen=True)
@@ -125,16 +144,14 @@ class StudyFile:
     """Worker processes on this machine when ``--workers`` is not given; torch threads are split between them."""
 
     def __post_init__(self) -> None:
-        if not NAME.fullmatch(self.name):
-            raise ConfigError("name", f"must be a name of letters, digits, '_', '.', '-' (not starting with '.' or "
-                                      f"'-'), got {self.name!r}")  # fmt: skip
-        for key in ("points", "heartbeat", "workers"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.max_extra_points < 0:
-            raise ConfigError("max_extra_points", f"must be >= 0, got {self.max_extra_points}")
-        if isinstance(self.seeds, int) and self.seeds < 1:
-            raise ConfigError("seeds", f"must be >= 1, got {self.seeds}")
+        check_name(self.name)
+        for key, most in (("points", MAX_POINTS), ("heartbeat", 3600), ("workers", MAX_WORKERS)):
+            if not 1 <= getattr(self, key) <= most:
+                raise ConfigError(key, f"must be in [1, {most}], got {getattr(self, key)}")
+        if not 0 <= self.max_extra_points <= MAX_POINTS:
+            raise ConfigError("max_extra_points", f"must be in [0, {MAX_POINTS}], got {self.max_extra_points}")
+        if isinstance(self.seeds, int) and not 1 <= self.seeds <= MAX_POINTS:
+            raise ConfigError("seeds", f"must be in [1, {MAX_POINTS}], got {self.seeds}")
         if not self.margin > 0:
             raise ConfigError("margin", f"must be > 0, got {self.margin}")
         if not 0 < self.alpha < 0.5:
@@ -201,12 +218,9 @@ class StudySpec:
     workers: int = 1
     description: str = ""
     source: str = ""
-    text: str = ""  # the study file as written (logged as an artifact)
-    data: dict = field(default_factory=dict)  # the mapping as loaded (stored in the study's user attrs)
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+    text: str = ""  # the study file as written, passwords in URLs masked (logged as an artifact)
+    data: dict = field(default_factory=dict)  # the mapping as loaded, passwords masked (the study's user attrs)
+    digest: str = hashlib.sha256(b"").hexdigest()  # sha256 of the study file as written (before masking)
 
     def base_value(self, key: str) -> Any:
         return flatten(to_dict(self.base))[key]
@@ -243,12 +257,20 @@ class StudySpec:
 # Loading and validating
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> StudySpec:
-    """The study file at ``path``, validated; every problem is a one-line ConfigError naming the file and key."""
+def load_spec(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> StudySpec:
+    """The study file at ``path``, validated; every problem is a one-line ConfigError naming the file and key.
+
+    With ``preflight`` (a study about to run), also what can be checked on this machine before any store exists:
+    every variant's data source and memory (``ablate.preflight``). The report reads a finished study without it.
+    """
     source = str(path)
-    data = read_yaml(path)
+    text = read_text(path)
+    data = read_yaml(path, text)
     try:
-        return spec_from_mapping(data, overrides, source=source, text=Path(path).read_text(encoding="utf-8"))
+        spec = spec_from_mapping(data, overrides, source=source, text=text)
+        if preflight:
+            check_study(spec)
+        return spec
     except ConfigError as err:
         raise err.at(source) from None
 
@@ -281,13 +303,25 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
         tracking_uri=raw.tracking_uri,
         heartbeat=raw.heartbeat,
         workers=raw.workers,
-        description=raw.description,
+        description=redact_text(raw.description),
         source=source,
-        text=text,
-        data=data,
+        text=redact_text(text),
+        data=_redacted(data),
+        digest=hashlib.sha256(text.encode()).hexdigest(),
     )
     _check_kind(spec)
+    if len(spec.variants()) > MAX_VARIANTS:
+        raise ConfigError("scientific", f"{len(spec.variants())} variants; at most {MAX_VARIANTS}")
     return spec
+
+
+def _redacted(value: Any) -> Any:
+    """A copy of the mapping with every URL's password masked: what is stored of a study file."""
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return redact_text(value) if isinstance(value, str) else value
 
 
 def _with_overrides(data: dict, overrides: list[str]) -> dict:

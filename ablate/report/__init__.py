@@ -19,8 +19,8 @@ from ablate import names
 from ablate.config import ConfigError
 from ablate.report import analysis, html, plots
 from ablate.report.load import StudyData, completed, dataset_digests, load_study, study_names
-from ablate.spec import load_spec
-from ablate.stores import default_storage
+from ablate.spec import check_name, load_spec
+from ablate.stores import default_storage, redact, redact_text
 
 __all__ = ["build_report", "report_command", "load_study"]
 
@@ -31,33 +31,46 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
     targets: list[tuple[str, str | None, str | None]] = []
     for item in studies:
         if item.endswith((".yaml", ".yml")):
-            spec = load_spec(item)
+            spec = load_spec(item, preflight=False)  # a finished study's report does not need its data any more
             targets.append((spec.name, storage or spec.storage, spec.tracking_uri))
         else:
-            targets.append((item, storage, None))
+            targets.append((check_name(item), storage, None))
+    skipped = 0
     if all_studies:
-        targets += [(n, storage, None) for n in study_names(storage)]
-    if not targets:
+        for name in study_names(storage):
+            try:  # a shared store can hold any name; one that is not a folder name is never written
+                targets.append((check_name(name, f"study {name[:40]!r} in the store"), storage, None))
+            except ConfigError as err:
+                print(f"ablate report: skipped: {err}", file=sys.stderr)
+                skipped += 1
+    if not targets and not skipped:
         raise ConfigError("report", "name a study (or a studies/*.yaml file), or pass --all")
     for name, store, uri in dict.fromkeys(targets):
         path = build_report(name, storage=store, tracking_uri=uri, out=out)
         print(f"ablate report: {name}: {path}")
-    return 0
+    return 2 if skipped else 0
 
 
 def build_report(name: str, *, storage: str | None = None, tracking_uri: str | None = None,
                  out: str | Path = "reports", log_artifacts: bool = True) -> Path:
     """Build the report of study ``name``; returns the path of its index.html."""
+    folder = Path(out) / check_name(name)
     data = load_study(name, storage, tracking_uri)
-    folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve().parent != Path(out).resolve():  # a link planted at <out>/<name> would lead elsewhere
+        raise ConfigError("report", f"{folder} leads outside {out} ({folder.resolve()}); remove it")
     plots.theme()
     ctx = _context(data)
-    (folder / "index.html").write_text(html.render(ctx), encoding="utf-8")
-    results_table(data).to_csv(folder / "results.csv", index=False)
+    # Passwords in URLs are masked where they enter the page (stores, commands, the study file), and once more
+    # over each file as written: run data (a failure's reason, a tag) can quote a URL too.
+    (folder / "index.html").write_text(redact_text(html.render(ctx)), encoding="utf-8")
+    table = results_table(data)
+    for col in table.select_dtypes(include="object").columns:
+        table[col] = table[col].map(redact_text)
+    table.to_csv(folder / "results.csv", index=False)
     notes = [w["text"] for w in ctx["edges"]]
     summary = html.markdown(f"{name}: {ctx['headline']}", ctx["answers"], ctx["variant_df"], notes)
-    (folder / "summary.md").write_text(summary, encoding="utf-8")
+    (folder / "summary.md").write_text(redact_text(summary), encoding="utf-8")
     if log_artifacts and data.parent.get("run_id"):
         for file in ("index.html", "results.csv", "summary.md"):
             data.client.log_artifact(data.parent["run_id"], str(folder / file), names.REPORT_DIR)
@@ -221,7 +234,8 @@ def _failures(t: pd.DataFrame) -> list[dict]:
     bad = t[t["status"].isin(["diverged", "failed"])]
     reason = f"tag:{names.TAG_REASON}"
     return [{"trial": int(r["trial"]), "variant": r.get("variant", ""), "status": r["status"],
-             "reason": r.get(reason, "") if isinstance(r.get(reason, ""), str) else "", "run_id": r["run_id"]}
+             "reason": redact_text(r.get(reason, "")) if isinstance(r.get(reason, ""), str) else "",
+             "run_id": r["run_id"]}
             for _, r in bad.iterrows()]
 
 
@@ -237,7 +251,7 @@ def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
                 if isinstance(k, str) and k.startswith("tag:") and ("version" in k or k.startswith("tag:mlflow.source"))
                 and isinstance(v, str)}
     runs = [r for r in t["run_id"] if r] if not t.empty else []
-    store = "" if data.storage == default_storage() else f" --storage {shlex.quote(data.storage)}"
+    store = "" if data.storage == default_storage() else f" --storage {shlex.quote(redact(data.storage))}"
     return {
         "spec": yaml.safe_dump(data.spec.data, sort_keys=False) if data.spec.data else "",
         "datasets": dataset_digests(data, runs[:20]) if runs else [],
@@ -246,7 +260,7 @@ def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
         "report_python": f"{platform.python_version()} ({sys.platform})",
         "states": counts, "statuses": statuses, "trials": len(t),
         "parent_run_id": data.parent.get("run_id", ""), "experiment_id": data.parent.get("experiment_id", ""),
-        "tracking_uri": data.tracking_uri, "storage": data.storage,
+        "tracking_uri": redact(data.tracking_uri), "storage": redact(data.storage),
         "study_command": f"ablate study studies/{data.name}.yaml{store}",
         "report_command": f"ablate report {shlex.quote(data.name)}{store}",
     }

@@ -6,6 +6,7 @@ resolved config as params, final metrics, histories, artifacts). A trial whose r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 from ablate import names
 from ablate.config import ConfigError
 from ablate.spec import StudySpec, spec_from_mapping
-from ablate.stores import default_storage, default_tracking_uri, sqlite_path
+from ablate.stores import default_storage, default_tracking_uri, is_redacted, redact, sqlite_path
 
 
 @dataclass
@@ -84,19 +85,30 @@ def load_study(name: str, storage: str | None = None, tracking_uri: str | None =
     """Load study ``name`` from Optuna ``storage`` and its MLflow experiment of the same name."""
     storage = checked_storage(storage)
     if name not in study_names(storage):
-        raise ConfigError("report", f"no study named {name!r} in {storage}")
+        raise ConfigError("report", f"no study named {name!r} in {redact(storage)}")
     study = optuna.load_study(study_name=name, storage=storage)
     attrs = study.user_attrs
     try:
         spec = spec_from_mapping(attrs.get(names.ATTR_SPEC) or {})
     except ConfigError as err:
         raise err.at(f"study {name!r} (its stored study file)") from None
-    tracking_uri = tracking_uri or spec.tracking_uri or default_tracking_uri()
+    tracking_uri = tracking_uri or _stored_uri(spec.tracking_uri, name) or default_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = _child_runs(client, name)
     trials = _join(_optuna_trials(study), runs)
     parent = _parent(client, name, attrs.get(names.ATTR_PARENT_RUN_ID))
     return StudyData(name, spec.kind, spec, storage, tracking_uri, study, trials, parent, client)
+
+
+def _stored_uri(uri: str | None, name: str) -> str | None:
+    """The study file's tracking URI, as stored (its password masked): usable unless it needed the password, in
+    which case ``$MLFLOW_TRACKING_URI`` must give the real one."""
+    if not is_redacted(uri):
+        return uri
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError("tracking_uri", f"study {name!r} was tracked at {uri}, stored without its password; "
+                                          "set MLFLOW_TRACKING_URI to the full URL")  # fmt: skip
+    return None
 
 
 def completed(trials: pd.DataFrame) -> pd.DataFrame:

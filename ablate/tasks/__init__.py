@@ -7,21 +7,21 @@ needs (``vocab_size``, ``seq_len``, ``num_classes``), its ``metric`` and iterato
   windows at random offsets, evaluates on fixed ones.
 - ``recall``: multi-query associative recall, loss and accuracy only at the query positions.
 - ``listops``: nested-expression classification with padding, metric accuracy.
+
+Importing the package does not import torch: ``ablate.tasks.checks`` (what can be checked before a study writes
+anything) must stay usable by the CLI and the report. The builders and batch types load on first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ablate.config import TASKS, ConfigError, TaskConfig
-from ablate.tasks import charlm, generated
-from ablate.tasks.base import IGNORE, SPLITS, Batch, Task, cache_dir
 
-BUILDERS: dict[str, Callable[[TaskConfig, int], Task]] = {
-    "charlm": charlm.build,
-    "recall": generated.build_recall,
-    "listops": generated.build_listops,
-}
+if TYPE_CHECKING:
+    from ablate.tasks.base import IGNORE, SPLITS, Batch, Task, cache_dir
+
+BUILDERS = {"charlm": "charlm.build", "recall": "generated.build_recall", "listops": "generated.build_listops"}
 assert set(BUILDERS) == set(TASKS), "config.TASKS and the task registry must name the same tasks"
 
 
@@ -32,7 +32,18 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
     """
     if cfg.name not in BUILDERS:
         raise ConfigError("task.name", f"unknown task {cfg.name!r}; allowed: {', '.join(BUILDERS)}")
-    return BUILDERS[cfg.name](cfg, seed)
+    import importlib
+
+    module, _, function = BUILDERS[cfg.name].partition(".")
+    return getattr(importlib.import_module(f"ablate.tasks.{module}"), function)(cfg, seed)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("IGNORE", "SPLITS", "Batch", "Task", "cache_dir"):
+        from ablate.tasks import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'ablate.tasks' has no attribute {name!r}")
 
 
 __all__ = ["IGNORE", "SPLITS", "Batch", "Task", "build_task", "cache_dir"]

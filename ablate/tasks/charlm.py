@@ -11,13 +11,13 @@ unknown character, which stands for anything seen only in validation or test.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import datasets
 import numpy as np
 
 from ablate.config import ConfigError, TaskConfig
 from ablate.tasks.base import Task, build_splits, cache_dir, digest_of, row_features
+from ablate.tasks.checks import hf_name, text_files, unreadable
 
 UNKNOWN = "\ufffd"  # id 0
 DOC_SEPARATOR = "\n\n"
@@ -73,31 +73,19 @@ def load_text(source: str, text_column: str = "text") -> str:
 
 
 def _load_files(source: str) -> str:
-    path = Path(source).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ConfigError("task.source", f"folder {source!r} has no .txt files")
-    else:
-        raise ConfigError(
-            "task.source", f"{source!r}: no such file or folder; use python-docs, a .txt file or folder, or hf:<name>"
-        )
+    files = text_files(source)
     try:
         return DOC_SEPARATOR.join(f.read_text(encoding="utf-8") for f in files)
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError("task.source", f"{source!r}: cannot read as UTF-8 text ({err})") from None
+        raise unreadable(source, err) from None
 
 
 def _load_hf(source: str, text_column: str) -> str:
     """``hf:<name>[:<config>]`` through ``datasets.load_dataset``; every split, in the order train, validation,
     test, then any others, joined into one text (the contiguous split is then ours)."""
-    name, _, config = source[len("hf:") :].partition(":")
-    if not name:
-        raise ConfigError("task.source", f"{source!r}: expected hf:<name>[:<config>]")
+    name, config = hf_name(source)
     try:
-        dd = datasets.load_dataset(name, config or None, cache_dir=str(cache_dir().parent))
+        dd = datasets.load_dataset(name, config, cache_dir=str(cache_dir().parent))
     except Exception as err:  # noqa: BLE001 - hub, network and format errors all mean: this source is unusable
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("task.source", f"{source!r}: cannot load ({detail})") from None

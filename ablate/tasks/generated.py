@@ -13,6 +13,7 @@ import numpy as np
 
 from ablate.config import ConfigError, TaskConfig
 from ablate.tasks.base import IGNORE, SPLITS, Task, build_splits, digest_of, row_features
+from ablate.tasks.checks import check_listops, check_recall
 
 # ---------------------------------------------------------------------------------------------------------------
 # recall: multi-query associative recall (Arora et al. 2023, "Zoology")
@@ -26,19 +27,9 @@ FILLER = 0
 
 
 def build_recall(cfg: TaskConfig, seed: int) -> Task:
+    check_recall(cfg)
     pairs, n_keys = cfg.num_pairs, cfg.vocab_size // 2
     n_values = cfg.vocab_size - n_keys
-    if 4 * pairs > cfg.seq_len:
-        raise ConfigError(
-            "task.num_pairs",
-            f"{pairs} pairs need seq_len >= 4 * num_pairs = {4 * pairs} (each pair and its query take 2 positions), "
-            f"got seq_len {cfg.seq_len}",
-        )
-    if n_keys < pairs:
-        raise ConfigError(
-            "task.vocab_size",
-            f"{cfg.vocab_size} is too small for {pairs} distinct keys and values; needs >= 2 * num_pairs = {2 * pairs}",
-        )
     spec = {"task": "recall", "seed": seed, **_fields(cfg, "seq_len", "num_pairs", "vocab_size")}
     digest = digest_of(spec)
     data = build_splits(
@@ -111,10 +102,11 @@ OPERATORS: tuple[Callable[[list[int]], int], ...] = (
     lambda args: sorted(args)[(len(args) - 1) // 2],
     lambda args: sum(args) % 10,
 )
-P_OPERATOR = 0.5  # chance that an argument below max_depth is itself an expression
+P_OPERATOR = 0.5  # chance that an argument below max_depth is itself an expression (as in checks.listops_mean_length)
 
 
 def build_listops(cfg: TaskConfig, seed: int) -> Task:
+    check_listops(cfg)
     _check_listops_fits(cfg)
     spec = {"task": "listops", "seed": seed, **_fields(cfg, "seq_len", "max_depth", "max_args")}
     digest = digest_of(spec)

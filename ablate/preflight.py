@@ -1,0 +1,156 @@
+"""Checks that need neither training nor a store: run by ``ablate study`` (through ``spec.load_spec``) and
+``ablate train`` (``config.load_run_config``) before anything is written, so a run that cannot work fails in a
+second with one line naming the key, not in every trial after the stores exist.
+
+- the task's data (``ablate.tasks.checks``): the source exists and is text, generated tasks can be generated;
+- memory: a run whose parameters, gradients, AdamW state, activations and data cannot fit in this machine's memory
+  (``estimate_bytes``, an estimate that errs high) is refused, naming the key that makes it too large.
+
+No torch: the estimate is arithmetic on the config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ablate.config import ConfigError, ModelConfig, RunConfig, TaskConfig, TrainConfig, fmt, with_values
+from ablate.tasks.checks import check_task
+
+if TYPE_CHECKING:
+    from ablate.spec import StudySpec
+
+FLOAT = 4  # bytes of an fp32 value: parameters, gradients and optimizer state stay fp32 under bf16 autocast
+STATE_COPIES = 4  # parameters, gradients, AdamW's two moments
+CHARLM_VOCAB = 256  # a guess before the text is read: the characters of most corpora
+CHARLM_BYTES_PER_CHAR = 40  # the text as str, utf-32 codes, windows as int32 rows (Arrow) and int64 tensors
+# The keys a run's memory grows with, each with its default: the one whose default saves the most is named.
+SIZE_KEYS = {
+    "model.embed_dim": ModelConfig.embed_dim,
+    "model.num_layers": ModelConfig.num_layers,
+    "model.num_heads": ModelConfig.num_heads,
+    "model.head_dim": None,
+    "model.mlp_ratio": ModelConfig.mlp_ratio,
+    "train.batch_size": TrainConfig.batch_size,
+    "task.seq_len": TaskConfig.seq_len,
+    "task.vocab_size": TaskConfig.vocab_size,
+    "task.num_train": TaskConfig.num_train,
+    "task.num_val": TaskConfig.num_val,
+    "task.num_test": TaskConfig.num_test,
+}
+
+
+def check_run(cfg: RunConfig, where: str = "") -> None:
+    """The task's data and the memory of one run; ``where`` prefixes the key (``scientific.model.embed_dim``)."""
+    try:
+        check_task(cfg.task)
+    except ConfigError as err:
+        raise ConfigError(where or err.key, err.problem if not where else f"{err.key}: {err.problem}") from None
+    check_memory(cfg, where)
+
+
+def check_study(spec: StudySpec) -> None:
+    """``check_run`` for every configuration a study can train: the base, each variant, each nuisance range's ends.
+    The data source is checked once per distinct task."""
+    configs: list[tuple[str, RunConfig]] = [("", spec.base)]
+    for variant in spec.variants()[1:]:
+        value = variant.values[variant.factor]
+        configs.append((f"scientific.{variant.factor}", with_values(spec.base, {variant.factor: value})))
+    for p in spec.nuisance:
+        for end in (p.low, p.high):
+            value = int(end) if p.integer else end
+            configs.append((f"nuisance.{p.key}", with_values(spec.base, {p.key: value})))
+    tasks_seen: set[TaskConfig] = set()
+    for where, cfg in configs:
+        if cfg.task not in tasks_seen:
+            tasks_seen.add(cfg.task)
+            try:
+                check_task(cfg.task)
+            except ConfigError as err:
+                raise _at(where, err) from None
+        try:
+            check_memory(cfg)
+        except ConfigError as err:
+            raise _at(where, err) from None
+
+
+def _at(where: str, err: ConfigError) -> ConfigError:
+    """A variant's error named by the study key that produced it, the run key in the message."""
+    return ConfigError(where, f"{err.key}: {err.problem}") if where else err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def check_memory(cfg: RunConfig, where: str = "") -> None:
+    """A ConfigError naming the key that makes ``cfg`` too large for this machine's memory, if it is."""
+    sizes = _sizes(cfg)
+    need, have = estimate_bytes(sizes), machine_memory()
+    if have is None or need <= have:
+        return
+    candidates = {key: {**sizes, key: default} for key, default in SIZE_KEYS.items()}
+    candidates["task.source"] = {**sizes, "text_bytes": 0}
+    key = max(candidates, key=lambda k: need - estimate_bytes(candidates[k]))
+    value = cfg.task.source if key == "task.source" else sizes[key]
+    problem = (f"{fmt(value)} needs about {_gib(need)} to train (parameters, gradients, AdamW state, activations "
+               f"and data; an estimate), more than the {_gib(have)} of memory here")  # fmt: skip
+    raise ConfigError(where or key, problem if not where else f"{key}: {problem}")
+
+
+def estimate_bytes(s: dict) -> int:
+    """Bytes one training run holds at its peak, from the sizes of ``_sizes``; errs high (fp32, every activation
+    kept for the backward pass, the T x T attention weights materialised as the manual backend does)."""
+    C, L, H, B, T = (int(s[k]) for k in ("model.embed_dim", "model.num_layers", "model.num_heads",
+                                          "train.batch_size", "task.seq_len"))  # fmt: skip
+    D = int(s["model.head_dim"] or max(1, C // H))
+    V = {"charlm": CHARLM_VOCAB, "recall": int(s["task.vocab_size"]) + 1}.get(s["task.name"], 16)
+    hidden = max(1, round(float(s["model.mlp_ratio"]) * C))
+    per_layer = 3 * C * H * D + H * D * C + 2 * C * hidden + 8 * C
+    params = V * C + T * C + L * per_layer + C * max(V, 10)
+    acts = L * B * T * (8 * C + 4 * H * D + 2 * hidden) + L * 2 * B * H * T * T + 3 * B * T * V
+    if s["task.name"] == "charlm":
+        data = CHARLM_BYTES_PER_CHAR * int(s["text_bytes"])
+    else:  # inputs and targets of every row, as int32 (Arrow) and int64 (tensors)
+        data = sum(int(s[k]) for k in ("task.num_train", "task.num_val", "task.num_test")) * T * 2 * (4 + 8)
+    return FLOAT * (STATE_COPIES * params + acts) + data
+
+
+def machine_memory() -> int | None:
+    """Physical memory in bytes, or a container's limit when lower (cgroup v2 or v1); None when unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _sizes(cfg: RunConfig) -> dict:
+    """The numbers memory depends on, by config key, plus the task's name and the bytes of a local text."""
+    sections = {"model": cfg.model, "train": cfg.train, "task": cfg.task}
+    sizes: dict = {key: getattr(sections[key.split(".")[0]], key.split(".")[1]) for key in SIZE_KEYS}
+    sizes["task.name"] = cfg.task.name
+    sizes["text_bytes"] = _text_bytes(cfg.task.source) if cfg.task.name == "charlm" else 0
+    return sizes
+
+
+def _text_bytes(source: str) -> int:
+    """Bytes of a local source's .txt files (0 for python-docs and hf: datasets, whose size shows when loaded)."""
+    if source == "python-docs" or source.startswith("hf:"):
+        return 0
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else sorted(path.rglob("*.txt")) if path.is_dir() else []
+    return sum(f.stat().st_size for f in files)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.0f} GiB" if n >= 10 * 2**30 else f"{n / 2**30:.1f} GiB"
+

@@ -1,0 +1,160 @@
+"""What can be known about a task's data before anything is built: the checks ``ablate study`` and ``ablate train``
+run before any store exists, and the builders run again. No torch here (the report and the CLI's checks use it).
+
+- charlm: ``task.source`` names text that exists and can be read: ``python-docs``; a UTF-8 ``.txt`` file, or a
+  folder holding some (not binary, not empty); or ``hf:<name>[:<config>]``, resolved by ``datasets`` without
+  downloading the data (offline: only from the cache).
+- recall, listops: the sizes that make a task impossible (or a generation that would never end).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from pathlib import Path
+
+from ablate.config import ConfigError, TaskConfig
+
+CHUNK = 1 << 20  # files are checked in pieces: a large corpus is never held twice
+MAX_LISTOPS_DEPTH = 100
+MAX_LISTOPS_TOKENS = 10_000  # mean expression length above which generation takes hours (and almost none fit)
+
+
+def check_task(cfg: TaskConfig) -> None:
+    """Every problem of ``cfg``'s data that shows without building it, as a ConfigError naming the key."""
+    if cfg.name == "charlm":
+        check_source(cfg.source, cfg.text_column)
+    elif cfg.name == "recall":
+        check_recall(cfg)
+    elif cfg.name == "listops":
+        check_listops(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# charlm: the source
+
+
+def check_source(source: str, text_column: str = "text") -> None:
+    """``source`` can be read as text (see the module docstring), or a ConfigError naming ``task.source``."""
+    if source == "python-docs":
+        return
+    if source.startswith("hf:"):
+        _check_hf(source, text_column)
+        return
+    files = text_files(source)
+    if not any(_check_text_file(source, path) for path in files):
+        raise ConfigError("task.source", f"{source!r} has no text")
+
+
+def text_files(source: str) -> list[Path]:
+    """The .txt files a local ``source`` names (the file, or every .txt under the folder, sorted)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ConfigError("task.source", f"folder {source!r} has no .txt files")
+        return files
+    raise ConfigError(
+        "task.source", f"{source!r}: no such file or folder; use python-docs, a .txt file or folder, or hf:<name>"
+    )
+
+
+def unreadable(source: str, err: Exception) -> ConfigError:
+    """The one message for a file that is not UTF-8 text, wherever it is found."""
+    return ConfigError("task.source", f"{source!r}: cannot read as UTF-8 text ({err})")
+
+
+def _check_text_file(source: str, path: Path) -> bool:
+    """Whether ``path`` holds text (not only white space); a ConfigError when it is binary or not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text = False
+    offset = 0
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                if b"\0" in chunk:
+                    at = offset + chunk.index(b"\0")
+                    raise ConfigError("task.source", f"{source!r}: {path.name} is binary (a NUL byte at offset {at}), "
+                                                     "not text")  # fmt: skip
+                has_text = has_text or bool(decoder.decode(chunk).strip())
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except (OSError, UnicodeDecodeError) as err:
+        raise unreadable(source, err) from None
+    return has_text
+
+
+def hf_name(source: str) -> tuple[str, str | None]:
+    """``hf:<name>[:<config>]`` -> (name, config or None)."""
+    name, _, config = source[len("hf:") :].partition(":")
+    if not name:
+        raise ConfigError("task.source", f"{source!r}: expected hf:<name>[:<config>]")
+    return name, config or None
+
+
+def hf_cache() -> str:
+    """The folder ``datasets`` downloads to (``$HF_DATASETS_CACHE`` read at call time)."""
+    import datasets
+
+    return os.environ.get("HF_DATASETS_CACHE") or str(datasets.config.HF_DATASETS_CACHE)
+
+
+def _check_hf(source: str, text_column: str) -> None:
+    """The dataset resolves (its builder: metadata, no data download; offline only from the cache)."""
+    name, config = hf_name(source)
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(name, config, cache_dir=hf_cache())
+    except Exception as err:  # noqa: BLE001 - hub, network and format errors all mean: this source is unusable
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("task.source", f"{source!r}: cannot load ({detail})") from None
+    features = builder.info.features
+    if features is not None and text_column not in features:
+        raise ConfigError("task.text_column", f"{text_column!r} is not a column of {source!r}; it has {list(features)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated tasks
+
+
+def check_recall(cfg: TaskConfig) -> None:
+    pairs = cfg.num_pairs
+    if 4 * pairs > cfg.seq_len:
+        raise ConfigError(
+            "task.num_pairs",
+            f"{pairs} pairs need seq_len >= 4 * num_pairs = {4 * pairs} (each pair and its query take 2 positions), "
+            f"got seq_len {cfg.seq_len}",
+        )
+    if cfg.vocab_size // 2 < pairs:
+        raise ConfigError(
+            "task.vocab_size",
+            f"{cfg.vocab_size} is too small for {pairs} distinct keys and values; needs >= 2 * num_pairs = {2 * pairs}",
+        )
+
+
+def check_listops(cfg: TaskConfig) -> None:
+    """Expressions that can be generated at all: their mean length grows as (max_args / 4) ** max_depth."""
+    if cfg.max_depth > MAX_LISTOPS_DEPTH:
+        raise ConfigError("task.max_depth", f"must be <= {MAX_LISTOPS_DEPTH}, got {cfg.max_depth}")
+    mean = listops_mean_length(cfg.max_depth, cfg.max_args)
+    if mean > MAX_LISTOPS_TOKENS:
+        raise ConfigError(
+            "task.max_depth",
+            f"{cfg.max_depth} with max_args {cfg.max_args} makes expressions of {mean:.3g} tokens on average; "
+            f"at most {MAX_LISTOPS_TOKENS:,} can be generated in reasonable time: lower max_depth or max_args",
+        )
+
+
+def listops_mean_length(max_depth: int, max_args: int, p_operator: float = 0.5) -> float:
+    """Mean tokens of a random listops expression (``generated.listops_expression``): an operator and its closing
+    bracket, then its arguments, each a digit or (below max_depth, with chance ``p_operator``) an expression."""
+    args = (2 + max_args) / 2 if max_args >= 2 else 1.0
+    length = 2 + args  # at max_depth every argument is a digit
+    for _ in range(max_depth - 1):
+        length = 2 + args * (1 + p_operator * (length - 1))
+        if length > 1e300:
+            return float("inf")
+    return length
