@@ -329,13 +329,15 @@ class _Loader(yaml.SafeLoader):
         self.path: list[Any] = []
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise ConfigError(self.key or "yaml", f"YAML aliases (*name) are not allowed; write the value out "
-                                                  f"(line {self.peek_event().start_mark.line + 1})")  # fmt: skip
-        if len(self.path) > MAX_DEPTH:
-            raise ConfigError(self.key, f"nested deeper than {MAX_DEPTH} levels")
         self.path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
         try:
+            if self.check_event(yaml.AliasEvent):
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(self.key or "yaml", f"YAML aliases (*name) are not allowed; write the value out "
+                                                      f"(line {line})")  # fmt: skip
+            if len(self.path) > MAX_DEPTH:  # named by its mapping keys: 32 list indices say nothing
+                keys = ".".join(str(p) for p in self.path if p is not None and not isinstance(p, int))
+                raise ConfigError(keys or "yaml", f"nested deeper than {MAX_DEPTH} levels")
             return super().compose_node(parent, index)
         finally:
             self.path.pop()

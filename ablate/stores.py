@@ -61,8 +61,12 @@ def is_redacted(url: str | None) -> bool:
 
 
 def _redact_http(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # an unescaped "[" or "]" reads as a broken IPv6 host
+        return _mask_to_last_at(url)
+    if password is None:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:{MASK}@{host}"))
@@ -89,7 +93,10 @@ def _mask_to_last_at(url: str) -> str:
 
 
 def _redact_query(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
     if not parts.query:
         return url
     pairs = parse_qsl(parts.query, keep_blank_values=True)
