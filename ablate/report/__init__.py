@@ -18,7 +18,7 @@ import yaml
 from ablate import names
 from ablate.config import ConfigError
 from ablate.report import analysis, html, plots
-from ablate.report.load import StudyData, completed, dataset_digests, load_study, study_names
+from ablate.report.load import StudyData, checked_storage, completed, dataset_digests, load_study, study_names
 from ablate.spec import check_name, load_spec
 from ablate.stores import default_storage, redact, redact_text
 
@@ -39,9 +39,10 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
     if all_studies:
         for name in study_names(storage):
             try:  # a shared store can hold any name; one that is not a folder name is never written
-                targets.append((check_name(name, f"study {name[:40]!r} in the store"), storage, None))
+                targets.append((check_name(name), storage, None))
             except ConfigError as err:
-                print(f"ablate report: skipped: {err}", file=sys.stderr)
+                where = f"{redact(checked_storage(storage))}: study {name[:40]!r}"
+                print(f"ablate report: skipped: {err.at(where)}", file=sys.stderr)
                 skipped += 1
     if not targets and not skipped:
         raise ConfigError("report", "name a study (or a studies/*.yaml file), or pass --all")
