@@ -8,13 +8,15 @@ import hashlib
 import json
 import os
 import string
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from conftest import SPEC, TINY_RUN, StoreBuilder
+from conftest import ROOT, SPEC, TINY_RUN, StoreBuilder
 from conftest import TINY_STUDY as TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -232,6 +234,15 @@ def test_hostile_input_is_one_line_naming_the_key_exit_2_nothing_written(case, s
 
 def test_the_table_covers_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+def test_the_checks_before_a_study_do_not_import_torch():
+    """The report loads study files with the same code: spec, preflight and the task checks stay torch-free."""
+    default, gpu = (str(ROOT / "studies" / f"{name}.yaml") for name in ("default", "gpu"))
+    code = ("import sys; from ablate.spec import load_spec; from ablate.config import load_run_config; "
+            f"load_spec({default!r}); load_run_config({gpu!r}); print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_a_hostile_name_in_a_store_does_not_stop_the_other_reports(tmp_path, monkeypatch, capsys):

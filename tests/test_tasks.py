@@ -338,3 +338,28 @@ def test_every_bad_input_is_one_line_naming_key_and_value(tmp_path, monkeypatch)
         assert err.value.key == key and fragment in message and "\n" not in message, (cfg, message)
         if key != "task.num_train":  # only exhausting the example space is found while generating
             assert not cache_dir().exists(), f"{key}: work started before the error"
+
+
+def test_checks_before_any_build_find_what_the_builders_find(tmp_path, monkeypatch):
+    """``ablate.tasks.checks`` (run before a study writes anything, torch-free) rejects the same sources and sizes
+    the builders reject, with the same key, and accepts the sources that build."""
+    from ablate.tasks.checks import check_task
+
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    found = 0
+    for cfg, key, fragment in bad_inputs(tmp_path):
+        if key in ("task.source", "task.num_pairs", "task.vocab_size"):  # the rest shows only in the data
+            with pytest.raises(ConfigError) as err:
+                check_task(cfg)
+            assert err.value.key == key and fragment in str(err.value), (cfg, err.value)
+            found += 1
+    assert found == 7
+    (tmp_path / "bin.txt").write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigError, match=r"^task\.source: .*bin\.txt is binary"):
+        check_task(TaskConfig(source=str(tmp_path / "bin.txt")))
+    assert not cache_dir().exists()
+    repo = hub_repo(tmp_path)
+    for source in (f"hf:{repo}", f"hf:{repo}:tiny", str(text_file(tmp_path, numbered_text(50))), "python-docs"):
+        check_task(TaskConfig(name="charlm", source=source))
+    check_task(RECALL)
+    check_task(LISTOPS)
