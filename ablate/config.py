@@ -25,6 +25,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 MAX_FILE_BYTES = 1_000_000  # a study file is a page of YAML; more is a mistake (or an attack) before it is copied
 MAX_DEPTH = 32  # nesting of a YAML file; studies need 4
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_PATH = 4096  # characters of a path (Linux's PATH_MAX)
+MAX_THREADS = 1024
 MAX_INT = 2**63 - 1  # what SQLite, Optuna and MLflow store; beyond it an int cannot be a size, a seed or a step
 
 
@@ -137,6 +139,9 @@ class TaskConfig:
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("val_fraction", "test_fraction"):
             _check(0.0 < getattr(self, key) < 0.5, key, f"must be in (0, 0.5), got {getattr(self, key)}")
+        for key, most in (("source", MAX_PATH), ("text_column", 256)):  # MLflow keeps params of 6000 characters
+            _check(len(getattr(self, key)) <= most, key, f"must be at most {most} characters, got "
+                                                         f"{len(getattr(self, key)):,}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,8 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
-        _check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        _check(self.threads is None or 1 <= self.threads <= MAX_THREADS, "threads",
+               f"must be in [1, {MAX_THREADS}], got {self.threads}")  # fmt: skip
         _check(self.diverge_factor > 1, "diverge_factor", f"must be > 1, got {self.diverge_factor}")
 
 

@@ -166,6 +166,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "source_folder_without_txt": (with_source(folder_without_txt), "task.source"),
     "source_hf_unknown_offline": (with_source(lambda tmp: "hf:nosuchuser/nosuchdataset"), "task.source"),
     "source_hf_empty_name": (with_source(lambda tmp: "hf:"), "task.source"),
+    "source_path_too_long": (with_source(lambda tmp: "x/" * 3000), "task.source"),
+    "threads_absurd": (study(train=section("train", threads=HUGE)), "train.threads"),
     # sizes that cannot fit in memory, or cannot be generated
     "embed_dim_huge": (study(model=section("model", embed_dim=HUGE)), "model.embed_dim"),
     "embed_dim_huge_variant": (study(scientific={"model.embed_dim": [16, HUGE]}), "scientific.model.embed_dim"),
