@@ -357,8 +357,9 @@ SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), inner, max_size=4),
                       max_leaves=12)  # fmt: skip
-FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(FAST, max_examples=30)  # each example parses a study three times
+EXAMPLES = int(os.environ.get("ABLATE_EXAMPLES", "100"))  # ABLATE_EXAMPLES=5000 for a deeper search
+FAST = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(FAST, max_examples=max(1, EXAMPLES * 3 // 10))  # each example parses a study three times
 
 
 def _mutated(changes: list[tuple[str, object]]) -> dict:
