@@ -30,12 +30,11 @@ from ablate.config import (
     fmt,
     from_dict,
     parse_override,
-    read_text,
-    read_yaml,
     set_path,
     to_dict,
     with_values,
 )
+from ablate.inputs import read_text, read_yaml
 from ablate.preflight import check_study
 from ablate.stores import redact_text
 

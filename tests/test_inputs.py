@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ablate import cli
-from ablate.config import MAX_FILE_BYTES, ConfigError, parse_yaml, read_yaml, to_dict
+from ablate.config import ConfigError, to_dict
+from ablate.inputs import MAX_FILE_BYTES, parse_yaml, read_yaml
 from ablate.spec import StudySpec, check_name, load_spec, spec_from_mapping
 from ablate.stores import redact, redact_text
 
