@@ -1,75 +1,410 @@
-"""The study storage: Optuna's RDB storage opened the way every worker needs it, and the lock that plans trials.
+"""The study storage: Optuna's RDB storage opened the way every worker needs it, the locks that keep workers on
+several machines in step, and the check that both stores answer before anything is written.
 
-Opening copes with workers that start together on a fresh database (they race to create Optuna's schema) and
-fails a trial whose worker went silent (heartbeats). ``PlanLock`` makes "is there a waiting trial? plan or take
-it" atomic, so a worker never starts an unplanned (sampled) trial in an ablation.
+- ``check_stores``: a bad or unreachable study storage or tracking server is one line (``ConfigError``) within
+  seconds, before any store is written (MLflow's own retries take minutes to say so).
+- ``open_storage``: heartbeats (a trial silent for 3 heartbeats is failed and handed to ``on_stale``); workers
+  starting together on a fresh database take turns creating Optuna's schema; on a database server, an outage is
+  waited out (up to ``$ABLATE_STORAGE_WAIT_S``, one line when it starts and one when it ends).
+- ``PlanLock``: makes "is there a waiting trial? plan or take it" atomic for every worker of a study, so none
+  starts an unplanned (sampled) trial: a PostgreSQL advisory lock (workers on any machine), or a file lock beside
+  a SQLite file. ``schema_lock`` is the same lock around creating a store's tables.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import hashlib
-import tempfile
+import os
+import re
+import sys
+import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
-from ablate.stores import sqlite_path
+from ablate.config import ConfigError
+from ablate.stores import redact, sqlite_path
+from ablate.tracking import is_database
 
+T = TypeVar("T")
 SCHEMA_RETRIES = 5
 RETRY_S = 1.0
+WAIT_ENV = "ABLATE_STORAGE_WAIT_S"
+DEFAULT_WAIT_S = 300.0  # how long an outage of the study storage is waited out before a worker gives up
+MAX_BACKOFF_S = 2.0  # short: once the server is back, heartbeats resume within this
+CONNECT_TIMEOUT_S = 5
+# A vanished peer (machine off, cable out) is noticed after ~60 s of silence, by us and, through the session
+# settings, by the server, which then ends the session and so frees its advisory lock.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+SERVER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+NOT_AN_OUTAGE = ("28", "3D", "40")  # SQLSTATE classes: bad credentials, no such database, deadlocks (Optuna retries)
+# ... and as libpq words them when connecting, where psycopg gives no SQLSTATE
+NOT_AN_OUTAGE_TEXT = re.compile(r"does not exist|authentication failed|pg_hba\.conf|password|permission denied")
+SCHEMA_RACE = re.compile(r"already exists|UniqueViolation|DuplicateTable|DuplicateObject|out-of-date database schema")
+
+
+def wait_s() -> float:
+    return float(os.environ.get(WAIT_ENV) or DEFAULT_WAIT_S)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks before anything is written
+
+
+def check_stores(storage_url: str, tracking_uri: str, storage_key: str = "storage") -> None:
+    """Raise ``ConfigError`` (one line, password masked) unless the study storage and the tracking store answer.
+
+    Writes nothing: a SQLite file is not created, a database server is only connected to, a tracking server only
+    asked for ``/health``. Takes at most a few seconds (``CONNECT_TIMEOUT_S`` per store).
+    """
+    if not sqlite_path(storage_url):
+        if _dialect(storage_url, storage_key) != "postgresql":
+            raise ConfigError(storage_key, f"{redact(storage_url)}: unsupported; use sqlite:///PATH or "
+                                           "postgresql+psycopg://USER@HOST/DATABASE")  # fmt: skip
+        _check_database(storage_url, storage_key)
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_server(tracking_uri)
+    elif is_database(tracking_uri) and not sqlite_path(tracking_uri):
+        _check_database(tracking_uri, "tracking_uri")
+
+
+def _dialect(url: str, key: str) -> str:
+    try:
+        return sqlalchemy.engine.make_url(url).get_backend_name()
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise ConfigError(key, f"{redact(url)}: not a database URL") from None
+
+
+def _check_database(url: str, key: str) -> None:
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=_connect_args(url))
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except ImportError as err:
+        raise ConfigError(key, f"{redact(url)}: its driver is not installed ({err}); for PostgreSQL write "
+                               "postgresql+psycopg://...") from None  # fmt: skip
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        raise ConfigError(key, f"{redact(url)}: cannot connect ({_first_line(err)})") from None
+
+
+def _check_server(uri: str) -> None:
+    parts = urllib.parse.urlsplit(uri)  # urllib takes no user:password@ in a URL (MLflow reads them from the env)
+    health = parts._replace(netloc=parts.netloc.rpartition("@")[2], path=f"{parts.path.rstrip('/')}/health")
+    try:
+        with urllib.request.urlopen(urllib.parse.urlunsplit(health), timeout=CONNECT_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as err:  # it answered: a proxy's 5xx means the server behind it does not
+        if err.code < 500:
+            return
+        reason = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise ConfigError("tracking_uri", f"MLflow tracking server {redact(uri)} unreachable ({reason}); start it, "
+                                      "or point tracking_uri elsewhere")  # fmt: skip
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of what the driver said (under Optuna's and SQLAlchemy's wrappers), with its type."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, sqlalchemy.exc.DBAPIError):
+        cause = cause.__cause__ or cause.__context__
+    orig = getattr(cause, "orig", None) or cause or err
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0] if text else ''}".strip()
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    """libpq options for psycopg and psycopg2: a bounded connect, keepalives both ways; nothing for others."""
+    if sqlalchemy.engine.make_url(url).get_driver_name() not in ("psycopg", "psycopg2"):
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES, "options": SERVER_KEEPALIVES}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outages
+
+
+def is_outage(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a lost or refused connection to a database server: worth waiting out.
+
+    Optuna wraps SQLAlchemy's errors in ``StorageInternalError``; the cause chain is searched. Bad credentials, a
+    missing database and bad SQL are errors, not outages.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, sqlalchemy.exc.DBAPIError):
+            state = str(getattr(err.orig, "sqlstate", None) or "")
+            if err.connection_invalidated:
+                return True
+            if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+                return not state.startswith(NOT_AN_OUTAGE) and not NOT_AN_OUTAGE_TEXT.search(str(err.orig))
+            return False
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class _Outage:
+    """What this process prints about an outage: one line when its first call fails, one when a call gets through."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self.recovered_at = -float("inf")  # time.monotonic() of the end of the last outage
+
+    def waiting(self, err: BaseException, limit: float) -> None:
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+                print(f"ablate: study storage unreachable ({_first_line(err)}), waiting up to {limit:.0f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+    def back(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                took = time.monotonic() - self._since
+                self._since, self.recovered_at = None, time.monotonic()
+                print(f"ablate: study storage reachable again after {took:.0f} s", file=sys.stderr, flush=True)
+
+
+OUTAGE = _Outage()
+_local = threading.local()
+
+
+def retrying(fn: Callable[[], T], limit: float | None = None) -> T:
+    """``fn()``, called again while it fails with an outage (``is_outage``), for up to ``limit`` s (``wait_s()``).
+
+    Not nested: a storage method that calls another retries once, at the outermost call. A write whose commit
+    reached the server but whose reply was lost is sent again; Optuna's writes are then harmless (an attribute
+    set twice, a state change refused as already made), except a trial created twice (``create_new_trial``,
+    ``enqueue_trial``): a planned trial may then run twice, which the report's per-key filters count once.
+    """
+    if getattr(_local, "active", False):
+        return fn()
+    limit = wait_s() if limit is None else limit
+    _local.active = True
+    try:
+        deadline, delay, waited = None, 0.25, False
+        while True:
+            try:
+                result = fn()
+            except Exception as err:
+                if not is_outage(err):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + limit
+                if now >= deadline:
+                    raise
+                OUTAGE.waiting(err, limit)
+                waited = True
+                time.sleep(min(delay, deadline - now))
+                delay = min(2 * delay, MAX_BACKOFF_S)
+                continue
+            if waited:
+                OUTAGE.back()
+            return result
+    finally:
+        _local.active = False
+
+
+class OutageTolerantStorage(RDBStorage):
+    """``RDBStorage`` whose every call waits out an outage of the database server (``retrying``).
+
+    Heartbeats missed during an outage say nothing about the workers: for a grace period after this process saw
+    the server come back, no trial is judged stale, so a live trial is never failed for the server's silence.
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace = (self.grace_period or 2 * (self.heartbeat_interval or 0)) + MAX_BACKOFF_S
+        if time.monotonic() - OUTAGE.recovered_at < grace:
+            return []
+        return retrying(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return retrying(lambda: method(self, *args, **kwargs))
+
+    return call
+
+
+# Every RDBStorage method that talks to the database, including the private ones ``_CachedStorage`` (the wrapper
+# every Optuna study puts around its storage) calls; ``test_outages`` checks that list against Optuna's source.
+RETRIED = ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+           "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+           "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
+           "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
+           "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+           "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_params", "get_trial",
+           "get_all_trials", "_get_trials", "get_n_trials", "get_best_trial", "_get_best_trial_id",
+           "record_heartbeat")  # fmt: skip
+for _name in RETRIED:
+    setattr(OutageTolerantStorage, _name, _retried(_name))
 
 
 def open_storage(url: str, heartbeat: int, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> RDBStorage:
-    """The study's storage, with heartbeats: a trial silent for 3 heartbeats is failed and handed to ``on_stale``."""
-    engine_kwargs: dict[str, Any] = {}
+    """The study's storage, with heartbeats: a trial silent for 3 heartbeats is failed and handed to ``on_stale``.
+
+    SQLite: a plain ``RDBStorage`` (a local file has no outages). A database server: ``OutageTolerantStorage``,
+    its schema created under ``schema_lock`` so that workers starting together on a fresh database take turns.
+    """
+    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
+                              "heartbeat_stale_trial_callback": on_stale}  # fmt: skip
     if path := sqlite_path(url):
         path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers write to one file
+        return retry_schema_race(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs))
+    engine_kwargs = {"pool_pre_ping": True, "connect_args": _connect_args(url)}
+
+    def create() -> RDBStorage:
+        with schema_lock(url, "optuna"):
+            return OutageTolerantStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+
+    return retrying(lambda: retry_schema_race(create))
+
+
+def retry_schema_race(create: Callable[[], T]) -> T:
+    """``create()``, again after a moment when it lost a race to create a schema (a duplicate type or table):
+    a moment later the schema exists and opening it is a read. Covers racers that do not take ``schema_lock``."""
     for attempt in range(SCHEMA_RETRIES):
         try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              grace_period=3 * heartbeat, heartbeat_stale_trial_callback=on_stale)  # fmt: skip
-        except sqlalchemy.exc.DBAPIError as err:
-            # Workers started together on a fresh database race to create Optuna's tables; the loser sees a
-            # duplicate type or table. A moment later the schema exists and opening it is a read.
-            if attempt == SCHEMA_RETRIES - 1 or "already exists" not in str(err) and "UniqueViolation" not in str(err):
+            return create()
+        except Exception as err:
+            if attempt == SCHEMA_RETRIES - 1 or not SCHEMA_RACE.search(str(err)):
                 raise
             time.sleep(RETRY_S * (1 + attempt))
     raise AssertionError("unreachable")
 
 
-class PlanLock:
-    """A lock held from "is a trial waiting?" until the trial is taken (or the plan's setup is done).
+# ---------------------------------------------------------------------------------------------------------------
+# Locks
 
-    On SQLite, a file lock beside the database; elsewhere (for now) a file lock in the temp folder, which covers
-    workers on one machine only.
+
+class PlanLock:
+    """A lock held from "is a trial waiting?" until the trial is taken (or the study's set-up is done).
+
+    PostgreSQL: an advisory lock keyed by the study name, on a connection of its own held while locked; workers on
+    every machine that share the database exclude each other, and a killed worker's lock ends with its session.
+    SQLite: an ``flock`` on ``<db file>.<study>.lock`` beside the database (one per study, opened without following
+    a symlink). Other storages are refused (``ConfigError``). ``release()`` may come before the ``with`` block
+    ends (the objective releases once its trial is taken) and may be called again.
     """
 
     def __init__(self, storage_url: str, study_name: str) -> None:
-        if path := sqlite_path(storage_url):
-            self.path = path.with_name(f"{path.name}.{study_name}.lock")
-        else:
-            key = hashlib.sha256(f"{storage_url}|{study_name}".encode()).hexdigest()[:16]
-            self.path = Path(tempfile.gettempdir()) / f"ablate-{key}.lock"
-        self._file: Any = None
+        self._lock = _lock_for(storage_url, f"plan.{study_name}")
 
     def __enter__(self) -> PlanLock:
-        self._file = open(self.path, "a")  # noqa: SIM115 (released in release(), maybe before __exit__)
-        fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._lock.acquire()
         return self
 
     def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+        self._lock.release()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def schema_lock(url: str, store: str) -> Iterator[None]:
+    """Held while creating a store's tables (``store``: "optuna", "mlflow") on a database server; else a no-op."""
+    if sqlite_path(url) or not url.startswith("postgresql"):
+        yield
+        return
+    lock = _AdvisoryLock(url, f"schema.{store}")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _lock_for(url: str, name: str) -> _FileLock | _AdvisoryLock:
+    if path := sqlite_path(url):
+        safe = name if re.fullmatch(r"[\w.\-]+", name) else hashlib.sha256(name.encode()).hexdigest()[:16]
+        return _FileLock(path.with_name(f"{path.name}.{safe.removeprefix('plan.')}.lock"))
+    if _dialect(url, "storage") == "postgresql":
+        return _AdvisoryLock(url, name)
+    raise ConfigError("storage", f"{redact(url)}: workers can share a study only through sqlite:///PATH (one "
+                                 "machine) or PostgreSQL (any number)")  # fmt: skip
+
+
+class _FileLock:
+    def __init__(self, path: Any) -> None:
+        self.path, self._fd = path, None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path}: already held by this lock")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:  # ELOOP: a symlink planted where the lock file goes
+            raise ConfigError("storage", f"lock file {self.path}: {err.strerror} (a symlink is refused)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+@functools.cache
+def _lock_engine(url: str) -> sqlalchemy.engine.Engine:
+    """No pool: each lock is a session of its own, ended (and the lock with it) when released."""
+    return sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=_connect_args(url),
+                                    isolation_level="AUTOCOMMIT")  # fmt: skip
+
+
+class _AdvisoryLock:
+    """``pg_advisory_lock`` on a 64-bit key from ``name``, in a session held from acquire to release."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.key = int.from_bytes(hashlib.sha256(f"ablate.{name}".encode()).digest()[:8], "big", signed=True)
+        self._conn: sqlalchemy.engine.Connection | None = None
+
+    def acquire(self) -> None:
+        if self._conn is not None:
+            raise RuntimeError(f"advisory lock {self.key}: already held by this lock")
+        self._conn = retrying(self._lock)
+
+    def _lock(self) -> sqlalchemy.engine.Connection:
+        conn = _lock_engine(self.url).connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        return conn
+
+    def release(self) -> None:
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        except sqlalchemy.exc.SQLAlchemyError:
+            conn.invalidate()  # the session is gone (an outage), and its lock with it
+        finally:
+            conn.close()

@@ -40,6 +40,7 @@ TAG_TORCH_VERSION = "torch.version"
 TAG_CUDA_VERSION = "cuda.version"
 TAG_TRACKING_ERROR = "ablate.tracking_error"  # a background write failed: the record may be incomplete
 SCHEMA_SAMPLE_ROWS = 16
+DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # tracking URI schemes MLflow reads as a database
 FLUSH_EVERY_S = 10.0  # buffered metrics reach the store at the first evaluation this long after the last write
 
 
@@ -49,13 +50,38 @@ def artifact_root(tracking_uri: str) -> str | None:
     return str(path.parent / "artifacts") if path else None
 
 
+def is_database(uri: str) -> bool:
+    """Whether MLflow reads ``uri`` as a database (SQLite, PostgreSQL, MySQL, SQL Server), not a server or folder."""
+    return uri.split("://", 1)[0].split("+", 1)[0] in DATABASES
+
+
 def prepare_store(tracking_uri: str) -> None:
+    """Make ``tracking_uri`` usable: a SQLite file's folder created; a database's MLflow schema created once.
+
+    Processes starting together on a fresh database race to create MLflow's tables (a duplicate type or table,
+    or an "out-of-date schema" while the winner is still migrating): on PostgreSQL they take turns under a
+    database lock (any machine), and a loser that did not take it (an ``mlflow server``) is retried.
+    """
     if path := sqlite_path(tracking_uri):  # SQLite creates the file but not its folder
         path.parent.mkdir(parents=True, exist_ok=True)
+    if is_database(tracking_uri):
+        _create_schema(tracking_uri)
+
+
+@functools.cache
+def _create_schema(tracking_uri: str) -> None:
+    """Once per process and store: MLflow caches the store (and skips this work) once a client was made."""
+    from ablate.storage import retry_schema_race, schema_lock  # imports optuna: not for an http store
+
+    def create() -> None:
+        with schema_lock(tracking_uri, "mlflow"):
+            MlflowClient(tracking_uri)
+
+    retry_schema_race(create)
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
-    """A client of ``tracking_uri``, its SQLite folder created if needed."""
+    """A client of ``tracking_uri``, its SQLite folder or database schema created if needed."""
     prepare_store(tracking_uri)
     return MlflowClient(tracking_uri)
 
