@@ -33,8 +33,8 @@ class Objective:
         self.number = trial.number
         trial.set_user_attr(names.ATTR_WORKER, recovery.worker_id())
         self.lock.release()  # the trial is ours now; other workers may take the next one
-        recovery.failpoint("trial:start")
         try:
+            recovery.failpoint("trial:start")
             return self._train(trial)
         except Exception as err:  # the reason stays on the trial; a rerun retries it (ablate.recovery)
             trial.set_user_attr(names.ATTR_REASON, recovery.describe_reason(err)[:2000])

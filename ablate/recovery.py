@@ -10,6 +10,7 @@ at once, up to ``MAX_RETRY`` times; an error at the next run of the study (fix t
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
@@ -34,10 +35,16 @@ def key_of(trial: FrozenTrial) -> tuple[str, str, int] | None:
     return a[names.ATTR_PHASE], a.get(names.ATTR_VARIANT, ""), int(a.get(names.ATTR_POINT, -1))
 
 
+def ended_by(trial: FrozenTrial) -> str:
+    """How a FAIL ended: diverged (a result), interrupted (a stop), failed (an exception, its reason kept), or lost
+    (its worker died: no status, no reason)."""
+    a = trial.user_attrs
+    return a.get(names.ATTR_STATUS) or ("failed" if names.ATTR_REASON in a else "lost")
+
+
 def is_error(trial: FrozenTrial) -> bool:
-    """A FAIL that is neither a result (diverged) nor a stop (interrupted): an exception, or a worker that died."""
-    status = trial.user_attrs.get(names.ATTR_STATUS, "failed")
-    return trial.state == TrialState.FAIL and status not in ("diverged", "interrupted")
+    """A trial that raised: the bug or bad input a user must look at (exit 1)."""
+    return trial.state == TrialState.FAIL and ended_by(trial) == "failed"
 
 
 def worker_id() -> str:
@@ -49,7 +56,9 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     attrs = {k: trial.user_attrs[k] for k in PLAN_ATTRS if k in trial.user_attrs}
     attrs[names.ATTR_RETRY_OF] = trial.number
     attrs[names.ATTR_ATTEMPT] = int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) + 1
-    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    # The planned values: what was enqueued (a trial that died before suggesting them has no params yet).
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(params, user_attrs=attrs)
     print(f"ablate study: trial {trial.number} ({reason}) goes back in the queue", flush=True)
 
 
@@ -67,12 +76,13 @@ def retry_failed(study: optuna.Study) -> list[int]:
     errors). Returns the numbers of the trials retried; says which keys have used up their retries."""
     retried = []
     for t in latest_attempts(study.get_trials(deepcopy=False)).values():
-        if t.state != TrialState.FAIL or t.user_attrs.get(names.ATTR_STATUS) == "diverged":
+        how = ended_by(t)
+        if t.state != TrialState.FAIL or how == "diverged":
             continue
         attempt = int(t.user_attrs.get(names.ATTR_ATTEMPT, 1))
-        reason = t.user_attrs.get(names.ATTR_REASON, t.user_attrs.get(names.ATTR_STATUS, "failed"))
-        if is_error(t) and attempt > MAX_RETRY:
-            print(f"ablate study: trial {t.number} failed {attempt} times, not retried: {reason}", flush=True)
+        reason = t.user_attrs.get(names.ATTR_REASON, how)
+        if how != "interrupted" and attempt > MAX_RETRY:
+            print(f"ablate study: trial {t.number} ended {how} {attempt} times, not retried: {reason}", flush=True)
             continue
         requeue(study, t, reason)
         retried.append(t.number)
@@ -96,11 +106,48 @@ def stop_trial(study: optuna.Study, number: int, status: str, reason: str) -> bo
     return False
 
 
+def dead_trials(study: optuna.Study, no_worker_s: float) -> list[FrozenTrial]:
+    """RUNNING trials whose worker is known to be gone, marked FAIL: its process on this host no longer exists
+    (killed before its first heartbeat, which heartbeats cannot see), or it never said who it is ``no_worker_s``
+    after it started (killed between Optuna's ask and the objective). Other machines' trials are left to heartbeats."""
+    host, now, dead = socket.gethostname(), datetime.datetime.now(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = t.user_attrs.get(names.ATTR_WORKER, "").rpartition(":")
+        if worker_host == host and pid.isdigit():
+            gone = not _alive(int(pid))
+        else:
+            gone = not pid and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > no_worker_s
+        if gone and _fail(study, t):
+            dead.append(t)
+    return dead
+
+
+def _fail(study: optuna.Study, trial: FrozenTrial) -> bool:
+    try:
+        return study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def failpoint(name: str) -> None:
-    """Die here, as a SIGKILL would, when ``$ABLATE_FAILPOINT`` names this point: the fault-injection tests'
-    way to kill a process at an exact moment (set-up, a trial's start, its MLflow run, its end)."""
-    if os.environ.get(FAILPOINT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """The fault-injection tests' way to fail at an exact moment (set-up, a trial's start, its MLflow run, its
+    end): ``$ABLATE_FAILPOINT=NAME`` dies here as a SIGKILL would; ``NAME=raise`` raises instead."""
+    point, _, action = os.environ.get(FAILPOINT_ENV, "").partition("=")
+    if not point or point != name:
+        return
+    if action == "raise":
+        raise RuntimeError(f"failpoint {name}")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def describe_reason(err: Any) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -20,7 +21,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from ablate.commands import sigterm_as_interrupt
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
-from ablate.storage import PlanLock, open_storage
+from ablate.storage import PlanLock, check_stores, open_storage
 from ablate.stores import default_storage, default_tracking_uri
 from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, reconcile_runs
 
@@ -43,6 +44,10 @@ POLL_S = 1.0
 STOP_GRACE_S = 60.0  # after an interrupt, how long workers get to hand their trials back
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
+# An interrupt is a stop, said in one line by the runner: not Optuna's "Trial failed" warning with a traceback.
+logging.getLogger("optuna.study._optimize").addFilter(
+    lambda record: not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -65,6 +70,7 @@ def run_study(
         raise ConfigError("--trials", f"must be >= 1, got {trials}")
     storage_url = storage or spec.storage or default_storage()
     tracking_uri = spec.tracking_uri or default_tracking_uri()
+    check_stores(storage_url, tracking_uri)  # an unreachable or bad store: one line, before anything is written
     timeout = timeout if timeout is not None else spec.timeout
     deadline = time.time() + timeout if timeout else None
     threads = spec.base.train.threads or max(1, (os.cpu_count() or 1) // workers)
@@ -103,7 +109,7 @@ def _exit_code(study: optuna.Study, before: set[int]) -> int:
     failed = [
         t.number
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if t.number not in before and t.user_attrs.get(names.ATTR_STATUS) == "failed"
+        if t.number not in before and recovery.is_error(t)
     ]
     if failed:
         print(f"ablate study: trials {failed} failed with an error; their MLflow runs hold the reason", file=sys.stderr)
@@ -111,16 +117,19 @@ def _exit_code(study: optuna.Study, before: set[int]) -> int:
 
 
 def _open(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
-    """The storage; a trial whose worker went silent has its MLflow run ended FAILED and is re-enqueued."""
+    """The storage; a trial whose worker went silent is failed, its MLflow run ended FAILED, and it is re-enqueued."""
+    return open_storage(url, spec.heartbeat, _on_dead_worker(spec, tracking_uri))
 
-    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        reason = "worker stopped sending heartbeats"
+
+def _on_dead_worker(spec: StudySpec, tracking_uri: str) -> Callable[[optuna.Study, FrozenTrial], None]:
+    def on_dead(study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = "its worker stopped (no heartbeat, or its process is gone)"
         end_trial_run(ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID]), trial,
                       "FAILED", reason)  # fmt: skip
         if int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) <= recovery.MAX_RETRY:
             recovery.requeue(study, trial, reason)
 
-    return open_storage(url, spec.heartbeat, on_stale)
+    return on_dead
 
 
 def plan_digest(spec: StudySpec) -> str:
@@ -246,10 +255,13 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
     parent_run_id = study.user_attrs[names.ATTR_PARENT_RUN_ID]
     lock = PlanLock(storage_url, spec.name)
     objective = Objective(spec, parent_run_id, tracking_uri, threads, lock)
+    on_dead = _on_dead_worker(spec, tracking_uri)
     done = 0
     while (trials is None or done < trials) and (deadline is None or time.time() < deadline):
         with lock:
             fail_stale_trials(study)
+            for trial in recovery.dead_trials(study, no_worker_s=3 * spec.heartbeat + 60):
+                on_dead(study, trial)
             if not _has_work(spec, study):
                 if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                     break

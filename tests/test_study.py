@@ -17,7 +17,7 @@ from conftest import TINY_STUDY as TINY
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from ablate import cli, names, plan
+from ablate import cli, names, plan, recovery
 from ablate.config import ConfigError, with_values
 from ablate.spec import load_spec
 from ablate.study import run_study
@@ -63,13 +63,14 @@ def assert_consistent(root: Path, name: str, planned: int) -> list:
     parents = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == "study"]
     assert len(parents) == 1 and parents[0].data.tags[names.TAG_SPEC_SHA256]
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    started = [t for t in trials if names.ATTR_RUN_ID in t.user_attrs]
-    assert len(children) == len(started)
-    for t in started:
-        run = children[t.user_attrs[names.ATTR_RUN_ID]]
+    for t in trials:
+        [run] = [r for r in children.values() if r.data.tags[names.TAG_TRIAL] == str(t.number)]
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        if int(run.data.tags[names.TAG_TRIAL]) == t.number:  # a retried trial's copy names the dead run
-            assert run.info.status == MLFLOW_OF[t.state], (t.number, t.state, run.info.status)
+        status = t.user_attrs.get(names.ATTR_STATUS)
+        if t.state == TrialState.FAIL and status == "completed":
+            continue  # trained to the end, killed before Optuna recorded it: its run FINISHED, the trial re-ran
+        expected = names.MLFLOW_STATUS[status] if status in names.MLFLOW_STATUS else MLFLOW_OF[t.state]
+        assert run.info.status == expected, (t.number, t.state, status, run.info.status)
     return trials
 
 
@@ -315,3 +316,131 @@ def test_without_nuisance_parameters_variants_go_straight_to_seeds(tmp_path):
     first = plan.first_trials(spec)
     assert {(p.phase, p.point) for p in first} == {("seed", 1), ("seed", 2)}  # no identical "tune" trials
     assert len(first) == 2 * len(spec.variants())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults: interrupts, kills at exact moments (ABLATE_FAILPOINT), errors; the rerun heals them with no manual step
+
+
+def _cli(path: Path, workdir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
+    cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--no-report", *extra]
+    return subprocess.Popen(cmd, cwd=workdir, env={**base, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def _wait_for_training(workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a trial is mid-training: RUNNING, with its MLflow run recorded."""
+    url = f"sqlite:///{workdir / 'runs' / 'optuna.db'}"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=url).get_trials(deepcopy=False)
+        except Exception:  # not created yet, or the file is busy
+            trials = []
+        if any(t.state == TrialState.RUNNING and names.ATTR_RUN_ID in t.user_attrs for t in trials):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no trial started training: {proc.poll()}")
+
+
+def assert_one_run_per_trial(workdir: Path, name: str = "tiny") -> None:
+    """Every Optuna trial has exactly one MLflow child run, none RUNNING, with the status of its trial."""
+    study, _, runs = stores(workdir, name)
+    children = collections.Counter(int(r.data.tags[names.TAG_TRIAL]) for r in runs
+                                   if r.data.tags.get(names.TAG_ROLE) == "trial")  # fmt: skip
+    assert children == collections.Counter(t.number for t in study.get_trials()), children
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+LONG_TRAIN = {**TINY["train"], "steps": 3000, "eval_every": 1000, "log_every": 500}
+
+
+@pytest.mark.parametrize("sig,workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")], ids=["ctrl-c", "sigterm-2"])
+def test_an_interrupted_study_hands_its_trials_back_and_resumes(workdir, sig, workers):
+    path = write_spec(workdir / "tiny.yaml", train=LONG_TRAIN)
+    proc = _cli(path, workdir, "--workers", workers)
+    _wait_for_training(workdir, proc)
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)  # Ctrl-C reaches the group
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, out[-3000:]
+    assert "back in the queue" in out and "Traceback" not in out, out[-3000:]
+    study, _, runs = stores(workdir, "tiny")
+    stopped = [t for t in study.get_trials() if t.user_attrs.get(names.ATTR_STATUS) == "interrupted"]
+    assert stopped and all(t.state == TrialState.FAIL for t in stopped)
+    waiting = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert {t.user_attrs.get(names.ATTR_RETRY_OF) for t in waiting} >= {t.number for t in stopped}
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # ended KILLED by the stop, not by a rerun
+    assert {r.info.status for r in runs if int(r.data.tags.get(names.TAG_TRIAL, -1)) in
+            {t.number for t in stopped}} == {"KILLED"}  # fmt: skip
+    for _ in range(50):  # no worker left (multiprocessing's resource tracker takes a moment to see its end)
+        if subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b"":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(subprocess.run(["ps", "-f", "-g", str(proc.pid)], capture_output=True, text=True).stdout)
+    assert run_study(path, report=False) == 0
+    assert_consistent(workdir, "tiny", planned=4)
+    assert_one_run_per_trial(workdir)
+
+
+@pytest.mark.parametrize("point", ["setup:created", "setup:parent", "setup:enqueue", "trial:start", "trial:run",
+                                   "trial:end"])  # fmt: skip
+def test_a_kill_at_any_moment_is_healed_by_the_rerun(workdir, point):
+    path = write_spec(workdir / "tiny.yaml", heartbeat=1)
+    proc = _cli(path, workdir, env={"ABLATE_FAILPOINT": point})
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert run_study(path, report=False) == 0  # no "delete it", no manual step
+    trials = assert_consistent(workdir, "tiny", planned=4)
+    assert_one_run_per_trial(workdir)
+    if point.startswith("trial:"):
+        dead = [t for t in trials if t.state == TrialState.FAIL]
+        assert len(dead) == 1 and [t.user_attrs.get(names.ATTR_RETRY_OF) for t in trials].count(dead[0].number) == 1
+
+
+def test_processes_starting_one_study_together_share_one_parent_run_and_one_plan(workdir):
+    path = write_spec(workdir / "tiny.yaml")
+    procs = [_cli(path, workdir) for _ in range(3)]
+    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-1500:] for o in outs)
+    trials = assert_consistent(workdir, "tiny", planned=4)
+    assert len(trials) == 4
+    assert_one_run_per_trial(workdir)
+
+
+def test_a_rerun_retries_trials_that_failed_with_an_error_a_bounded_number_of_times(workdir, monkeypatch, capsys):
+    path = write_spec(workdir / "tiny.yaml", scientific={"model.num_heads": [2]})  # 1 tune trial, then a seed
+    monkeypatch.setenv("ABLATE_FAILPOINT", "trial:start=raise")
+    for attempt in range(1, recovery.MAX_RETRY + 2):
+        assert run_study(path, report=False) == 1  # an error is an exit 1, and its reason stays on the trial
+        last = stores(workdir, "tiny")[0].get_trials()[-1]
+        assert last.user_attrs[names.ATTR_ATTEMPT if attempt > 1 else names.ATTR_PHASE] == (
+            attempt if attempt > 1 else "tune")
+        assert last.user_attrs[names.ATTR_REASON] == "RuntimeError: failpoint trial:start"
+    assert run_study(path, report=False) == 0  # retries used up: said, not run again
+    assert "ended failed 3 times, not retried: RuntimeError: failpoint trial:start" in capsys.readouterr().out
+    assert len(stores(workdir, "tiny")[0].get_trials()) == recovery.MAX_RETRY + 1
+
+    monkeypatch.delenv("ABLATE_FAILPOINT")  # the cause fixed, a new study name: a rerun retries once and completes
+    path = write_spec(workdir / "tiny.yaml", name="fixed", scientific={"model.num_heads": [2]})
+    monkeypatch.setenv("ABLATE_FAILPOINT", "trial:start=raise")
+    assert run_study(path, report=False) == 1
+    monkeypatch.delenv("ABLATE_FAILPOINT")
+    assert run_study(path, report=False) == 0
+    first, retry, seed = stores(workdir, "fixed")[0].get_trials()  # the tune point failed, then its retry and seed
+    assert [t.state for t in (first, retry, seed)] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert retry.user_attrs[names.ATTR_RETRY_OF] == first.number  # the planned values, not sampled ones:
+    assert retry.params == first.system_attrs["fixed_params"]  # the first attempt died before suggesting them
+    assert_one_run_per_trial(workdir, "fixed")
+
+
+def test_diverged_trials_are_results_and_never_retried(workdir):
+    train = {**TINY["train"], "diverge_factor": 1.5, "grad_clip": 0.0}
+    path = write_spec(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]}, seeds=None,
+                      nuisance={"train.lr": {"low": 50.0, "high": 100.0, "log": True}})  # fmt: skip
+    run_study(path, report=False)
+    before = stores(workdir, "tiny")[0].get_trials()
+    assert before and all(t.user_attrs[names.ATTR_STATUS] == "diverged" for t in before)
+    assert run_study(path, report=False) == 0
+    assert len(stores(workdir, "tiny")[0].get_trials()) == len(before)
