@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ablate import names
+from ablate.stores import redact
 
 UI_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8080  # optuna-dashboard's own default
@@ -69,16 +70,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
     """``ablate train CONFIG``: one tracked run; prints one line. Exit 0 when it completed, 1 otherwise."""
     from ablate.config import load_run_config
+
+    config = load_run_config(path, overrides)  # a bad config fails before torch and MLflow are imported
+
     from ablate.tracking import MLflowTracker
     from ablate.train import train
 
-    config = load_run_config(path, overrides)
     tracker = MLflowTracker(run_name=Path(path).stem, tags={names.TAG_ROLE: "run"})
     try:
         with sigterm_as_interrupt():
             result = train(config, callbacks=(tracker,))
     except KeyboardInterrupt as err:
-        print(f"ablate train: interrupted ({err or 'Ctrl-C'}); run {tracker.run_id} ended FAILED", file=sys.stderr)
+        print(f"ablate train: interrupted ({err or 'Ctrl-C'}); run {tracker.run_id} ended KILLED", file=sys.stderr)
         return 130
     shown = [k for k in result.metrics if k.startswith(("val/", "best/"))] + [names.WALL_S]
     summary = " ".join(f"{k}={result.metrics[k]:.4g}" for k in shown if k in result.metrics)
@@ -105,7 +108,7 @@ def open_ui(port: int = 5000) -> int:
     experiment_id = latest_experiment_id(uri)
     workflow = urlencode({"workflowType": RUNS_TABLE["workflowType"]})
     url = runs_url(experiment_id, port=port) if experiment_id else f"http://{UI_HOST}:{port}/#/experiments?{workflow}"
-    print(f"MLflow UI (store {uri}) starting; Ctrl-C stops it", file=sys.stderr)
+    print(f"MLflow UI (store {redact(uri)}) starting; Ctrl-C stops it", file=sys.stderr)
     return serve(command, url)
 
 
@@ -125,7 +128,7 @@ def open_dashboard(port: int = DASHBOARD_PORT, storage: str | None = None) -> in
     if path is not None:  # SQLite creates the file but not its folder
         path.parent.mkdir(parents=True, exist_ok=True)
     RDBStorage(url)  # the tables of a store no study has written yet: the dashboard opens stores as they are
-    print(f"Optuna dashboard (storage {url}) starting; Ctrl-C stops it", file=sys.stderr)
+    print(f"Optuna dashboard (storage {redact(url)}) starting; Ctrl-C stops it", file=sys.stderr)
     command = [str(executable), "--host", UI_HOST, "--port", str(port), "--quiet", url]
     return serve(command, f"http://{UI_HOST}:{port}/dashboard")
 

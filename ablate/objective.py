@@ -15,6 +15,7 @@ import optuna
 from ablate import names, recovery
 from ablate.config import fmt, with_values
 from ablate.spec import StudySpec
+from ablate.stores import redact_text
 
 
 class Diverged(RuntimeError):
@@ -37,7 +38,7 @@ class Objective:
             recovery.failpoint("trial:start")
             return self._train(trial)
         except Exception as err:  # the reason stays on the trial; a rerun retries it (ablate.recovery)
-            trial.set_user_attr(names.ATTR_REASON, recovery.describe_reason(err)[:2000])
+            trial.set_user_attr(names.ATTR_REASON, redact_text(recovery.describe_reason(err))[:2000])
             raise
 
     def _train(self, trial: optuna.Trial) -> float:
@@ -113,7 +114,7 @@ class TrialBridge:
             self.trial.set_user_attr(names.ATTR_RUN_ID, self.tracker.run_id)
         self.trial.set_user_attr(names.ATTR_STATUS, result.status)
         if result.status != "completed" and result.reason:
-            self.trial.set_user_attr(names.ATTR_REASON, result.reason[:2000])
+            self.trial.set_user_attr(names.ATTR_REASON, redact_text(result.reason)[:2000])
         outcome = result.metrics.get(names.TEST_LOSS) if result.status == "completed" else None
         if result.status == "diverged":
             outcome = result.uniform_loss  # a diverged run is the worst outcome, never a dropped one

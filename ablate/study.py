@@ -35,7 +35,7 @@ from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
 from ablate.storage import PlanLock, check_stores, open_storage
-from ablate.stores import default_storage, default_tracking_uri
+from ablate.stores import default_storage, default_tracking_uri, redact
 from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, reconcile_runs
 
 PLAN_DIGEST = "plan_digest"  # study user attr: what the plan depends on; a resume with another plan is refused
@@ -157,9 +157,9 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
         attrs = study.user_attrs
         digest = attrs.get(PLAN_DIGEST)
         if digest is not None and digest != plan_digest(spec):
-            raise ConfigError("name", f"study {spec.name!r} in {storage_url} was created from another plan (base, "
-                              f"values or points differ); change name, or delete it: optuna delete-study "
-                              f"--study-name {spec.name} --storage {storage_url}", spec.source)  # fmt: skip
+            raise ConfigError("name", f"study {spec.name!r} in {redact(storage_url)} was created from another plan "
+                              f"(base, values or points differ); change name, or delete it: optuna delete-study "
+                              f"--study-name {spec.name} --storage {redact(storage_url)}", spec.source)  # fmt: skip
         if attrs.get(SETUP_DONE):
             return study
         if digest is None:
@@ -248,7 +248,7 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
     """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run.
 
     An interrupt (Ctrl-C, SIGTERM) puts the worker's trial back in the queue, then re-raises."""
-    spec = load_spec(spec_path, overrides)
+    spec = load_spec(spec_path, overrides, preflight=False)  # run_study checked it on this machine
     storage = _open(storage_url, spec, tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, worker),
                               pruner=_pruner(spec))  # fmt: skip

@@ -108,7 +108,7 @@ def test_study_with_only_failed_and_pruned_trials_still_reports(tmp_path):
 
     b = StoreBuilder(tmp_path, {**SPEC, "name": "broken"})
     b.add("base", "tune", {"train.lr": 1e-3}, 0, 9.0, "stopped")
-    b.add("base", "tune", {"train.lr": 1e-2}, 0, 9.0, "diverged", reason="loss is nan")
+    b.add("base", "tune", {"train.lr": 1e-2}, 0, 9.0, "diverged", reason="loss is nan", point=1)
     b.study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={names.ATTR_VARIANT: "base"}))
     page = build_report("broken", storage=b.storage, tracking_uri=b.tracking_uri, out=tmp_path / "r").read_text()
     assert re.findall(r'<span class="badge ([\w-]+)">', page) == ["undecided"] * 3

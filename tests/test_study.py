@@ -353,7 +353,7 @@ def assert_one_run_per_trial(workdir: Path, name: str = "tiny") -> None:
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
-LONG_TRAIN = {**TINY["train"], "steps": 3000, "eval_every": 1000, "log_every": 500}
+LONG_TRAIN = {**TINY["train"], "steps": 1200, "eval_every": 400, "log_every": 200}  # a few seconds a trial
 
 
 @pytest.mark.parametrize("sig,workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")], ids=["ctrl-c", "sigterm-2"])
@@ -433,6 +433,10 @@ def test_a_rerun_retries_trials_that_failed_with_an_error_a_bounded_number_of_ti
     assert retry.user_attrs[names.ATTR_RETRY_OF] == first.number  # the planned values, not sampled ones:
     assert retry.params == first.system_attrs["fixed_params"]  # the first attempt died before suggesting them
     assert_one_run_per_trial(workdir, "fixed")
+    from ablate.report import build_report
+
+    page = build_report("fixed", out=str(workdir / "reports")).read_text(encoding="utf-8")
+    assert "1 earlier attempt\n  (interrupted, lost with its worker, or failed with an error and retried) is" in page
 
 
 def test_diverged_trials_are_results_and_never_retried(workdir):

@@ -95,12 +95,14 @@ def test_a_diverging_run_ends_failed_with_a_reason(client: MlflowClient) -> None
     assert run.data.tags[names.TAG_STATUS] == "diverged" and "train/loss" in run.data.tags[names.TAG_REASON]
 
 
-@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-def test_a_run_interrupted_by_an_exception_ends_failed(client: MlflowClient, error: BaseException) -> None:
+@pytest.mark.parametrize("error,status,ended", [(RuntimeError("disk on fire"), "failed", "FAILED"),
+                                                (KeyboardInterrupt(), "interrupted", "KILLED")])  # fmt: skip
+def test_a_run_ended_by_an_exception_or_an_interrupt_is_closed(client: MlflowClient, error: BaseException,
+                                                               status: str, ended: str) -> None:  # fmt: skip
     with pytest.raises(type(error)):
         train(tiny(), [MLflowTracker(), Recorder(raise_at=10, error=error)])
     run = only_run(client)
-    assert run.info.status == "FAILED" and run.data.tags[names.TAG_STATUS] == "failed"
+    assert run.info.status == ended and run.data.tags[names.TAG_STATUS] == status
     assert type(error).__name__ in run.data.tags[names.TAG_REASON]
     assert steps_of(client, run.info.run_id, names.TRAIN_LOSS) == [5, 10]  # buffered points are not lost
 

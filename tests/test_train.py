@@ -90,13 +90,13 @@ def test_a_callback_returning_true_stops_the_run() -> None:
     assert [s for s, _ in rec.steps] == [5, 10] and rec.evals == []  # stopped before the evaluation at 10
 
 
-@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_an_exception_ends_the_run_failed_then_propagates(error: BaseException) -> None:
+@pytest.mark.parametrize("error,status", [(RuntimeError("boom"), "failed"), (KeyboardInterrupt(), "interrupted")])
+def test_an_exception_ends_the_run_then_propagates(error: BaseException, status: str) -> None:
     rec, other = Recorder(raise_at=10, error=error), Recorder()
     with pytest.raises(type(error)):
         train(tiny(), [rec, other])
     for r in (rec, other):  # every callback hears the end exactly once
-        assert [e.status for e in r.ends] == ["failed"] and r.ends[0].steps == 10
+        assert [e.status for e in r.ends] == [status] and r.ends[0].steps == 10
         assert r.ends[0].uniform_loss == pytest.approx(RECALL_UNIFORM_LOSS) and not held_out(r.ends[0].metrics)
     assert type(error).__name__ in rec.ends[0].reason
 

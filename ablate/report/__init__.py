@@ -94,6 +94,7 @@ def _context(data: StudyData) -> dict:
         "name": data.name, "kind": data.kind, "description": data.spec.description,
         "task_metric": data.task_metric, "edges": [], "fair": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
+        "reruns": data.reruns,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
         "figures": dict.fromkeys(("isolation", "lr", "importance", "interaction")), "search": None,
         "attention": _attention(data),

@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 from mlflow import MlflowClient
 
-from ablate import names
+from ablate import names, recovery
 from ablate.config import ConfigError
 from ablate.spec import StudySpec, spec_from_mapping
 from ablate.stores import default_storage, default_tracking_uri, is_redacted, redact, sqlite_path
@@ -37,6 +37,7 @@ class StudyData:
     ("model.num_heads", "train.lr", ...) and final metrics ("val/loss", "cost/params", ...)."""
     parent: dict = field(default_factory=dict)  # run_id, experiment_id, tags, dataset digests
     client: MlflowClient | None = None
+    reruns: int = 0  # earlier attempts at a planned trial (interrupted, lost, failed) that were run again
 
     @property
     def task_metric(self) -> str | None:
@@ -95,9 +96,13 @@ def load_study(name: str, storage: str | None = None, tracking_uri: str | None =
     tracking_uri = tracking_uri or _stored_uri(spec.tracking_uri, name) or default_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = _child_runs(client, name)
-    trials = _join(_optuna_trials(study), runs)
+    all_trials = study.get_trials(deepcopy=False)
+    latest = {t.number for t in recovery.latest_attempts(all_trials).values()}
+    shown = [t for t in all_trials if recovery.key_of(t) is None or t.number in latest]
+    trials = _join(_optuna_trials(shown), runs)
     parent = _parent(client, name, attrs.get(names.ATTR_PARENT_RUN_ID))
-    return StudyData(name, spec.kind, spec, storage, tracking_uri, study, trials, parent, client)
+    return StudyData(name, spec.kind, spec, storage, tracking_uri, study, trials, parent, client,
+                     reruns=len(all_trials) - len(shown))  # fmt: skip
 
 
 def _stored_uri(uri: str | None, name: str) -> str | None:
@@ -118,9 +123,9 @@ def completed(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[(trials["status"] == "completed") & trials["value"].notna()]
 
 
-def _optuna_trials(study: optuna.Study) -> pd.DataFrame:
+def _optuna_trials(trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         row = {
             "trial": t.number,
             "state": t.state.name,
