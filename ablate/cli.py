@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ablate {args.command}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before work began (set-up, loading): nothing to hand back, nothing half-written
+        print(f"ablate {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:
