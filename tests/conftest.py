@@ -477,10 +477,11 @@ class TcpRelay:
         self._listening.clear()
         time.sleep(0.5)  # the accept loop closes its listener
         with self._lock:
-            for s in self._open:
+            for s in self._open:  # shutdown wakes the pump blocked in recv (close alone would not, on Linux)
                 with contextlib.suppress(OSError):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    s.close()  # linger 0: a reset, as from a host whose server died
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()  # linger 0: a reset, as when the server's process dies
             self._open.clear()
 
     def _accept(self, listener: socket.socket) -> None:
