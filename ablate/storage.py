@@ -56,7 +56,15 @@ SCHEMA_RACE = re.compile(r"already exists|UniqueViolation|DuplicateTable|Duplica
 
 
 def wait_s() -> float:
-    return float(os.environ.get(WAIT_ENV) or DEFAULT_WAIT_S)
+    """Seconds an outage of the study storage is waited out: ``$ABLATE_STORAGE_WAIT_S``, else ``DEFAULT_WAIT_S``."""
+    raw = os.environ.get(WAIT_ENV) or str(DEFAULT_WAIT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"${WAIT_ENV}", f"must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,6 +77,7 @@ def check_stores(storage_url: str, tracking_uri: str, storage_key: str = "storag
     Writes nothing: a SQLite file is not created, a database server is only connected to, a tracking server only
     asked for ``/health``. Takes at most a few seconds (``CONNECT_TIMEOUT_S`` per store).
     """
+    wait_s()  # a bad $ABLATE_STORAGE_WAIT_S is one line now, not a traceback in the middle of an outage
     if not sqlite_path(storage_url):
         if _dialect(storage_url, storage_key) != "postgresql":
             raise ConfigError(storage_key, f"{redact(storage_url)}: unsupported; use sqlite:///PATH or "
@@ -171,6 +180,11 @@ class _Outage:
                 print(f"ablate: study storage unreachable ({_first_line(err)}), waiting up to {limit:.0f} s",
                       file=sys.stderr, flush=True)  # fmt: skip
 
+    def give_up(self, limit: float) -> None:
+        with self._lock:
+            print(f"ablate: study storage still unreachable after {limit:.0f} s; giving up (${WAIT_ENV} sets how "
+                  "long to wait)", file=sys.stderr, flush=True)  # fmt: skip
+
     def back(self) -> None:
         with self._lock:
             if self._since is not None:
@@ -187,9 +201,11 @@ def retrying(fn: Callable[[], T], limit: float | None = None) -> T:
     """``fn()``, called again while it fails with an outage (``is_outage``), for up to ``limit`` s (``wait_s()``).
 
     Not nested: a storage method that calls another retries once, at the outermost call. A write whose commit
-    reached the server but whose reply was lost is sent again; Optuna's writes are then harmless (an attribute
-    set twice, a state change refused as already made), except a trial created twice (``create_new_trial``,
-    ``enqueue_trial``): a planned trial may then run twice, which the report's per-key filters count once.
+    reached the server but whose reply was lost is sent again. Optuna's writes are then harmless (an attribute
+    or a value set twice), but two could in principle repeat: a trial created twice (``enqueue_trial``: a planned
+    trial queued twice, so run twice) and a claim of a waiting trial (``set_trial_state_values`` to RUNNING, then
+    refused as already made: the worker takes the next one, and the claimed trial is left RUNNING without a
+    heartbeat, which Optuna never judges stale). Both need the connection lost between the commit and its reply.
     """
     if getattr(_local, "active", False):
         return fn()
@@ -206,6 +222,7 @@ def retrying(fn: Callable[[], T], limit: float | None = None) -> T:
                 now = time.monotonic()
                 deadline = deadline or now + limit
                 if now >= deadline:
+                    OUTAGE.give_up(limit)
                     raise
                 OUTAGE.waiting(err, limit)
                 waited = True
@@ -227,10 +244,9 @@ class OutageTolerantStorage(RDBStorage):
     """
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = retrying(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
         grace = (self.grace_period or 2 * (self.heartbeat_interval or 0)) + MAX_BACKOFF_S
-        if time.monotonic() - OUTAGE.recovered_at < grace:
-            return []
-        return retrying(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
+        return [] if time.monotonic() - OUTAGE.recovered_at < grace else stale  # (this call may have waited too)
 
 
 def _retried(name: str) -> Callable[..., Any]:

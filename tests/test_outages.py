@@ -116,6 +116,13 @@ def bad_stores() -> list[tuple[str, str, str, str]]:
     ]
 
 
+@pytest.mark.parametrize("wait", ["soon", "-1", "inf", "nan"])
+def test_a_bad_wait_for_outages_is_one_line(wait, monkeypatch):
+    monkeypatch.setenv("ABLATE_STORAGE_WAIT_S", wait)
+    with pytest.raises(ConfigError, match=r"\$ABLATE_STORAGE_WAIT_S: must be a number of seconds >= 0"):
+        check_stores(SQLITE, SQLITE)
+
+
 @pytest.mark.parametrize("storage, tracking_uri, key, words", bad_stores(),
                          ids=["closed-port", "mysql", "redis", "in-memory", "not-a-url", "http-closed-port",
                               "tracking-db-closed-port"])  # fmt: skip
@@ -142,6 +149,18 @@ def test_a_missing_database_is_one_line_and_not_an_outage():
             wrapped = optuna.exceptions.StorageInternalError("commit failed")
             wrapped.__cause__ = err.value  # as Optuna raises it
             assert is_outage(wrapped) is outage
+
+
+def test_an_outage_longer_than_the_wait_ends_with_one_line_more(monkeypatch, capfd):
+    monkeypatch.setenv("ABLATE_STORAGE_WAIT_S", "2")
+    start = time.monotonic()
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        open_storage(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x", 10, lambda study, trial: None)
+    assert 2 <= time.monotonic() - start < 2 + CONNECT_TIMEOUT_S
+    err = capfd.readouterr().err.splitlines()
+    assert err[0].startswith("ablate: study storage unreachable (OperationalError: connection failed: ")
+    assert err[0].endswith("waiting up to 2 s") and len(err) == 2, err
+    assert err[1].startswith("ablate: study storage still unreachable after 2 s; giving up ($ABLATE_STORAGE_WAIT_S")
 
 
 def test_a_tracking_server_that_never_answers_fails_within_the_connect_timeout():
