@@ -78,15 +78,26 @@ def check_stores(storage_url: str, tracking_uri: str, storage_key: str = "storag
     asked for ``/health``. Takes at most a few seconds (``CONNECT_TIMEOUT_S`` per store).
     """
     wait_s()  # a bad $ABLATE_STORAGE_WAIT_S is one line now, not a traceback in the middle of an outage
-    if not sqlite_path(storage_url):
-        if _dialect(storage_url, storage_key) != "postgresql":
-            raise ConfigError(storage_key, f"{redact(storage_url)}: unsupported; use sqlite:///PATH or "
-                                           "postgresql+psycopg://USER@HOST/DATABASE")  # fmt: skip
-        _check_database(storage_url, storage_key)
+    check_storage(storage_url, storage_key)
+    check_tracking(tracking_uri)
+
+
+def check_storage(storage_url: str, key: str = "storage") -> None:
+    """A study storage workers can share (a SQLite file, or PostgreSQL) that answers, if on a server."""
+    if sqlite_path(storage_url):
+        return
+    if _dialect(storage_url, key) != "postgresql":
+        raise ConfigError(key, f"{redact(storage_url)}: unsupported; use sqlite:///PATH or "
+                               "postgresql+psycopg://USER@HOST/DATABASE")  # fmt: skip
+    _check_database(storage_url, key)
+
+
+def check_tracking(tracking_uri: str, key: str = "tracking_uri") -> None:
+    """An MLflow tracking server or database server that answers (``ablate train`` can use this alone)."""
     if tracking_uri.startswith(("http://", "https://")):
-        _check_server(tracking_uri)
+        _check_server(tracking_uri, key)
     elif is_database(tracking_uri) and not sqlite_path(tracking_uri):
-        _check_database(tracking_uri, "tracking_uri")
+        _check_database(tracking_uri, key)
 
 
 def _dialect(url: str, key: str) -> str:
@@ -108,7 +119,7 @@ def _check_database(url: str, key: str) -> None:
         raise ConfigError(key, f"{redact(url)}: cannot connect ({_first_line(err)})") from None
 
 
-def _check_server(uri: str) -> None:
+def _check_server(uri: str, key: str) -> None:
     parts = urllib.parse.urlsplit(uri)  # urllib takes no user:password@ in a URL (MLflow reads them from the env)
     health = parts._replace(netloc=parts.netloc.rpartition("@")[2], path=f"{parts.path.rstrip('/')}/health")
     try:
@@ -120,8 +131,8 @@ def _check_server(uri: str) -> None:
         reason = f"HTTP {err.code}"
     except (urllib.error.URLError, OSError) as err:
         reason = str(getattr(err, "reason", err))
-    raise ConfigError("tracking_uri", f"MLflow tracking server {redact(uri)} unreachable ({reason}); start it, "
-                                      "or point tracking_uri elsewhere")  # fmt: skip
+    raise ConfigError(key, f"MLflow tracking server {redact(uri)} unreachable ({reason}); start it, or point "
+                           "tracking_uri elsewhere")  # fmt: skip
 
 
 def _first_line(err: BaseException) -> str:

@@ -136,6 +136,7 @@ def test_a_bad_store_is_one_line_naming_it_and_its_password_masked(storage, trac
     assert time.monotonic() - start < CONNECT_TIMEOUT_S + 2
 
 
+@pytest.mark.postgres
 def test_a_missing_database_is_one_line_and_not_an_outage():
     with pg_database() as url:
         missing = url.rsplit("/", 1)[0] + "/ablate_no_such_database"
