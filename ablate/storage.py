@@ -326,7 +326,9 @@ class PlanLock:
     """A lock held from "is a trial waiting?" until the trial is taken (or the study's set-up is done).
 
     PostgreSQL: an advisory lock keyed by the study name, on a connection of its own held while locked; workers on
-    every machine that share the database exclude each other, and a killed worker's lock ends with its session.
+    every machine that share the database exclude each other, and a killed worker's lock ends with its session
+    (a vanished machine's within ~60 s, by keepalives). It needs sessions of its own: through a pooler such as
+    PgBouncer, session pooling, not transaction pooling.
     SQLite: an ``flock`` on ``<db file>.<study>.lock`` beside the database (one per study, opened without following
     a symlink). Other storages are refused (``ConfigError``). ``release()`` may come before the ``with`` block
     ends (the objective releases once its trial is taken) and may be called again.
