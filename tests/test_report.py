@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import markupsafe
 import numpy as np
@@ -63,6 +68,7 @@ def test_report_has_every_section_and_files(ablation_report, ablation):
     assert (path.parent / "results.csv").is_file() and (path.parent / "summary.md").is_file()
     logged = {f.path for f in ablation.client.list_artifacts(ablation.parent, "report")}
     assert logged == {"report/index.html", "report/results.csv", "report/summary.md"}
+    assert 'href="toy/index.html"' in (path.parent.parent / "index.html").read_text()  # beside it: every study
 
 
 def test_numbers_match_the_stores(ablation_report, ablation):
@@ -177,6 +183,8 @@ def test_report_command_takes_names_files_and_all(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("ABLATE_STORAGE", b.storage)
     assert main(["report", "--all", "--out", "out2"]) == 0
     assert (tmp_path / "out2" / "hunt" / "index.html").is_file()
+    for out in ("out1", "out2"):  # the page of every study comes with any report
+        assert 'href="hunt/index.html"' in (tmp_path / out / "index.html").read_text()
     assert main(["report", "nope"]) == 2
     assert "no study named 'nope'" in capsys.readouterr().err
 
@@ -221,3 +229,97 @@ def test_report_of_a_real_tiny_study(tmp_path, monkeypatch, capsys):
     base = results[(results["phase"] == "seed") & (results["variant"] == "base")][names.TEST_LOSS]
     mean, half = base.mean(), stats.t.ppf(0.975, len(base) - 1) * base.std(ddof=1) / math.sqrt(len(base))
     assert f"{mean:.4f} ± {half:.4f}" in page  # the verdict's metric: the test split
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reports/index.html: every study of a store on one page
+
+_SITES: dict[str, Path] = {}
+
+
+def study_site(built_ablation) -> Path:
+    """A store of five studies and its reports folder, built once: the finished fixture ablation (report built),
+    a finished search (report built), an ablation with a trial running and no report yet, a study whose stored file
+    no longer loads (its error quotes markup), and one with a name that must never become a path."""
+    if "site" not in _SITES:
+        toy = built_ablation[0]
+        root = toy.root.parent / "site"
+        (root / "reports").mkdir(parents=True)
+        for db in ("optuna.db", "mlflow.db"):
+            shutil.copy(toy.root / db, root / db)
+        shutil.copytree(built_ablation[1].parent, root / "reports" / "toy")
+        hunt = build_search(root, n=3)
+        from ablate.report import build_report
+
+        build_report("hunt", storage=hunt.storage, tracking_uri=hunt.tracking_uri, out=root / "reports", index=False)
+        fresh = StoreBuilder(root, {**SPEC, "name": "fresh", "scientific": {"model.num_heads": [2, 4]}})
+        fresh.study.enqueue_trial({"train.lr": 1e-3}, user_attrs={
+            names.ATTR_PHASE: "tune", names.ATTR_VARIANT: "base", names.ATTR_POINT: 0})
+        trial = fresh.study.ask()  # a worker of this machine (this process) holds it
+        trial.set_user_attr(names.ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+        optuna.create_study(study_name="weird", storage=hunt.storage).set_user_attr(
+            names.ATTR_SPEC, {**SPEC, "name": "weird", "kind": EVIL})
+        optuna.create_study(study_name="../evil", storage=hunt.storage)
+        _SITES["site"] = root
+    return _SITES["site"]
+
+
+def index_rows(page: str) -> dict[str, list[str]]:
+    """The index's rows by study name: each cell's HTML."""
+    rows = re.findall(r'<tr class="study" data-study="([^"]*)">(.*?)</tr>', page, re.S)
+    return {name: [c.strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", body, re.S)] for name, body in rows}
+
+
+@pytest.fixture
+def study_index(built_ablation) -> tuple[Path, str]:
+    from ablate.report import build_index
+
+    root = study_site(built_ablation)
+    path = build_index([f"sqlite:///{root / 'optuna.db'}"], root / "reports")
+    return path, path.read_text()
+
+
+def test_index_lists_every_study_with_its_answer_and_a_working_link(study_index):
+    path, page = study_index
+    rows = index_rows(page)
+    assert sorted(rows) == ["fresh", "hunt", "toy", "weird"]  # every study of the store but the unsafe name
+    for name in ("toy", "hunt"):
+        summary = (path.parent / name / "summary.md").read_text().splitlines()[0]
+        assert rows[name][0] == f'<a href="{name}/index.html">{name}</a>'
+        assert (path.parent / name / "index.html").is_file()  # the link is relative to the index page
+        assert str(markupsafe.escape(summary.removeprefix(f"# {name}: "))) == rows[name][2]
+    assert rows["toy"][2].startswith("2 of 3 scientific parameters decided at a margin of ±0.03 test loss")
+    # 3 variants' optima are not bracketed yet: the plan asks for a tune point more of each
+    assert rows["toy"][1] == '<span class="status stopped">stopped</span>'
+    assert rows["toy"][3:7] == ["ablation, 5 variants", "recall, 128 tokens",
+                                "width 32, 1 layer, 2 heads, 100 steps", "30 / 33"]
+    assert rows["hunt"][1] == '<span class="status finished">finished</span>' and rows["hunt"][6] == "3 / 3"
+    assert rows["fresh"][0] == "fresh" and "href" not in rows["fresh"][0]
+    assert rows["fresh"][1].startswith('<span class="status in-progress">in progress</span> (1 running)')
+    assert f"no report yet: <code>ablate report fresh --storage sqlite:///{path.parent.parent / 'optuna.db'}</code>" \
+        in rows["fresh"][2]
+    assert "its stored study file does not load" in rows["weird"][2]
+    assert EVIL not in page and str(markupsafe.escape(EVIL)) in rows["weird"][2]
+    assert "Not listed (not a safe folder name)" in page and "study &#39;../evil&#39;" in page
+    assert not (path.parent.parent / "evil").exists() and "evil/index.html" not in page
+    assert "1 in progress, 1 finished, 1 stopped;" in page
+    assert list(rows)[0] == "fresh"  # the latest activity first
+
+
+def test_index_commands_mask_passwords_and_wall_time_counts_overlaps_once():
+    from ablate.report.html import duration
+    from ablate.report.index import commands, wall_s
+
+    url = "postgresql+psycopg://ablate:s3cret@db.example:5432/optuna"
+    assert "s3cret" not in commands("default", url)["report"]
+    assert commands("default", url)["report"].startswith("ablate report default --storage 'postgresql+psycopg://")
+    t0 = datetime.datetime(2026, 1, 1)
+
+    def trial(start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(datetime_start=t0 + datetime.timedelta(seconds=start), user_attrs={},
+                               datetime_complete=t0 + datetime.timedelta(seconds=end))
+
+    # two workers overlapping (0-10, 5-20), then a pause, then a resumed run (100-110): 30 s of running trials
+    assert wall_s([trial(100, 110), trial(0, 10), trial(5, 20)]) == 30
+    assert wall_s([]) is None
+    assert [duration(s) for s in (44.6, 1767, 11100, None)] == ["45 s", "29 min 27 s", "3 h 05 min", ""]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import platform
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -18,16 +17,18 @@ import yaml
 from ablate import names
 from ablate.config import ConfigError
 from ablate.report import analysis, html, plots
-from ablate.report.load import StudyData, checked_storage, completed, dataset_digests, load_study, study_names
+from ablate.report.index import build_index, commands
+from ablate.report.load import StudyData, completed, dataset_digests, load_study, safe_study_names
 from ablate.spec import check_name, load_spec
-from ablate.stores import default_storage, redact, redact_text
+from ablate.stores import redact, redact_text
 
-__all__ = ["build_report", "report_command", "load_study"]
+__all__ = ["build_index", "build_report", "report_command", "load_study"]
 
 
 def report_command(studies: list[str], *, all_studies: bool = False, storage: str | None = None,
                    out: str = "reports") -> int:
-    """Write ``<out>/<study>/index.html`` for each study name or study file; 0 on success, 2 if none found."""
+    """Write ``<out>/<study>/index.html`` for each study name or study file, then ``<out>/index.html`` listing every
+    study of their stores; 0 on success, 2 if a study was skipped or none found."""
     targets: list[tuple[str, str | None, str | None]] = []
     for item in studies:
         if item.endswith((".yaml", ".yml")):
@@ -35,26 +36,25 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
             targets.append((spec.name, storage or spec.storage, spec.tracking_uri))
         else:
             targets.append((check_name(item), storage, None))
-    skipped = 0
+    skipped: list[str] = []
     if all_studies:
-        for name in study_names(storage):
-            try:  # a shared store can hold any name; one that is not a folder name is never written
-                targets.append((check_name(name), storage, None))
-            except ConfigError as err:
-                where = f"{redact(checked_storage(storage))}: study {name[:40]!r}"
-                print(f"ablate report: skipped: {err.at(where)}", file=sys.stderr)
-                skipped += 1
+        listed, skipped = safe_study_names(storage)  # a shared store can hold any name: a bad one is never written
+        targets += [(name, storage, None) for name in listed]
+        for line in skipped:
+            print(f"ablate report: skipped: {line}", file=sys.stderr)
     if not targets and not skipped:
         raise ConfigError("report", "name a study (or a studies/*.yaml file), or pass --all")
     for name, store, uri in dict.fromkeys(targets):
-        path = build_report(name, storage=store, tracking_uri=uri, out=out)
+        path = build_report(name, storage=store, tracking_uri=uri, out=out, index=False)
         print(f"ablate report: {name}: {path}")
+    print(f"ablate report: every study: {build_index([store for _, store, _ in targets] or [storage], out)}")
     return 2 if skipped else 0
 
 
 def build_report(name: str, *, storage: str | None = None, tracking_uri: str | None = None,
-                 out: str | Path = "reports", log_artifacts: bool = True) -> Path:
-    """Build the report of study ``name``; returns the path of its index.html."""
+                 out: str | Path = "reports", log_artifacts: bool = True, index: bool = True) -> Path:
+    """Build the report of study ``name`` (and, with ``index``, refresh ``<out>/index.html``); returns the path of
+    the study's index.html."""
     folder = Path(out) / check_name(name)
     data = load_study(name, storage, tracking_uri)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,6 +75,8 @@ def build_report(name: str, *, storage: str | None = None, tracking_uri: str | N
     if log_artifacts and data.parent.get("run_id"):
         for file in ("index.html", "results.csv", "summary.md"):
             data.client.log_artifact(data.parent["run_id"], str(folder / file), names.REPORT_DIR)
+    if index:
+        build_index([data.storage], out)
     return folder / "index.html"
 
 
@@ -253,7 +255,7 @@ def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
                 if isinstance(k, str) and k.startswith("tag:") and ("version" in k or k.startswith("tag:mlflow.source"))
                 and isinstance(v, str)}
     runs = [r for r in t["run_id"] if r] if not t.empty else []
-    store = "" if data.storage == default_storage() else f" --storage {shlex.quote(redact(data.storage))}"
+    reproduce = commands(data.name, data.storage)
     return {
         "spec": yaml.safe_dump(data.spec.data, sort_keys=False) if data.spec.data else "",
         "datasets": dataset_digests(data, runs[:20]) if runs else [],
@@ -263,6 +265,5 @@ def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
         "states": counts, "statuses": statuses, "trials": len(t),
         "parent_run_id": data.parent.get("run_id", ""), "experiment_id": data.parent.get("experiment_id", ""),
         "tracking_uri": redact(data.tracking_uri), "storage": redact(data.storage),
-        "study_command": f"ablate study studies/{data.name}.yaml{store}",
-        "report_command": f"ablate report {shlex.quote(data.name)}{store}",
+        "study_command": reproduce["study"], "report_command": reproduce["report"],
     }

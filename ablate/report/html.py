@@ -9,7 +9,8 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-TEMPLATE = "template.html.j2"
+TEMPLATE = "template.html.j2"  # a study's report; it and the index share page.css.j2 and sortable.js.j2
+INDEX_TEMPLATE = "index.html.j2"  # every study of a store on one page
 
 
 def _env() -> jinja2.Environment:
@@ -21,6 +22,7 @@ def _env() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["num"] = num
+    env.filters["duration"] = duration
     return env
 
 
@@ -37,8 +39,20 @@ def num(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def render(context: dict) -> str:
-    return _env().get_template(TEMPLATE).render(**context)
+def duration(seconds: float | None) -> str:
+    """Wall time as people say it: 45 s, 29 min 27 s, 3 h 05 min; blank when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return ""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def render(context: dict, template: str = TEMPLATE) -> str:
+    return _env().get_template(template).render(**context)
 
 
 def table(df: pd.DataFrame) -> dict:

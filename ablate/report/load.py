@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from ablate import names, recovery
 from ablate.config import ConfigError
-from ablate.spec import StudySpec, spec_from_mapping
+from ablate.spec import StudySpec, check_name, spec_from_mapping
 from ablate.stores import default_storage, default_tracking_uri, is_redacted, redact, sqlite_path
 
 
@@ -235,3 +235,15 @@ def checked_storage(storage: str | None = None) -> str:
 
 def study_names(storage: str | None = None) -> list[str]:
     return sorted(optuna.get_all_study_names(checked_storage(storage)))
+
+
+def safe_study_names(storage: str | None = None) -> tuple[list[str], list[str]]:
+    """The store's study names that are safe folder names (``check_name``), and a line for each one that is not:
+    a store can be shared, and a name read from it must never become a path under reports/."""
+    url, safe, skipped = checked_storage(storage), [], []
+    for name in study_names(url):
+        try:
+            safe.append(check_name(name))
+        except ConfigError as err:
+            skipped.append(str(err.at(f"{redact(url)}: study {name[:40]!r}")))
+    return safe, skipped

@@ -1,0 +1,157 @@
+"""``reports/index.html``: every study of a store on one page, its one-line answer first, each linked to its report.
+
+Reads the Optuna storage (what each study is, how far it got, when it ran) and the ``summary.md`` that each study's
+report wrote (its answer), never MLflow: a store of many studies is listed in about a second.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from ablate import names, plan, recovery
+from ablate.config import ConfigError
+from ablate.report import html
+from ablate.report.load import checked_storage, safe_study_names
+from ablate.spec import StudySpec, spec_from_mapping
+from ablate.stores import default_storage, redact, redact_text
+
+FINISHED, IN_PROGRESS, STOPPED = "finished", "in progress", "stopped"
+SUMMARY = "summary.md"  # written by build_report; its first line is "# <study>: <answer>"
+
+
+def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> Path:
+    """Write ``<out>/index.html``: a row per study in the given Optuna storages (None: the default one)."""
+    out = Path(out)
+    rows, skipped, seen = [], [], set()
+    stores = list(dict.fromkeys(checked_storage(s) for s in storages))
+    for storage in stores:
+        listed, bad = safe_study_names(storage)
+        skipped += bad
+        for name in listed:
+            if name not in seen:  # one folder per name under out: a name held by two stores is listed once
+                seen.add(name)
+                rows.append(study_row(name, storage, out))
+    rows.sort(key=lambda r: r["active"] or datetime.datetime.min, reverse=True)  # the latest activity first
+    counts = pd.Series([r["status"] for r in rows if r["status"]], dtype=object).value_counts().to_dict()
+    page = html.render({
+        "rows": rows, "stores": [redact(s) for s in stores], "skipped": skipped, "counts": counts,
+        "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
+    }, html.INDEX_TEMPLATE)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    # Written whole, then renamed over the old page: a reader never sees half of it, and a link planted at the
+    # page's path is replaced rather than followed.
+    tmp = out / f".index.html.{os.getpid()}"
+    tmp.write_text(redact_text(page), encoding="utf-8")
+    os.replace(tmp, out / "index.html")
+    return out / "index.html"
+
+
+def commands(name: str, storage: str) -> dict[str, str]:
+    """The commands that run the study and write its report (``--storage`` unless it is the default store)."""
+    store = "" if storage == default_storage() else f" --storage {shlex.quote(redact(storage))}"
+    return {"study": f"ablate study studies/{name}.yaml{store}", "report": f"ablate report {shlex.quote(name)}{store}"}
+
+
+def study_row(name: str, storage: str, out: Path) -> dict:
+    """One study as the index shows it: what it asks, on what, how far it got, when, and its report's answer."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    running = sum(t.state == TrialState.RUNNING and not worker_gone(t) for t in trials)
+    row = {
+        "name": name, "kind": "", "task": "", "base": "", "done": None, "planned": None,
+        "status": IN_PROGRESS if running else "", "running": running, "started": min(starts, default=None),
+        "last": max(ends, default=None), "active": max(starts + ends, default=None), "wall_s": wall_s(trials),
+        "problem": "", "commands": commands(name, storage), **report_of(name, out),
+    }  # fmt: skip
+    spec = study.user_attrs.get(names.ATTR_SPEC)
+    if not spec:
+        return {**row, "problem": "not an ablate study (no study file stored with it)"}
+    try:
+        spec = spec_from_mapping(spec)
+    except ConfigError as err:
+        return {**row, "problem": f"its stored study file does not load with this version: {err}"}
+    task, model = spec.base.task, spec.base.model
+    row.update(progress(spec, trials))
+    row.update(
+        kind=spec.kind + (f", {len(spec.variants())} variants" if spec.kind == "ablation" else ""),
+        task=f"{task.name}, {task.seq_len} tokens",
+        base=f"width {model.embed_dim}, {_count(model.num_layers, 'layer')}, {_count(model.num_heads, 'head')}, "
+             f"{_count(spec.base.train.steps, 'step')}",  # fmt: skip
+    )
+    # A report written before the study's last trial ended (or while trials run) answers an earlier question.
+    built, last = row["built"], row["last"]
+    row["stale"] = bool(built) and (row["status"] == IN_PROGRESS or last is not None and built < last)
+    return row
+
+
+def report_of(name: str, out: Path) -> dict:
+    """The study's report under ``out``, if any: its relative link, its one-line answer, when it was written."""
+    folder = out / name
+    page, summary = folder / "index.html", folder / SUMMARY
+    if not page.is_file() or folder.resolve().parent != out.resolve():  # a planted link would lead elsewhere
+        return {"link": None, "answer": "", "built": None}
+    answer = ""
+    if summary.is_file():
+        with summary.open(encoding="utf-8", errors="replace") as f:
+            answer = f.readline(2000).strip().removeprefix("# ").removeprefix(f"{name}: ")
+    built = datetime.datetime.fromtimestamp((summary if summary.is_file() else page).stat().st_mtime)
+    return {"link": f"{name}/index.html", "answer": answer, "built": built}
+
+
+def progress(spec: StudySpec, trials: list[FrozenTrial]) -> dict:
+    """Trials done of planned (each planned trial once, by its latest attempt) and the study's status: in progress
+    while a worker holds a trial, stopped when the plan (or a search's budget) has trials left, else finished."""
+    results = plan.results_of(trials)
+    done = sum(r.finished for r in results)
+    left = any(not r.finished for r in results)
+    if spec.kind == "ablation":  # what is planned so far, with what the plan asks for next (a stopped study's)
+        upcoming = [plan.Result(p.phase, p.variant.name, p.point, "WAITING", "")
+                    for p in plan.next_trials(spec, results)]  # fmt: skip
+        planned = plan.planned_size(spec, results + upcoming)
+        left = left or bool(upcoming)
+    else:  # a search bounded by time only has no planned size; it ends when its time is up
+        planned = max(spec.trials, len(results)) if spec.trials else None
+        left = left or done < (spec.trials or 0)
+    running = any(t.state == TrialState.RUNNING and not worker_gone(t) for t in trials)
+    status = IN_PROGRESS if running else STOPPED if left else FINISHED
+    return {"done": done, "planned": done if status == FINISHED else planned, "status": status}
+
+
+def worker_gone(trial: FrozenTrial) -> bool:
+    """A running trial whose worker was a process on this machine that no longer exists (killed outright: nothing
+    handed its trial back). Another machine's worker is taken to be alive until its heartbeats stop."""
+    host, _, pid = trial.user_attrs.get(names.ATTR_WORKER, "").rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not recovery._alive(int(pid))
+
+
+def wall_s(trials: list[FrozenTrial]) -> float | None:
+    """Seconds during which at least one trial ran: parallel workers counted once, the gaps between a stopped
+    study and its resumption not at all."""
+    now = datetime.datetime.now()
+    spans = sorted((t.datetime_start, t.datetime_complete or (t.datetime_start if worker_gone(t) else now))
+                   for t in trials if t.datetime_start)  # fmt: skip
+    if not spans:
+        return None
+    total, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            total += (end - start).total_seconds()
+            start, end = s, e
+        else:
+            end = max(end, e)
+    return total + (end - start).total_seconds()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
