@@ -59,4 +59,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf runs reports/*/ .pytest_cache .ruff_cache
+	rm -rf runs reports/*/ reports/index.html .pytest_cache .ruff_cache
