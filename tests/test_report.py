@@ -220,6 +220,9 @@ def test_report_of_a_real_tiny_study(tmp_path, monkeypatch, capsys):
     study = optuna.load_study(study_name="real", storage=storage)
     assert f"{len(study.trials)} (COMPLETE {len(study.trials)})" in page
     assert "Nothing to plot" not in page and page.count("<img ") == 7
+    row = index_rows((tmp_path / "reports" / "index.html").read_text())["real"]  # the study refreshed the index
+    assert row[1] == '<span class="status finished">finished</span>'
+    assert row[6] == f"{len(study.trials)} / {len(study.trials)}"
     results = pd.read_csv(tmp_path / "reports" / "real" / "results.csv")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for row in results.itertuples():

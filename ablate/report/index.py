@@ -74,6 +74,8 @@ def study_row(name: str, storage: str, out: Path) -> dict:
         "last": max(ends, default=None), "active": max(starts + ends, default=None), "wall_s": wall_s(trials),
         "problem": "", "commands": commands(name, storage), **report_of(name, out),
     }  # fmt: skip
+    # A report written before the study's last trial ended (or while trials run) answers an earlier question.
+    row["stale"] = bool(row["built"]) and (running > 0 or row["last"] is not None and row["built"] < row["last"])
     spec = study.user_attrs.get(names.ATTR_SPEC)
     if not spec:
         return {**row, "problem": "not an ablate study (no study file stored with it)"}
@@ -81,17 +83,17 @@ def study_row(name: str, storage: str, out: Path) -> dict:
         spec = spec_from_mapping(spec)
     except ConfigError as err:
         return {**row, "problem": f"its stored study file does not load with this version: {err}"}
+    try:
+        row.update(progress(spec, trials))
+    except Exception as err:  # noqa: BLE001 - one study this version cannot read must not hide the others
+        return {**row, "problem": f"its trials do not read as this version plans them ({type(err).__name__}: {err})"}
     task, model = spec.base.task, spec.base.model
-    row.update(progress(spec, trials))
     row.update(
         kind=spec.kind + (f", {len(spec.variants())} variants" if spec.kind == "ablation" else ""),
         task=f"{task.name}, {task.seq_len} tokens",
         base=f"width {model.embed_dim}, {_count(model.num_layers, 'layer')}, {_count(model.num_heads, 'head')}, "
              f"{_count(spec.base.train.steps, 'step')}",  # fmt: skip
     )
-    # A report written before the study's last trial ended (or while trials run) answers an earlier question.
-    built, last = row["built"], row["last"]
-    row["stale"] = bool(built) and (row["status"] == IN_PROGRESS or last is not None and built < last)
     return row
 
 
