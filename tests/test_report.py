@@ -305,7 +305,7 @@ def test_index_lists_every_study_with_its_answer_and_a_working_link(study_index)
     assert EVIL not in page and str(markupsafe.escape(EVIL)) in rows["weird"][2]
     assert "Not listed (not a safe folder name)" in page and "study &#39;../evil&#39;" in page
     assert not (path.parent.parent / "evil").exists() and "evil/index.html" not in page
-    assert "1 in progress, 1 finished, 1 stopped;" in page
+    assert "1 in progress, 1 stopped, 1 finished;" in page
     assert list(rows)[0] == "fresh"  # the latest activity first
 
 

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import optuna
-import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import names, plan, recovery
@@ -41,10 +40,10 @@ def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> 
                 seen.add(name)
                 rows.append(study_row(name, storage, out))
     rows.sort(key=lambda r: r["active"] or datetime.datetime.min, reverse=True)  # the latest activity first
-    counts = pd.Series([r["status"] for r in rows if r["status"]], dtype=object).value_counts().to_dict()
+    counts = {s: n for s in (IN_PROGRESS, STOPPED, FINISHED) if (n := sum(r["status"] == s for r in rows))}
     page = html.render({
         "rows": rows, "stores": [redact(s) for s in stores], "skipped": skipped, "counts": counts,
-        "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
+        "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     }, html.INDEX_TEMPLATE)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     # Written whole, then renamed over the old page: a reader never sees half of it, and a link planted at the
