@@ -193,6 +193,7 @@ class _Outage:
 
     def give_up(self, limit: float) -> None:
         with self._lock:
+            self._since = None  # the next outage (a process that goes on, a test) is announced again
             print(f"ablate: study storage still unreachable after {limit:.0f} s; giving up (${WAIT_ENV} sets how "
                   "long to wait)", file=sys.stderr, flush=True)  # fmt: skip
 

@@ -261,10 +261,10 @@ def test_no_trial_is_judged_stale_for_the_silence_of_an_outage(private_postgres,
 
 
 def test_a_study_storage_outage_is_waited_out(private_postgres, tmp_path):
-    """PostgreSQL stopped for 15 s mid-study (sessions ended, connections refused) and started again: both workers
+    """PostgreSQL stopped for 20 s mid-study (sessions ended, connections refused) and started again: both workers
     wait, print one line when it starts and one when it ends, and go on. Heartbeats every 2 s (a trial is stale
     after 6 s of silence) are shorter than the outage: no live trial may be failed for the server's silence."""
-    outage_s = 15
+    outage_s = 20
     with pg_database(private_postgres.url) as storage:
         tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         spec = study_file(tmp_path, "outage", tracking_uri=tracking_uri, heartbeat=2, points=2, seeds=2,
