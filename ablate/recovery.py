@@ -106,18 +106,22 @@ def stop_trial(study: optuna.Study, number: int, status: str, reason: str) -> bo
     return False
 
 
+def worker_gone(trial: FrozenTrial) -> bool:
+    """A running trial whose worker was a process on this machine that no longer exists (killed outright: nothing
+    handed its trial back). Another machine's worker is taken to be alive until its heartbeats stop."""
+    host, _, pid = trial.user_attrs.get(names.ATTR_WORKER, "").rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+
+
 def dead_trials(study: optuna.Study, no_worker_s: float) -> list[FrozenTrial]:
     """RUNNING trials whose worker is known to be gone, marked FAIL: its process on this host no longer exists
     (killed before its first heartbeat, which heartbeats cannot see), or it never said who it is ``no_worker_s``
     after it started (killed between Optuna's ask and the objective). Other machines' trials are left to heartbeats."""
-    host, now, dead = socket.gethostname(), datetime.datetime.now(), []
+    now, dead = datetime.datetime.now(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = t.user_attrs.get(names.ATTR_WORKER, "").rpartition(":")
-        if worker_host == host and pid.isdigit():
-            gone = not _alive(int(pid))
-        else:
-            gone = not pid and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > no_worker_s
-        if gone and _fail(study, t):
+        unnamed = names.ATTR_WORKER not in t.user_attrs
+        late = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > no_worker_s
+        if (worker_gone(t) or unnamed and late) and _fail(study, t):
             dead.append(t)
     return dead
 

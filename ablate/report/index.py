@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import shlex
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def study_row(name: str, storage: str, out: Path) -> dict:
     trials = study.get_trials(deepcopy=False)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    running = sum(t.state == TrialState.RUNNING and not worker_gone(t) for t in trials)
+    running = sum(t.state == TrialState.RUNNING and not recovery.worker_gone(t) for t in trials)
     row = {
         "name": name, "kind": "", "task": "", "base": "", "done": None, "planned": None,
         "status": IN_PROGRESS if running else "", "running": running, "started": min(starts, default=None),
@@ -124,23 +123,16 @@ def progress(spec: StudySpec, trials: list[FrozenTrial]) -> dict:
     else:  # a search bounded by time only has no planned size; it ends when its time is up
         planned = max(spec.trials, len(results)) if spec.trials else None
         left = left or done < (spec.trials or 0)
-    running = any(t.state == TrialState.RUNNING and not worker_gone(t) for t in trials)
+    running = any(t.state == TrialState.RUNNING and not recovery.worker_gone(t) for t in trials)
     status = IN_PROGRESS if running else STOPPED if left else FINISHED
     return {"done": done, "planned": done if status == FINISHED else planned, "status": status}
-
-
-def worker_gone(trial: FrozenTrial) -> bool:
-    """A running trial whose worker was a process on this machine that no longer exists (killed outright: nothing
-    handed its trial back). Another machine's worker is taken to be alive until its heartbeats stop."""
-    host, _, pid = trial.user_attrs.get(names.ATTR_WORKER, "").rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not recovery._alive(int(pid))
 
 
 def wall_s(trials: list[FrozenTrial]) -> float | None:
     """Seconds during which at least one trial ran: parallel workers counted once, the gaps between a stopped
     study and its resumption not at all."""
     now = datetime.datetime.now()
-    spans = sorted((t.datetime_start, t.datetime_complete or (t.datetime_start if worker_gone(t) else now))
+    spans = sorted((t.datetime_start, t.datetime_complete or (t.datetime_start if recovery.worker_gone(t) else now))
                    for t in trials if t.datetime_start)  # fmt: skip
     if not spans:
         return None
