@@ -72,6 +72,10 @@ def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
     from ablate.config import load_run_config
 
     config = load_run_config(path, overrides)  # a bad config fails before torch and MLflow are imported
+    from ablate.storage import check_tracking
+    from ablate.stores import default_tracking_uri
+
+    check_tracking(default_tracking_uri(), "MLFLOW_TRACKING_URI")  # in seconds, not after MLflow's retries
 
     from ablate.tracking import MLflowTracker
     from ablate.train import train
