@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate import names
+from ablate import budget, names
 from ablate.config import BACKENDS, SCALINGS, ModelConfig
 
 
@@ -320,13 +320,9 @@ def count_params(model: nn.Module) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int, num_params: int) -> float:
-    """Training FLOPs per token: 6N (forward 2N + backward 4N) plus attention 12 * L * T * (H * D), the
-    convention of PaLM (App. B) and nanoGPT's ``estimate_mfu``: the full T x T score matrix, no discount for causal
-    masking. N counts every parameter; the tied head counts once, as the LM-head matmul (2 * vocab * C of the 2N).
-    ``vocab_size`` is part of the interface for that reason; it does not change the estimate."""
-    del vocab_size
-    d_attn = cfg.num_heads * cfg.resolved_head_dim
-    return 6.0 * num_params + 12.0 * cfg.num_layers * seq_len * d_attn
+    """Training FLOPs per token, 6N plus attention: the one formula, ``ablate.budget.flops_per_token`` (torch-free,
+    so that a study's FLOP budget is counted with the trainer's own rule)."""
+    return float(budget.flops_per_token(cfg, vocab_size, seq_len, num_params))
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -73,11 +73,14 @@ TOKENS_PER_S = "perf/tokens_per_s"
 VAL_LOSS = "val/loss"  # at intermediate evaluations: the fixed validation sample; final: the full split
 TEST_LOSS = "test/loss"  # the full test split, once, at the end of a completed run
 BEST_VAL_LOSS = "best/val/loss"
-WALL_S = "perf/wall_s"
+WALL_S = "perf/wall_s"  # the whole run: set-up, training, evaluations
+TRAIN_S = "perf/train_s"  # training steps only (what a wall budget counts)
 PEAK_MEM_MB = "perf/peak_mem_mb"
 PARAMS = "cost/params"
 FLOPS_PER_TOKEN = "cost/flops_per_token"
 FLOPS_TOTAL = "cost/flops_total"
+TOKENS = "cost/tokens"  # tokens trained on (batch_size * seq_len per step)
+STEPS = "cost/steps"  # optimizer steps done
 
 
 def val_metric(task_metric: str) -> str:

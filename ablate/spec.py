@@ -18,6 +18,7 @@ from typing import Any
 
 from scipy.stats import qmc
 
+from ablate.budget import MATCHES, ComputeBudget, from_study
 from ablate.config import (
     RUN_SECTIONS,
     ConfigError,
@@ -98,12 +99,19 @@ class Budget:
     """search: total trials in the study. An ablation's size follows from its plan."""
     timeout: float | None = None
     """Seconds after which workers take no new trial (resume later with the same command)."""
+    match: str = choice("steps", MATCHES, "what every arm uses as much of as the base (ablate.budget): steps, "
+                                          "tokens, flops or wall (seconds of training)")  # fmt: skip
+    value: float | None = None
+    """Each arm's budget in the unit of ``match`` (tokens, FLOPs, seconds); default: what the base's train.steps use.
+    A wall budget needs it."""
 
     def __post_init__(self) -> None:
         if self.trials is not None and self.trials < 1:
             raise ConfigError("trials", f"must be >= 1, got {self.trials}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("timeout", f"must be > 0 seconds, got {self.timeout}")
+        if self.value is not None and not self.value > 0:
+            raise ConfigError("value", f"must be > 0 ({self.match}), got {self.value}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,7 @@ class StudySpec:
     max_extra_points: int = 3
     trials: int | None = None
     timeout: float | None = None
+    compute: ComputeBudget | None = None  # each arm's budget (``budget.match``); None: every arm trains train.steps
     sampler: str = "tpe"
     pruner: str = "none"
     storage: str | None = None
@@ -282,12 +291,14 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
     fields = flatten(to_dict(base))
     scientific = _scientific(raw.scientific, base, fields)
     seeds = raw.seeds if isinstance(raw.seeds, Seeds) else Seeds(raw.seeds, raw.seeds)
+    nuisance = _nuisance(raw.nuisance, base, fields, scientific)
+    compute = from_study(raw.budget.match, raw.budget.value, base, scientific, [p.key for p in nuisance])
     spec = StudySpec(
         name=raw.name,
         kind=raw.kind,
         base=base,
         scientific=scientific,
-        nuisance=_nuisance(raw.nuisance, base, fields, scientific),
+        nuisance=nuisance,
         points=raw.points,
         min_seeds=seeds.min,
         max_seeds=seeds.max,
@@ -296,8 +307,9 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
         max_extra_points=raw.max_extra_points,
         trials=raw.budget.trials,
         timeout=raw.budget.timeout,
+        compute=compute,
         sampler=raw.sampler or ("tpe" if raw.kind == "search" else "halton"),
-        pruner=raw.pruner or ("median" if raw.kind == "search" else "none"),
+        pruner=raw.pruner or ("median" if raw.kind == "search" and compute is None else "none"),
         storage=raw.storage,
         tracking_uri=raw.tracking_uri,
         heartbeat=raw.heartbeat,
@@ -345,6 +357,9 @@ def _check_kind(spec: StudySpec) -> None:
         return
     if spec.trials is None and spec.timeout is None:
         raise ConfigError("budget", "a search needs budget.trials or budget.timeout")
+    if spec.compute is not None and spec.pruner != "none":
+        raise ConfigError("pruner", f"a pruner compares runs at equal steps, and budget.match {spec.compute.match} "
+                                    "gives each arm its own; use none")  # fmt: skip
     _check_combinations(spec)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ablate import names
+from ablate.budget import ComputeBudget
 from ablate.config import RunConfig, TrainConfig, to_yaml
 
 STATUSES = ("completed", "diverged", "stopped", "failed", "interrupted")
@@ -27,7 +28,8 @@ class RunStart:
 
     config: RunConfig
     task: Any  # ablate.tasks.Task: its .data (datasets.DatasetDict) is logged as the run's input
-    derived: dict[str, Any]  # head_dim, params, flops_per_token, uniform_loss, device, backend, precision, versions
+    derived: dict[str, Any]  # head_dim, params, flops_per_token, uniform_loss, device, backend, precision, versions;
+    # under a compute budget also budget_match, budget_value, budget_unit (``ComputeBudget.derived``)
 
 
 @dataclass
@@ -38,7 +40,8 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     """Final summaries, MLflow names: val/loss, val/bpc or val/acc (full validation split), test/loss, test/bpc or
     test/acc (full test split; these two groups for completed runs only), best/val/loss, cost/params,
-    cost/flops_per_token, cost/flops_total, perf/tokens_per_s, perf/wall_s, perf/peak_mem_mb."""
+    cost/flops_per_token, cost/flops_total, cost/tokens, cost/steps, perf/tokens_per_s, perf/train_s (training
+    steps only), perf/wall_s (the whole run), perf/peak_mem_mb."""
     history: list[dict[str, float]] = field(default_factory=list)
     """One dict per evaluation: {"step": s, "val/loss": ..., "val/bpc" or "val/acc": ..., attention stats}."""
     attention_maps: Any = None  # numpy (num_layers, num_heads, T, T) of one validation sample, final model
@@ -64,21 +67,25 @@ class Callback(Protocol):
 DATA_SEED = 0  # every trial of a study sees the same data; train.seed drives initialisation and batch order
 
 
-def train(config: RunConfig, callbacks: tuple[Callback, ...] | list[Callback] = ()) -> RunResult:
+def train(config: RunConfig, callbacks: tuple[Callback, ...] | list[Callback] = (),
+          budget: ComputeBudget | None = None) -> RunResult:  # fmt: skip
     """Train ``config`` and return how it went; diverged and stopped runs return, exceptions re-raise.
 
-    Every callback's ``on_end`` is called exactly once, also when an exception (KeyboardInterrupt included) ends
-    the run, so a tracker can close its run as failed instead of leaving it running.
+    With a ``budget`` (``ablate.budget``), the run trains until it has used it: its own ``train.steps`` (warmup and
+    evaluations stretched), set once the task's vocabulary is known and passed to callbacks as the run's config;
+    under a wall budget, for the budget's seconds of training. Every callback's ``on_end`` is called exactly once,
+    also when an exception (KeyboardInterrupt included) ends the run, so a tracker can close its run as failed
+    instead of leaving it running.
     """
     callbacks = tuple(callbacks)
-    trainer = _Trainer(config, callbacks)
+    trainer = _Trainer(config, callbacks, budget)
     try:
         result = trainer.run()
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         failed = RunResult(
-            status, reason, trainer.step, config_yaml=to_yaml(config), uniform_loss=trainer.uniform_loss
+            status, reason, trainer.step, config_yaml=to_yaml(trainer.config), uniform_loss=trainer.uniform_loss
         )
         _notify_end(callbacks, failed, quiet=True)
         raise
@@ -104,7 +111,50 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return _cosine(progress, cfg)
+
+
+def lr_at_share(share: float, cfg: TrainConfig) -> float:
+    """Learning rate once ``share`` (0 to 1) of a wall budget is used: ``lr_at`` with time in place of steps, the
+    warmup lasting the share ``warmup_steps / steps`` of the seconds."""
+    warmup = cfg.warmup_steps / cfg.steps
+    if share < warmup:
+        return cfg.lr * share / warmup
+    return _cosine(min(1.0, (share - warmup) / (1 - warmup)) if warmup < 1 else 1.0, cfg)
+
+
+def _cosine(progress: float, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Schedule:
+    """When a run evaluates and ends, and at which learning rate: over ``train.steps``, or over the seconds of a
+    wall budget (evaluations then fall at the shares of the seconds where ``eval_every`` puts them in steps)."""
+
+    def __init__(self, cfg: TrainConfig, seconds: float | None = None) -> None:
+        self.cfg, self.seconds = cfg, seconds
+        self.evals = [k * cfg.eval_every / cfg.steps for k in range(1, (cfg.steps - 1) // cfg.eval_every + 1)]
+
+    @property
+    def timed(self) -> bool:
+        return self.seconds is not None
+
+    def lr(self, step: int, elapsed: float) -> float:
+        """Of step ``step``, starting after ``elapsed`` seconds of training (the first step of a timed warmup: 0)."""
+        return lr_at(step, self.cfg) if self.seconds is None else lr_at_share(min(1.0, elapsed / self.seconds),
+                                                                               self.cfg)  # fmt: skip
+
+    def last(self, step: int, elapsed: float) -> bool:
+        """Whether the run ends after step ``step``, done at ``elapsed`` seconds of training."""
+        return step >= self.cfg.steps if self.seconds is None else elapsed >= self.seconds
+
+    def evaluate(self, step: int, elapsed: float) -> bool:
+        """Whether to evaluate after step ``step`` (not the last: the final evaluation follows the loop)."""
+        if self.seconds is None:
+            return step % self.cfg.eval_every == 0
+        due = [share for share in self.evals if share * self.seconds <= elapsed]
+        self.evals = self.evals[len(due):]  # one evaluation for shares passed within one step
+        return bool(due)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -137,8 +187,8 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") 
 class _Trainer:
     """The state of one run; ``step`` is readable after a crash to report how far it got."""
 
-    def __init__(self, config: RunConfig, callbacks: tuple[Callback, ...]) -> None:
-        self.config, self.callbacks, self.step = config, callbacks, 0
+    def __init__(self, config: RunConfig, callbacks: tuple[Callback, ...], budget: ComputeBudget | None) -> None:
+        self.config, self.callbacks, self.budget, self.step = config, callbacks, budget, 0
         self.history: list[dict[str, float]] = []
         self.maps: Any = None
         self.train_s = 0.0  # time in training steps, evaluations excluded
@@ -166,11 +216,18 @@ class _Trainer:
         self.precision = "bf16" if use_bf16 else "fp32"
         self.num_params = count_params(self.model)
         self.flops_per_token = flops_per_token(cfg.model, self.task.vocab_size, self.task.seq_len, self.num_params)
+        seconds = None
+        if self.budget is not None:  # the arm's own steps, from the trainer's own FLOP count
+            vocab, classes = self.task.vocab_size, self.task.num_classes
+            self.config = self.budget.resolve(cfg, vocab, classes, int(self.flops_per_token))
+            seconds = float(self.budget.total(vocab, classes)) if self.budget.match == "wall" else None
+        self.schedule = Schedule(self.config.train, seconds)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def derived(self) -> dict[str, Any]:
         dev = self.device
+        budget = {} if self.budget is None else self.budget.derived(self.task.vocab_size, self.task.num_classes)
         return {
             "head_dim": self.config.model.resolved_head_dim,
             "params": self.num_params,
@@ -183,6 +240,7 @@ class _Trainer:
             "compile": self.config.train.compile,
             "torch": torch.__version__,
             "cuda": torch.version.cuda or "none",
+            **budget,
         }
 
     def sync(self) -> None:
@@ -205,19 +263,26 @@ class _Trainer:
         return self.result(status, reason, start)
 
     def loop(self) -> tuple[str, str]:
-        cfg = self.config.train
+        cfg, schedule = self.config.train, self.schedule
         self.model.train()
         batches = self.task.batches("train", cfg.batch_size, seed=cfg.seed, device=self.device)
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no sync until a log step
         initial = None
         window_start, window_tokens = time.perf_counter(), 0
-        for step in range(1, cfg.steps + 1):
-            loss, grad_norm, lr, tokens = self.train_step(step, next(batches))
+        step, last, step_s = 0, False, 0.0
+        while not last:
+            step += 1
+            trained = self.train_s + time.perf_counter() - window_start  # seconds of training before this step
+            loss, grad_norm, lr, tokens = self.train_step(next(batches), schedule.lr(step, trained))
             self.step, window_tokens = step, window_tokens + tokens
             loss_sum += loss.detach()
             if initial is None:
                 initial = loss.item()  # the one extra sync of the run: the reference for divergence
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if schedule.timed:
+                self.sync()  # a wall budget counts finished work: one sync per step
+                step_s = self.train_s + time.perf_counter() - window_start - trained
+            last = schedule.last(step, trained + step_s)
+            if step % cfg.log_every == 0 or last:
                 mean = loss_sum.item() / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
                 elapsed = time.perf_counter() - window_start  # after the sync above: GPU work included
                 self.train_s, self.tokens = self.train_s + elapsed, self.tokens + window_tokens
@@ -233,7 +298,7 @@ class _Trainer:
                     return "stopped", f"stopped by a callback at step {step}"
                 loss_sum.zero_()
                 window_start, window_tokens = time.perf_counter(), 0
-            if step % cfg.eval_every == 0 and step < cfg.steps:
+            if not last and schedule.evaluate(step, trained + step_s):
                 self.sync()  # queued training work belongs to the window, not to the evaluation
                 paused = time.perf_counter()
                 val_loss = self.evaluate(final=False)
@@ -244,9 +309,8 @@ class _Trainer:
                     return "stopped", f"stopped by a callback at step {step}"
         return "completed", ""
 
-    def train_step(self, step: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    def train_step(self, batch: Any, lr: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
         cfg = self.config.train
-        lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self.autocast():
@@ -317,7 +381,10 @@ class _Trainer:
             names.PARAMS: float(self.num_params),
             names.FLOPS_PER_TOKEN: self.flops_per_token,
             names.FLOPS_TOTAL: self.flops_per_token * self.tokens,
+            names.TOKENS: float(self.tokens),
+            names.STEPS: float(self.step),
             names.TOKENS_PER_S: self.tokens / self.train_s if self.train_s else 0.0,
+            names.TRAIN_S: self.train_s,
             names.WALL_S: time.perf_counter() - start,
             names.PEAK_MEM_MB: peak_memory_mb(self.device),
         }

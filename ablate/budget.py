@@ -1,0 +1,162 @@
+"""Compute-matched comparisons: every arm of a study trains until it has used the base's budget of optimizer steps,
+tokens, FLOPs or seconds (``budget.match`` in a study file). A cheaper arm trains longer, its warmup, cosine and
+evaluations stretched to its own length. No torch: the study file's checks and the report use it.
+
+- ``steps``: every arm trains ``train.steps``, the default (nothing is matched, as before budgets existed).
+- ``tokens``: ``steps * batch_size * seq_len`` (training batches are always full; padding counts as tokens).
+- ``flops``: the trainer's own count, ``6 N + 12 L T (H D)`` per token (:func:`flops_per_token`, N the trainable
+  parameters), counted here from the config; the tests check :func:`num_params` against the built model.
+- ``wall``: seconds of training steps (set-up and evaluations excluded), measured by the trainer, which stops after
+  the step that reaches them and runs its learning-rate schedule on the share of the seconds used, not on steps
+  (the budget-aware schedule of Geiping & Goldstein 2023, "Cramming"). A step count fixed from a timing would miss
+  the budget by the timing's error, and each worker would time its own. The price: a run is not reproducible step
+  for step, and its seconds depend on the machine and its load, so compare arms on one kind of machine.
+
+The base's budget is its ``train.steps`` in the unit of ``match``, or ``budget.value`` when given (a wall budget needs
+it). An arm trains ``ceil(budget / cost of one of its steps)`` steps: at least the budget, less than one step over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+
+from ablate import names
+from ablate.config import ConfigError, ModelConfig, RunConfig, with_values
+
+MATCHES = ("steps", "tokens", "flops", "wall")
+UNITS = {"steps": "steps", "tokens": "tokens", "flops": "FLOPs", "wall": "s"}
+USED = {"steps": names.STEPS, "tokens": names.TOKENS, "flops": names.FLOPS_TOTAL, "wall": names.TRAIN_S}
+"""The run metric that says how much of its budget an arm used."""
+MAX_STEPS = 10**9  # steps of one arm: a budget that asks for more is a typo
+VOCAB_KEYS = ("task.name", "task.source", "task.text_column", "task.val_fraction", "task.test_fraction",
+              "task.vocab_size")  # fmt: skip
+"""Keys that change a task's vocabulary, hence the parameters of its embedding: a FLOP budget taken from the base
+cannot be counted for an arm that changes them (only the trainer knows a text's vocabulary)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting
+
+
+def num_params(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None) -> int:
+    """Trainable parameters of ``ablate.model.Transformer(cfg, vocab_size, seq_len, num_classes)``, a tied head once."""
+    C, L, H, D = cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim
+    hidden = max(1, round(cfg.mlp_ratio * C))
+    norm = 2 * C if cfg.bias else C  # LayerNorm: gain, and bias when cfg.bias
+    attention = C * 3 * H * D + H * D * C + (3 * H * D + C if cfg.bias else 0)  # qkv, attn_out
+    attention += H if cfg.scaling in ("learned", "qknorm", "logn") else 0  # one learned factor per head
+    mlp = 2 * C * hidden + (hidden + C if cfg.bias else 0)
+    head = 0 if num_classes is None else C * num_classes + num_classes  # a language model's head is tied
+    return vocab_size * C + seq_len * C + L * (2 * norm + attention + mlp) + norm + head
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int, num_params: int) -> int:
+    """Training FLOPs per token: 6N (forward 2N + backward 4N) plus attention 12 * L * T * (H * D), the convention
+    of PaLM (App. B) and nanoGPT's ``estimate_mfu``: the full T x T score matrix, no discount for causal masking.
+    N counts every parameter; the tied head counts once, as the LM-head matmul (2 * vocab * C of the 2N).
+    ``vocab_size`` is part of the interface for that reason; it does not change the estimate."""
+    del vocab_size
+    return 6 * num_params + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    return cfg.train.batch_size * cfg.task.seq_len
+
+
+def step_cost(match: str, cfg: RunConfig, flops_per_token: int) -> int:
+    """What one optimizer step of ``cfg`` costs in the unit of ``match`` (not ``wall``: only a clock knows)."""
+    if match == "steps":
+        return 1
+    if match == "tokens":
+        return tokens_per_step(cfg)
+    if match == "flops":
+        return tokens_per_step(cfg) * flops_per_token
+    raise ValueError(f"a {match} budget has no cost per step known before training")
+
+
+def stretched(cfg: RunConfig, steps: int) -> RunConfig:
+    """``cfg`` trained for ``steps``: its warmup and evaluation interval scaled by the same factor, so the schedule
+    (warmup, then cosine to the floor) and the evaluations fall at the same shares of the run."""
+    train = cfg.train
+    ratio = Fraction(steps, train.steps)
+    warmup = min(steps, math.floor(train.warmup_steps * ratio + Fraction(1, 2)))
+    every = max(1, math.floor(train.eval_every * ratio + Fraction(1, 2)))
+    train = dataclasses.replace(train, steps=steps, warmup_steps=warmup, eval_every=every)
+    return dataclasses.replace(cfg, train=train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The budget of a study
+
+
+@dataclass(frozen=True)
+class ComputeBudget:
+    """Each arm's budget: ``value`` in the unit of ``match``, or else what the ``base``'s train.steps use."""
+
+    match: str
+    base: RunConfig
+    value: float | None = None
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.match]
+
+    def total(self, vocab_size: int, num_classes: int | None) -> Fraction:
+        """The budget of every arm (exact), for the vocabulary and classes of the task the arms share."""
+        if self.value is not None:
+            return Fraction(self.value)
+        base = self.base
+        n = num_params(base.model, vocab_size, base.task.seq_len, num_classes)
+        fpt = flops_per_token(base.model, vocab_size, base.task.seq_len, n)
+        return Fraction(base.train.steps * step_cost(self.match, base, fpt))
+
+    def steps(self, cfg: RunConfig, vocab_size: int, num_classes: int | None, flops_per_token: int) -> int:
+        """Optimizer steps of ``cfg`` (whose FLOPs per token are the trainer's own count) to use the budget."""
+        return math.ceil(self.total(vocab_size, num_classes) / step_cost(self.match, cfg, flops_per_token))
+
+    def resolve(self, cfg: RunConfig, vocab_size: int, num_classes: int | None, flops_per_token: int) -> RunConfig:
+        """``cfg`` with its own ``train.steps`` (warmup and evaluations stretched); a wall budget leaves it as is."""
+        if self.match == "wall":
+            return cfg
+        steps = self.steps(cfg, vocab_size, num_classes, flops_per_token)
+        if steps > MAX_STEPS:
+            raise ConfigError("budget.value", f"an arm would train {steps:,} steps; at most {MAX_STEPS:,}")
+        return stretched(cfg, steps)
+
+    def derived(self, vocab_size: int, num_classes: int | None) -> dict[str, object]:
+        """What a run records of its budget (MLflow params ``derived.budget_*``)."""
+        return {"budget_match": self.match, "budget_value": float(self.total(vocab_size, num_classes)),
+                "budget_unit": self.unit}  # fmt: skip
+
+
+def from_study(match: str, value: float | None, base: RunConfig, scientific: dict[str, tuple],
+               nuisance: Iterable[str]) -> ComputeBudget | None:  # fmt: skip
+    """The study file's ``budget.match`` and ``budget.value``, checked against what the study varies; None for
+    ``steps`` (every arm trains train.steps, exactly as a study without a budget does)."""
+    varied = [(f"scientific.{key}", key) for key in scientific] + [(f"nuisance.{key}", key) for key in nuisance]
+    if match == "steps":
+        if value is not None:
+            raise ConfigError("budget.value", "a steps budget is train.steps; set that, or match tokens, flops or wall")
+        return None
+    if match == "wall" and value is None:
+        raise ConfigError("budget.value", "a wall budget needs its seconds of training per arm, e.g. value: 60")
+    for where, key in varied:
+        if key == "train.steps":
+            raise ConfigError(where, f"cannot be varied under budget.match {match}: each arm's length follows from it")
+        if match == "flops" and value is None and key in VOCAB_KEYS:
+            raise ConfigError(where, "changes the vocabulary, so the base's FLOPs do not carry over to its arms; give "
+                                   "budget.value (FLOPs per arm)")  # fmt: skip
+    budget = ComputeBudget(match, base, value)
+    if match != "wall":  # every arm's steps, with the fewest FLOPs a vocabulary allows (the most steps)
+        arms = [base] + [with_values(base, {key: v}) for key, values in scientific.items() for v in values[1:]]
+        for arm in arms:
+            steps = budget.steps(arm, 1, None, flops_per_token(arm.model, 1, arm.task.seq_len,
+                                                               num_params(arm.model, 1, arm.task.seq_len)))
+            if steps > MAX_STEPS:
+                where = "budget.value" if value is not None else "budget.match"
+                raise ConfigError(where, f"an arm would train {steps:,} steps to use the budget; at most {MAX_STEPS:,}")
+    return budget

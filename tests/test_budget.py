@@ -1,0 +1,276 @@
+"""Compute-matched arms (``ablate.budget``): the FLOP count against the model, every arm within one optimizer step
+of the base's budget, schedules stretched to each arm's length, wall budgets kept by the clock, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import TINY_STUDY, Recorder, tiny
+from mlflow import MlflowClient
+from torch.utils.flop_counter import FlopCounterMode
+
+from ablate import budget, names
+from ablate.budget import ComputeBudget, num_params, step_cost, stretched
+from ablate.config import SCALINGS, ConfigError, ModelConfig, with_values
+from ablate.model import Transformer, count_params, flops_per_token
+from ablate.spec import load_spec, spec_from_mapping
+from ablate.study import plan_digest, run_study
+from ablate.train import Schedule, lr_at, lr_at_share, train
+
+DEFAULT = Path(__file__).resolve().parent.parent / "studies" / "default.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting: the torch-free count is the trainer's
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("shape", [{}, {"head_dim": 5, "mlp_ratio": 2.7}, {"bias": False, "num_layers": 3}])
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_num_params_counts_the_built_model(scaling, shape, num_classes):
+    cfg = ModelConfig(**{"embed_dim": 12, "num_heads": 3, "num_layers": 2, "scaling": scaling, **shape})
+    model = Transformer(cfg, vocab_size=11, max_len=9, num_classes=num_classes)
+    assert num_params(cfg, 11, 9, num_classes) == count_params(model)
+
+
+@pytest.mark.parametrize("shape", [{}, {"embed_dim": 32}, {"embed_dim": 128}, {"head_dim": 8}, {"num_heads": 1}])
+def test_flop_count_against_torch_flop_counter(shape):
+    """The trainer's convention (6N + 12 L T H D, N every parameter) against the matmuls torch counts in a forward
+    and backward pass (manual attention: sdpa on the CPU is not counted). They differ by 6 FLOPs per token for each
+    parameter outside a matmul (position embedding, norms, biases): 2.7% (width 128) to 8.2% (width 32) for the
+    default study's arms."""
+    cfg = ModelConfig(**{"embed_dim": 64, "num_heads": 4, "num_layers": 2, "backend": "manual", **shape})
+    V, T, B = 104, 64, 2  # python-docs' vocabulary, the default study's length
+    model = Transformer(cfg, V, T)
+    n = count_params(model)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, V, (B, T))).sum().backward()
+    measured = counter.get_total_flops() / (B * T)
+    C, L, D = cfg.embed_dim, cfg.num_layers, cfg.num_heads * cfg.resolved_head_dim
+    matmul_params = L * (4 * C * D + 2 * C * round(cfg.mlp_ratio * C)) + V * C  # qkv, attn_out, mlp; tied head
+    assert measured == 6 * matmul_params + 12 * L * T * D  # exactly what torch counts
+    outside = n - matmul_params  # position embedding, norms, biases
+    assert flops_per_token(cfg, V, T, n) == budget.flops_per_token(cfg, V, T, n) == measured + 6 * outside
+    assert 1.0 < flops_per_token(cfg, V, T, n) / measured < 1.09
+
+
+def test_the_trainer_reports_the_same_count():
+    rec = Recorder()
+    result = train(tiny(), [rec])
+    cfg = tiny()
+    n = num_params(cfg.model, 9, 16)  # recall: 8 key/value tokens and the filler
+    fpt = budget.flops_per_token(cfg.model, 9, 16, n)
+    assert rec.derived["params"] == n and rec.derived["flops_per_token"] == fpt
+    assert result.metrics[names.TOKENS] == 20 * 8 * 16 and result.metrics[names.STEPS] == 20
+    assert result.metrics[names.FLOPS_TOTAL] == 20 * step_cost("flops", cfg, fpt)
+    assert 0 < result.metrics[names.TRAIN_S] < result.metrics[names.WALL_S]
+    assert not [k for k in rec.derived if k.startswith("budget")]  # no budget, nothing recorded of one
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The equal-compute schedule
+
+
+def _arms(spec):
+    return [with_values(spec.base, {v.factor: v.values[v.factor]} if v.factor else {}) for v in spec.variants()]
+
+
+@pytest.mark.parametrize("match", ["tokens", "flops"])
+def test_every_arm_of_the_default_study_gets_the_base_budget_within_one_step(match):
+    data = yaml.safe_load(DEFAULT.read_text())
+    spec = spec_from_mapping({**data, "budget": {"match": match}})
+    V = 104
+    total = spec.compute.total(V, None)
+    steps = {}
+    for arm in _arms(spec):
+        fpt = budget.flops_per_token(arm.model, V, 64, num_params(arm.model, V, 64))
+        cost = step_cost(match, arm, fpt)
+        resolved = spec.compute.resolve(arm, V, None, fpt)
+        used = resolved.train.steps * cost
+        assert 0 <= used - total < cost  # at least the budget, less than one optimizer step over
+        ratio = Fraction(resolved.train.steps, 600)
+        assert abs(resolved.train.warmup_steps - 150 * ratio) <= Fraction(1, 2)  # stretched to its own length
+        assert abs(resolved.train.eval_every - 100 * ratio) <= Fraction(1, 2)
+        steps[arm.model] = resolved.train.steps
+    assert steps[spec.base.model] == 600 and total == 600 * step_cost(match, spec.base, 763392)
+    if match == "tokens":  # no arm of the default study changes batch size or length
+        assert set(steps.values()) == {600}
+    else:  # the cheaper arm trains longer, the costlier shorter (FLOPs per token 763392 at the base)
+        assert steps[with_values(spec.base, {"model.embed_dim": 32}).model] == 1956
+        assert steps[with_values(spec.base, {"model.embed_dim": 128}).model] == 170
+        assert steps[with_values(spec.base, {"model.head_dim": 8}).model] == 746
+
+
+def test_an_explicit_value_is_every_arm_budget_the_base_included():
+    base = tiny()
+    fpt = budget.flops_per_token(base.model, 9, 16, num_params(base.model, 9, 16))
+    arm = ComputeBudget("tokens", base, value=1000.0)
+    assert arm.resolve(base, 9, None, fpt).train.steps == 8  # ceil(1000 / 128)
+    assert ComputeBudget("flops", base, value=1e12).steps(base, 9, None, fpt) == math.ceil(Fraction(1e12) / (128 * fpt))
+
+
+def test_stretching_keeps_the_schedule_at_the_same_shares():
+    base = tiny(**{"train.steps": 20, "train.warmup_steps": 2, "train.lr": 1.0, "train.min_lr_ratio": 0.1})
+    arm = stretched(base, 60)
+    assert (arm.train.steps, arm.train.warmup_steps, arm.train.eval_every) == (60, 6, 30)
+    for step in range(1, 21):  # step s of the base and step 3s of the arm: the same learning rate
+        assert lr_at(3 * step, arm.train) == pytest.approx(lr_at(step, base.train))
+        assert lr_at_share(step / 20, base.train) == pytest.approx(lr_at(step, base.train))
+    assert stretched(base, 5).train.warmup_steps == 1 and stretched(base, 1).train.warmup_steps == 0
+
+
+class _Seen(Recorder):
+    """Also keeps the config the run started with: the arm's own, resolved from its budget."""
+
+    def on_start(self, start) -> None:
+        super().on_start(start)
+        self.config = start.config
+
+
+def _budget_run(cfg, compute) -> tuple:
+    rec = _Seen()
+    return train(cfg, [rec], compute), rec, rec.config
+
+
+@pytest.mark.parametrize("match,factor,value", [("flops", "model.embed_dim", 8), ("flops", "model.embed_dim", 32),
+                                                 ("tokens", "train.batch_size", 3)])  # fmt: skip
+def test_trained_arms_use_the_base_budget_within_one_step(match, factor, value):
+    base = tiny()
+    compute = ComputeBudget(match, base)
+    used = budget.USED[match]
+    result, rec, config = _budget_run(base, compute)
+    total = result.metrics[used]
+    assert result.steps == 20 and config == base and rec.derived["budget_value"] == total
+    assert rec.derived["budget_match"] == match and rec.derived["budget_unit"] == budget.UNITS[match]
+    result, rec, config = _budget_run(with_values(base, {factor: value}), compute)
+    per_step = result.metrics[used] / result.steps
+    assert result.status == "completed" and rec.derived["budget_value"] == total
+    assert 0 <= result.metrics[used] - total < per_step  # within one optimizer step of the base's budget
+    assert config.train.steps == result.steps != 20  # the resolved config is what callbacks (MLflow) see
+    longer = result.steps > 20
+    assert longer == (value < getattr(base.model if "model" in factor else base.train, factor.split(".")[1]))
+    assert config.train.warmup_steps == round(2 * result.steps / 20)
+    assert [s for s, _ in rec.evals] == [config.train.eval_every, result.steps]  # half-way and the end, stretched
+    assert f"steps: {result.steps}" in result.config_yaml
+
+
+def test_a_wall_budget_trains_for_its_seconds_within_one_step():
+    seconds = 1.0
+    cfg = tiny(**{"train.log_every": 1, "train.warmup_steps": 2, "train.lr": 1e-2, "train.min_lr_ratio": 0.1})
+    result, rec, config = _budget_run(cfg, ComputeBudget("wall", cfg, value=seconds))
+    tokens = cfg.train.batch_size * cfg.task.seq_len
+    step_s = [tokens / m[names.TOKENS_PER_S] for _, m in rec.steps]  # log_every 1: each window is one step
+    assert result.status == "completed" and result.steps == len(step_s) > 20  # not train.steps: the clock decides
+    assert seconds <= result.metrics[names.TRAIN_S] <= seconds + step_s[-1] + 0.01  # the last step crosses it
+    assert result.metrics[names.TRAIN_S] == pytest.approx(sum(step_s), rel=0.05)
+    assert rec.derived["budget_value"] == seconds and config == cfg
+    assert len(rec.evals) == 2  # the intermediate evaluation (at half the seconds: eval_every 10 of 20), the final
+    lrs = [m[names.TRAIN_LR] for _, m in rec.steps]
+    peak = lrs.index(max(lrs))
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1], strict=True))  # warmup, by the clock
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False))  # then cosine, by the clock
+    assert lrs[-1] <= 1e-3 + 0.05 * 9e-3  # near the floor (1e-3) when the seconds are used
+
+
+def test_wall_schedule_evaluates_at_the_shares_of_the_step_schedule():
+    schedule = Schedule(tiny(**{"train.steps": 600, "train.eval_every": 100}).train, seconds=60.0)
+    due = [t for t in range(0, 61) if schedule.evaluate(1, float(t))]
+    assert due == [10, 20, 30, 40, 50]
+    schedule = Schedule(tiny(**{"train.steps": 600, "train.eval_every": 100}).train, seconds=60.0)
+    assert schedule.evaluate(1, 35.0) and not schedule.evaluate(2, 36.0)  # shares passed in one step: one evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study file
+
+
+def _spec(**changes):
+    return spec_from_mapping({**TINY_STUDY, **changes})
+
+
+def test_without_a_budget_the_study_is_unchanged():
+    plain = _spec()
+    assert plain.compute is None and _spec(budget={"match": "steps"}).compute is None
+    assert plan_digest(_spec(budget={"match": "steps"})) == plan_digest(plain)
+    flops = _spec(budget={"match": "flops"})
+    assert plan_digest(flops) != plan_digest(plain) != plan_digest(_spec(budget={"match": "tokens"}))
+    assert plan_digest(dataclasses.replace(flops, compute=None)) == plan_digest(plain)  # the budget is the change
+    search = {"kind": "search", "budget": {"trials": 4}}
+    assert _spec(**search).pruner == "median"  # a search prunes by default, but not arms of unequal steps
+    assert _spec(**{**search, "budget": {"trials": 4, "match": "flops"}}).pruner == "none"
+
+
+BAD = {
+    "unknown_match": ({"budget": {"match": "energy"}}, "budget.match", "unknown value 'energy'"),
+    "negative_value": ({"budget": {"match": "tokens", "value": -5}}, "budget.value", "must be > 0"),
+    "zero_seconds": ({"budget": {"match": "wall", "value": 0}}, "budget.value", "must be > 0"),
+    "text_value": ({"budget": {"match": "flops", "value": "lots"}}, "budget.value", "must be float"),
+    "infinite_value": ({"budget": {"match": "flops", "value": float("inf")}}, "budget.value", "finite"),
+    "wall_without_seconds": ({"budget": {"match": "wall"}}, "budget.value", "needs its seconds"),
+    "steps_with_value": ({"budget": {"match": "steps", "value": 100}}, "budget.value", "set that"),
+    "huge_value": ({"budget": {"match": "tokens", "value": 1e30}}, "budget.value", "at most 1,000,000,000"),
+    "steps_varied": ({"budget": {"match": "flops"}, "scientific": {"train.steps": [10, 20]}},
+                     "scientific.train.steps", "cannot be varied"),
+    "steps_tuned": ({"budget": {"match": "tokens"}, "nuisance": {"train.steps": {"low": 5, "high": 20}}},
+                    "nuisance.train.steps", "cannot be varied"),
+    "vocabulary_varied": ({"task": {"name": "recall", "seq_len": 16}, "budget": {"match": "flops"},
+                           "scientific": {"task.vocab_size": [8, 16]}}, "scientific.task.vocab_size", "budget.value"),
+    "search_pruner": ({"kind": "search", "pruner": "median", "budget": {"trials": 4, "match": "flops"}}, "pruner",
+                      "equal steps"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_budgets_are_one_line_naming_the_file_and_key(case, tmp_path):
+    changes, key, problem = BAD[case]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**TINY_STUDY, **changes}, sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_spec(path, preflight=False)
+    assert err.value.key == key and problem in err.value.problem, str(err.value)
+    assert str(err.value).startswith(f"{path}: {key}: ") and "\n" not in str(err.value)
+
+
+def test_a_given_vocabulary_change_is_allowed_with_an_explicit_value():
+    spec = _spec(task={"name": "recall", "seq_len": 16}, scientific={"task.vocab_size": [8, 16]},
+                 budget={"match": "flops", "value": 1e9})  # fmt: skip
+    assert spec.compute.value == 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A study
+
+
+def test_a_flops_matched_study_records_each_arm_budget_and_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ABLATE_STORAGE", raising=False)
+    data = {**TINY_STUDY, "scientific": {"model.embed_dim": [16, 8]}, "budget": {"match": "flops"}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert run_study(tmp_path / "tiny.yaml", report=False) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = {t.user_attrs[names.ATTR_VARIANT]: client.get_run(t.user_attrs[names.ATTR_RUN_ID]).data
+            for t in study.get_trials() if t.user_attrs[names.ATTR_PHASE] == "seed"}  # fmt: skip
+    base, arm = runs["base"], runs["model.embed_dim=8"]
+    total = float(base.params["derived.budget_value"])
+    assert base.params["train.steps"] == "10" and int(arm.params["train.steps"]) > 10
+    assert base.metrics[names.FLOPS_TOTAL] == total == float(arm.params["derived.budget_value"])
+    per_step = arm.metrics[names.FLOPS_TOTAL] / arm.metrics[names.STEPS]
+    assert 0 <= arm.metrics[names.FLOPS_TOTAL] - total < per_step
+    assert arm.params["derived.budget_match"] == "flops" and arm.params["derived.budget_unit"] == "FLOPs"
