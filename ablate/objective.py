@@ -52,7 +52,7 @@ class Objective:
         seed = trial.user_attrs[names.ATTR_SEED]
         values = {**params, "train.seed": seed, "train.threads": spec.base.train.threads or self.threads}
         config = with_values(spec.base, values)
-        result = train(config, [tracker, TrialBridge(trial, tracker, prune=spec.pruner != "none")])
+        result = train(config, [tracker, TrialBridge(trial, tracker, prune=spec.pruner != "none")], spec.compute)
         recovery.failpoint("trial:end")
         if result.status == "stopped":
             raise optuna.TrialPruned(result.reason)

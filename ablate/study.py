@@ -137,7 +137,8 @@ def plan_digest(spec: StudySpec) -> str:
     first = [(p.phase, p.variant.name, p.point, p.params) for p in plan.first_trials(spec)]
     rules = [spec.points, spec.min_seeds, spec.max_seeds, spec.margin, spec.alpha, spec.max_extra_points,
              [(p.key, p.low, p.high, p.log) for p in spec.nuisance]]  # fmt: skip
-    blob = json.dumps([spec.kind, to_dict(spec.base), first, rules], sort_keys=True, default=str)
+    compute = [] if spec.compute is None else [[spec.compute.match, spec.compute.value]]  # none: digest as before
+    blob = json.dumps([spec.kind, to_dict(spec.base), first, rules, *compute], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
