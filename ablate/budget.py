@@ -4,8 +4,8 @@ evaluations stretched to its own length. No torch: the study file's checks and t
 
 - ``steps``: every arm trains ``train.steps``, the default (nothing is matched, as before budgets existed).
 - ``tokens``: ``steps * batch_size * seq_len`` (training batches are always full; padding counts as tokens).
-- ``flops``: the trainer's own count, ``6 N + 12 L T (H D)`` per token (:func:`flops_per_token`, N the trainable
-  parameters), counted here from the config; the tests check :func:`num_params` against the built model.
+- ``flops``: the trainer's own count (:func:`flops_per_sequence`): every matmul of the forward and backward pass,
+  from the config; the tests check it against the FLOPs torch counts in the built model.
 - ``wall``: seconds of training steps (set-up and evaluations excluded), measured by the trainer, which stops after
   the step that reaches them and runs its learning-rate schedule on the share of the seconds used, not on steps
   (the budget-aware schedule of Geiping & Goldstein 2023, "Cramming"). A step count fixed from a timing would miss
@@ -34,47 +34,44 @@ USED = {"steps": names.STEPS, "tokens": names.TOKENS, "flops": names.FLOPS_TOTAL
 MAX_STEPS = 10**9  # steps of one arm: a budget that asks for more is a typo
 VOCAB_KEYS = ("task.name", "task.source", "task.text_column", "task.val_fraction", "task.test_fraction",
               "task.vocab_size")  # fmt: skip
-"""Keys that change a task's vocabulary, hence the parameters of its embedding: a FLOP budget taken from the base
-cannot be counted for an arm that changes them (only the trainer knows a text's vocabulary)."""
+"""Keys that change a task's vocabulary or classes, hence the FLOPs of the model's head: a FLOP budget taken from the
+base cannot be counted for an arm that changes them (only the trainer knows a text's vocabulary)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Counting
 
 
-def num_params(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None) -> int:
-    """Trainable parameters of ``ablate.model.Transformer(cfg, vocab_size, seq_len, num_classes)``, a tied head once."""
-    C, L, H, D = cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim
+def flops_per_sequence(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None) -> int:
+    """Training FLOPs of one sequence of ``seq_len`` tokens: every matmul, 2 FLOPs per multiply-add, forward and
+    backward (the gradients of input and weights: 3x the forward), as torch's ``FlopCounterMode`` counts them.
+
+    Per token: the q, k, v and attn_out projections and the MLP (2 x their weights), and a language model's tied
+    head (2 * vocab * C); attention 2 * T * (H * D) for q k^T and as much for weights @ v, the full T x T (no discount
+    for causal masking, as PaLM's App. B counts it). A classifier's head runs once per sequence. Not counted: what is
+    no matmul (embedding lookups, norms, softmax, activations: O(C) per token) and the optimizer (O(weights) per
+    step, well under 1% at batch_size * seq_len >= 1000). 6N (N every parameter) would also count the position
+    embedding, norms and biases as matmuls: 3% to 15% more at this suite's sizes, the most for the narrowest model.
+    """
+    C, L, HD = cfg.embed_dim, cfg.num_layers, cfg.num_heads * cfg.resolved_head_dim
     hidden = max(1, round(cfg.mlp_ratio * C))
-    norm = 2 * C if cfg.bias else C  # LayerNorm: gain, and bias when cfg.bias
-    attention = C * 3 * H * D + H * D * C + (3 * H * D + C if cfg.bias else 0)  # qkv, attn_out
-    attention += H if cfg.scaling in ("learned", "qknorm", "logn") else 0  # one learned factor per head
-    mlp = 2 * C * hidden + (hidden + C if cfg.bias else 0)
-    head = 0 if num_classes is None else C * num_classes + num_classes  # a language model's head is tied
-    return vocab_size * C + seq_len * C + L * (2 * norm + attention + mlp) + norm + head
-
-
-def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int, num_params: int) -> int:
-    """Training FLOPs per token: 6N (forward 2N + backward 4N) plus attention 12 * L * T * (H * D), the convention
-    of PaLM (App. B) and nanoGPT's ``estimate_mfu``: the full T x T score matrix, no discount for causal masking.
-    N counts every parameter; the tied head counts once, as the LM-head matmul (2 * vocab * C of the 2N).
-    ``vocab_size`` is part of the interface for that reason; it does not change the estimate."""
-    del vocab_size
-    return 6 * num_params + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+    weights = L * (C * 3 * HD + HD * C + 2 * C * hidden) + (vocab_size * C if num_classes is None else 0)
+    per_token = 6 * weights + 12 * L * seq_len * HD
+    return seq_len * per_token + (6 * C * num_classes if num_classes is not None else 0)
 
 
 def tokens_per_step(cfg: RunConfig) -> int:
     return cfg.train.batch_size * cfg.task.seq_len
 
 
-def step_cost(match: str, cfg: RunConfig, flops_per_token: int) -> int:
+def step_cost(match: str, cfg: RunConfig, vocab_size: int, num_classes: int | None) -> int:
     """What one optimizer step of ``cfg`` costs in the unit of ``match`` (not ``wall``: only a clock knows)."""
     if match == "steps":
         return 1
     if match == "tokens":
         return tokens_per_step(cfg)
     if match == "flops":
-        return tokens_per_step(cfg) * flops_per_token
+        return cfg.train.batch_size * flops_per_sequence(cfg.model, vocab_size, cfg.task.seq_len, num_classes)
     raise ValueError(f"a {match} budget has no cost per step known before training")
 
 
@@ -109,20 +106,17 @@ class ComputeBudget:
         """The budget of every arm (exact), for the vocabulary and classes of the task the arms share."""
         if self.value is not None:
             return Fraction(self.value)
-        base = self.base
-        n = num_params(base.model, vocab_size, base.task.seq_len, num_classes)
-        fpt = flops_per_token(base.model, vocab_size, base.task.seq_len, n)
-        return Fraction(base.train.steps * step_cost(self.match, base, fpt))
+        return Fraction(self.base.train.steps * step_cost(self.match, self.base, vocab_size, num_classes))
 
-    def steps(self, cfg: RunConfig, vocab_size: int, num_classes: int | None, flops_per_token: int) -> int:
-        """Optimizer steps of ``cfg`` (whose FLOPs per token are the trainer's own count) to use the budget."""
-        return math.ceil(self.total(vocab_size, num_classes) / step_cost(self.match, cfg, flops_per_token))
+    def steps(self, cfg: RunConfig, vocab_size: int, num_classes: int | None) -> int:
+        """Optimizer steps of ``cfg`` to use the budget, on a task of this vocabulary and classes."""
+        return math.ceil(self.total(vocab_size, num_classes) / step_cost(self.match, cfg, vocab_size, num_classes))
 
-    def resolve(self, cfg: RunConfig, vocab_size: int, num_classes: int | None, flops_per_token: int) -> RunConfig:
+    def resolve(self, cfg: RunConfig, vocab_size: int, num_classes: int | None) -> RunConfig:
         """``cfg`` with its own ``train.steps`` (warmup and evaluations stretched); a wall budget leaves it as is."""
         if self.match == "wall":
             return cfg
-        steps = self.steps(cfg, vocab_size, num_classes, flops_per_token)
+        steps = self.steps(cfg, vocab_size, num_classes)
         if steps > MAX_STEPS:
             raise ConfigError("budget.value", f"an arm would train {steps:,} steps; at most {MAX_STEPS:,}")
         return stretched(cfg, steps)
@@ -154,8 +148,7 @@ def from_study(match: str, value: float | None, base: RunConfig, scientific: dic
     if match != "wall":  # every arm's steps, with the fewest FLOPs a vocabulary allows (the most steps)
         arms = [base] + [with_values(base, {key: v}) for key, values in scientific.items() for v in values[1:]]
         for arm in arms:
-            steps = budget.steps(arm, 1, None, flops_per_token(arm.model, 1, arm.task.seq_len,
-                                                               num_params(arm.model, 1, arm.task.seq_len)))
+            steps = budget.steps(arm, 1, None)
             if steps > MAX_STEPS:
                 where = "budget.value" if value is not None else "budget.match"
                 raise ConfigError(where, f"an arm would train {steps:,} steps to use the budget; at most {MAX_STEPS:,}")

@@ -319,10 +319,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int, num_params: int) -> float:
-    """Training FLOPs per token, 6N plus attention: the one formula, ``ablate.budget.flops_per_token`` (torch-free,
-    so that a study's FLOP budget is counted with the trainer's own rule)."""
-    return float(budget.flops_per_token(cfg, vocab_size, seq_len, num_params))
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None) -> float:
+    """Training FLOPs per token of ``Transformer(cfg, vocab_size, seq_len, num_classes)``: its matmuls, forward and
+    backward, as ``ablate.budget.flops_per_sequence`` counts them (the one formula; torch-free, so that a study's
+    FLOP budget is counted with the trainer's own rule)."""
+    return budget.flops_per_sequence(cfg, vocab_size, seq_len, num_classes) / seq_len
 
 
 def pick_device(preference: str = "auto") -> torch.device:

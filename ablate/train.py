@@ -198,7 +198,8 @@ class _Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from ablate.model import Transformer, count_params, flops_per_token, pick_device
+        from ablate.budget import flops_per_sequence
+        from ablate.model import Transformer, count_params, pick_device
         from ablate.tasks import build_task
 
         cfg = self.config
@@ -215,11 +216,13 @@ class _Trainer:
         use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.precision = "bf16" if use_bf16 else "fp32"
         self.num_params = count_params(self.model)
-        self.flops_per_token = flops_per_token(cfg.model, self.task.vocab_size, self.task.seq_len, self.num_params)
+        self.flops_per_sequence = flops_per_sequence(cfg.model, self.task.vocab_size, self.task.seq_len,
+                                                     self.task.num_classes)  # fmt: skip
+        self.flops_per_token = self.flops_per_sequence / self.task.seq_len
         seconds = None
-        if self.budget is not None:  # the arm's own steps, from the trainer's own FLOP count
+        if self.budget is not None:  # the arm's own steps, counted as the trainer counts
             vocab, classes = self.task.vocab_size, self.task.num_classes
-            self.config = self.budget.resolve(cfg, vocab, classes, int(self.flops_per_token))
+            self.config = self.budget.resolve(cfg, vocab, classes)
             seconds = float(self.budget.total(vocab, classes)) if self.budget.match == "wall" else None
         self.schedule = Schedule(self.config.train, seconds)
         if self.device.type == "cuda":
@@ -380,7 +383,7 @@ class _Trainer:
         metrics: dict[str, float] = {
             names.PARAMS: float(self.num_params),
             names.FLOPS_PER_TOKEN: self.flops_per_token,
-            names.FLOPS_TOTAL: self.flops_per_token * self.tokens,
+            names.FLOPS_TOTAL: float(self.flops_per_sequence * (self.tokens // self.config.task.seq_len)),
             names.TOKENS: float(self.tokens),
             names.STEPS: float(self.step),
             names.TOKENS_PER_S: self.tokens / self.train_s if self.train_s else 0.0,

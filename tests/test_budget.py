@@ -14,12 +14,10 @@ import torch
 import yaml
 from conftest import TINY_STUDY, Recorder, tiny
 from mlflow import MlflowClient
-from torch.utils.flop_counter import FlopCounterMode
 
 from ablate import budget, names
-from ablate.budget import ComputeBudget, num_params, step_cost, stretched
-from ablate.config import SCALINGS, ConfigError, ModelConfig, with_values
-from ablate.model import Transformer, count_params, flops_per_token
+from ablate.budget import ComputeBudget, step_cost, stretched
+from ablate.config import ConfigError, with_values
 from ablate.spec import load_spec, spec_from_mapping
 from ablate.study import plan_digest, run_study
 from ablate.train import Schedule, lr_at, lr_at_share, train
@@ -36,48 +34,17 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Counting: the torch-free count is the trainer's
+# Counting: the budget's count is the trainer's (and torch's: tests/test_model.py)
 
 
-@pytest.mark.parametrize("scaling", SCALINGS)
-@pytest.mark.parametrize("shape", [{}, {"head_dim": 5, "mlp_ratio": 2.7}, {"bias": False, "num_layers": 3}])
-@pytest.mark.parametrize("num_classes", [None, 10])
-def test_num_params_counts_the_built_model(scaling, shape, num_classes):
-    cfg = ModelConfig(**{"embed_dim": 12, "num_heads": 3, "num_layers": 2, "scaling": scaling, **shape})
-    model = Transformer(cfg, vocab_size=11, max_len=9, num_classes=num_classes)
-    assert num_params(cfg, 11, 9, num_classes) == count_params(model)
-
-
-@pytest.mark.parametrize("shape", [{}, {"embed_dim": 32}, {"embed_dim": 128}, {"head_dim": 8}, {"num_heads": 1}])
-def test_flop_count_against_torch_flop_counter(shape):
-    """The trainer's convention (6N + 12 L T H D, N every parameter) against the matmuls torch counts in a forward
-    and backward pass (manual attention: sdpa on the CPU is not counted). They differ by 6 FLOPs per token for each
-    parameter outside a matmul (position embedding, norms, biases): 2.7% (width 128) to 8.2% (width 32) for the
-    default study's arms."""
-    cfg = ModelConfig(**{"embed_dim": 64, "num_heads": 4, "num_layers": 2, "backend": "manual", **shape})
-    V, T, B = 104, 64, 2  # python-docs' vocabulary, the default study's length
-    model = Transformer(cfg, V, T)
-    n = count_params(model)
-    with FlopCounterMode(display=False) as counter:
-        model(torch.randint(0, V, (B, T))).sum().backward()
-    measured = counter.get_total_flops() / (B * T)
-    C, L, D = cfg.embed_dim, cfg.num_layers, cfg.num_heads * cfg.resolved_head_dim
-    matmul_params = L * (4 * C * D + 2 * C * round(cfg.mlp_ratio * C)) + V * C  # qkv, attn_out, mlp; tied head
-    assert measured == 6 * matmul_params + 12 * L * T * D  # exactly what torch counts
-    outside = n - matmul_params  # position embedding, norms, biases
-    assert flops_per_token(cfg, V, T, n) == budget.flops_per_token(cfg, V, T, n) == measured + 6 * outside
-    assert 1.0 < flops_per_token(cfg, V, T, n) / measured < 1.09
-
-
-def test_the_trainer_reports_the_same_count():
+def test_the_trainer_reports_the_count_the_budget_uses():
     rec = Recorder()
     result = train(tiny(), [rec])
     cfg = tiny()
-    n = num_params(cfg.model, 9, 16)  # recall: 8 key/value tokens and the filler
-    fpt = budget.flops_per_token(cfg.model, 9, 16, n)
-    assert rec.derived["params"] == n and rec.derived["flops_per_token"] == fpt
+    per_sequence = budget.flops_per_sequence(cfg.model, 9, 16)  # recall: 8 key/value tokens and the filler
+    assert rec.derived["flops_per_token"] == per_sequence / 16 == result.metrics[names.FLOPS_PER_TOKEN]
     assert result.metrics[names.TOKENS] == 20 * 8 * 16 and result.metrics[names.STEPS] == 20
-    assert result.metrics[names.FLOPS_TOTAL] == 20 * step_cost("flops", cfg, fpt)
+    assert result.metrics[names.FLOPS_TOTAL] == 20 * step_cost("flops", cfg, 9, None) == 20 * 8 * per_sequence
     assert 0 < result.metrics[names.TRAIN_S] < result.metrics[names.WALL_S]
     assert not [k for k in rec.derived if k.startswith("budget")]  # no budget, nothing recorded of one
 
@@ -98,30 +65,29 @@ def test_every_arm_of_the_default_study_gets_the_base_budget_within_one_step(mat
     total = spec.compute.total(V, None)
     steps = {}
     for arm in _arms(spec):
-        fpt = budget.flops_per_token(arm.model, V, 64, num_params(arm.model, V, 64))
-        cost = step_cost(match, arm, fpt)
-        resolved = spec.compute.resolve(arm, V, None, fpt)
+        cost = step_cost(match, arm, V, None)
+        resolved = spec.compute.resolve(arm, V, None)
         used = resolved.train.steps * cost
         assert 0 <= used - total < cost  # at least the budget, less than one optimizer step over
         ratio = Fraction(resolved.train.steps, 600)
         assert abs(resolved.train.warmup_steps - 150 * ratio) <= Fraction(1, 2)  # stretched to its own length
         assert abs(resolved.train.eval_every - 100 * ratio) <= Fraction(1, 2)
         steps[arm.model] = resolved.train.steps
-    assert steps[spec.base.model] == 600 and total == 600 * step_cost(match, spec.base, 763392)
+    assert steps[spec.base.model] == 600 and total == 600 * step_cost(match, spec.base, V, None)
     if match == "tokens":  # no arm of the default study changes batch size or length
         assert set(steps.values()) == {600}
-    else:  # the cheaper arm trains longer, the costlier shorter (FLOPs per token 763392 at the base)
-        assert steps[with_values(spec.base, {"model.embed_dim": 32}).model] == 1956
-        assert steps[with_values(spec.base, {"model.embed_dim": 128}).model] == 170
-        assert steps[with_values(spec.base, {"model.head_dim": 8}).model] == 746
+    else:  # the cheaper arm trains longer, the costlier shorter (728064 FLOPs per token at the base)
+        assert budget.flops_per_sequence(spec.base.model, V, 64) == 64 * 728064
+        assert steps[with_values(spec.base, {"model.embed_dim": 32}).model] == 2018
+        assert steps[with_values(spec.base, {"model.embed_dim": 128}).model] == 166
+        assert steps[with_values(spec.base, {"model.head_dim": 8}).model] == 753
 
 
 def test_an_explicit_value_is_every_arm_budget_the_base_included():
     base = tiny()
-    fpt = budget.flops_per_token(base.model, 9, 16, num_params(base.model, 9, 16))
-    arm = ComputeBudget("tokens", base, value=1000.0)
-    assert arm.resolve(base, 9, None, fpt).train.steps == 8  # ceil(1000 / 128)
-    assert ComputeBudget("flops", base, value=1e12).steps(base, 9, None, fpt) == math.ceil(Fraction(1e12) / (128 * fpt))
+    per_step = 8 * budget.flops_per_sequence(base.model, 9, 16)
+    assert ComputeBudget("tokens", base, value=1000.0).resolve(base, 9, None).train.steps == 8  # ceil(1000 / 128)
+    assert ComputeBudget("flops", base, value=1e12).steps(base, 9, None) == math.ceil(Fraction(1e12) / per_step)
 
 
 def test_stretching_keeps_the_schedule_at_the_same_shares():

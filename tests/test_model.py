@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate import names
+from ablate.budget import flops_per_sequence
 from ablate.config import SCALINGS, ModelConfig
 from ablate.model import (
     MultiHeadAttention,
@@ -243,7 +245,27 @@ def test_count_params_and_flops_use_the_decoupled_head_dim():
     n = count_params(model)
     block = 2 * 16 + count_params(attn) + (8 * 16 + 16) + (16 * 8 + 8)
     assert n == 5 * 8 + 4 * 8 + block + 16  # tied head counted once, final LayerNorm
-    assert flops_per_token(cfg, 5, 4, n) == 6 * n + 12 * 1 * 4 * (2 * 3)
+    matmul_weights = 8 * 18 + 6 * 8 + 2 * 8 * 16 + 5 * 8  # qkv, attn_out, mlp, the tied head: not biases or norms
+    assert flops_per_token(cfg, 5, 4) == 6 * matmul_weights + 12 * 1 * 4 * (2 * 3)
+
+
+@pytest.mark.parametrize("scaling", ["sqrt", "qknorm", "logn"])
+@pytest.mark.parametrize("shape", [{}, {"embed_dim": 32, "head_dim": 5, "mlp_ratio": 2.7}, {"bias": False}])
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_flops_are_what_torch_counts_forward_and_backward(scaling, shape, num_classes):
+    """The trainer's FLOP count against ``FlopCounterMode`` over a training step's forward and backward. Manual
+    attention: torch does not count sdpa's CPU kernel, so the sdpa run adds the attention term (12 L T (H D))."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(**{"embed_dim": 24, "num_heads": 3, "num_layers": 2, "scaling": scaling, **shape})
+    V, T, B = 13, 9, 2
+    for backend in ("manual", "sdpa"):
+        model = Transformer(dataclasses.replace(cfg, backend=backend), V, T, num_classes)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randint(0, V, (B, T))).float().sum().backward()
+        uncounted = 0 if backend == "manual" else 12 * cfg.num_layers * T * cfg.num_heads * cfg.resolved_head_dim
+        assert counter.get_total_flops() + B * T * uncounted == B * flops_per_sequence(cfg, V, T, num_classes)
+    assert flops_per_token(cfg, V, T, num_classes) == flops_per_sequence(cfg, V, T, num_classes) / T
 
 
 def test_bad_configurations_raise_clear_errors():
