@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,23 +49,31 @@ def latest_experiment_id(tracking_uri: str) -> str | None:
     return found[0].experiment_id if found else None
 
 
+STOP_REQUESTED = threading.Event()  # set by a stop signal: seen even where its KeyboardInterrupt was swallowed
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler) raises KeyboardInterrupt, so the trainer's cleanup runs
-    and the MLflow run ends FAILED instead of staying RUNNING forever. Main thread only; elsewhere a no-op."""
+def sigterm_as_interrupt(sigint: bool = False) -> Iterator[None]:
+    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler), and SIGINT too with ``sigint``, raises KeyboardInterrupt,
+    so the trainer's cleanup runs and the MLflow run ends KILLED instead of staying RUNNING forever. The signal also
+    sets ``STOP_REQUESTED``: an interrupt raised inside a ``__del__`` is swallowed by Python, and a loop that checks
+    the flag stops anyway. Main thread only; elsewhere a no-op."""
 
     def interrupt(signum: int, frame: Any) -> None:
+        STOP_REQUESTED.set()
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
+    signals = (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,)
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     except ValueError:  # not the main thread: signals cannot be handled here
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 
 from ablate import names, recovery
+from ablate.commands import STOP_REQUESTED
 from ablate.config import fmt, with_values
 from ablate.spec import StudySpec
 from ablate.stores import redact_text
@@ -103,7 +104,8 @@ class TrialBridge:
         self.trial.set_user_attr(names.ATTR_RUN_ID, self.tracker.run_id)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        return None
+        if STOP_REQUESTED.is_set():  # a stop signal whose KeyboardInterrupt something swallowed
+            raise KeyboardInterrupt("stop requested")
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> bool:
         self.trial.report(metrics[names.VAL_LOSS], step)

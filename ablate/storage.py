@@ -52,7 +52,8 @@ SERVER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c 
 NOT_AN_OUTAGE = ("28", "3D", "40")  # SQLSTATE classes: bad credentials, no such database, deadlocks (Optuna retries)
 # ... and as libpq words them when connecting, where psycopg gives no SQLSTATE
 NOT_AN_OUTAGE_TEXT = re.compile(r"does not exist|authentication failed|pg_hba\.conf|password|permission denied")
-SCHEMA_RACE = re.compile(r"already exists|UniqueViolation|DuplicateTable|DuplicateObject|out-of-date database schema")
+SCHEMA_RACE = re.compile(r"already exists|UniqueViolation|DuplicateTable|DuplicateObject|out-of-date database schema"
+                         r"|UNIQUE constraint failed: alembic_version")  # fmt: skip
 
 
 def wait_s() -> float:
@@ -381,6 +382,7 @@ class _FileLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path}: already held by this lock")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a new study's runs/ folder
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:  # ELOOP: a symlink planted where the lock file goes
             raise ConfigError("storage", f"lock file {self.path}: {err.strerror} (a symlink is refused)") from None

@@ -30,7 +30,7 @@ from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import names, plan, recovery
-from ablate.commands import sigterm_as_interrupt
+from ablate.commands import STOP_REQUESTED, sigterm_as_interrupt
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
@@ -76,7 +76,8 @@ def run_study(
     threads = spec.base.train.threads or max(1, (os.cpu_count() or 1) // workers)
     args = (str(spec_path), list(overrides), storage_url, tracking_uri, trials, deadline, threads)
     interrupted = False
-    with sigterm_as_interrupt():  # SIGTERM (kill, a scheduler) stops a study as Ctrl-C does
+    STOP_REQUESTED.clear()
+    with sigterm_as_interrupt(sigint=True):  # SIGTERM (kill, a scheduler) stops a study as Ctrl-C does
         study = setup_study(spec, storage_url, tracking_uri)
         parent = ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID])
         before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
@@ -148,8 +149,8 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
     Every step is idempotent and runs under the plan lock, so any number of processes starting together, or a
     rerun after a set-up killed at any point, converge on one parent run and one copy of the plan.
     """
-    storage = _open(storage_url, spec, tracking_uri)
     with PlanLock(storage_url, spec.name):
+        storage = _open(storage_url, spec, tracking_uri)  # under the lock: a fresh SQLite file's schema made once
         try:
             study = optuna.create_study(storage=storage, study_name=spec.name, direction="minimize")
         except optuna.exceptions.DuplicatedStudyError:
@@ -238,7 +239,7 @@ def _spawn(spec_path: str, overrides: list[str], storage_url: str, tracking_uri:
 def _worker_process(*args: Any) -> None:
     """A spawned worker: SIGTERM is an interrupt; an interrupt ends the process quietly (exit 130)."""
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(sigint=True):
             work(*args)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -259,6 +260,8 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
     on_dead = _on_dead_worker(spec, tracking_uri)
     done = 0
     while (trials is None or done < trials) and (deadline is None or time.time() < deadline):
+        if STOP_REQUESTED.is_set():
+            raise KeyboardInterrupt("stop requested")
         with lock:
             fail_stale_trials(study)
             for trial in recovery.dead_trials(study, no_worker_s=3 * spec.heartbeat + 60):

@@ -341,7 +341,8 @@ def _wait_for_training(workdir: Path, proc: subprocess.Popen, timeout: float = 1
         if any(t.state == TrialState.RUNNING and names.ATTR_RUN_ID in t.user_attrs for t in trials):
             return
         time.sleep(0.2)
-    raise AssertionError(f"no trial started training: {proc.poll()}")
+    out = proc.communicate()[0].decode() if proc.poll() is not None else ""
+    raise AssertionError(f"no trial started training: exit {proc.poll()}\n{out[-3000:]}")
 
 
 def assert_one_run_per_trial(workdir: Path, name: str = "tiny") -> None:
