@@ -521,3 +521,55 @@ def mlflow_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report stores shared by the report and browser tests
+
+
+def build_search(root: Path, n: int = 10) -> StoreBuilder:
+    spec = {**SPEC, "name": "hunt", "kind": "search", "scientific": {"model.num_heads": [1, 2, 4]},
+            "nuisance": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "budget": {"trials": n}}
+    b = StoreBuilder(root, spec)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        heads, lr = int(rng.choice([1, 2, 4])), float(10 ** rng.uniform(-4, -2))
+        loss = 2.0 + 1.0 * (math.log10(lr) + 3) ** 2 - 0.02 * heads + rng.normal(0, 0.01)
+        b.add("", "search", {"model.num_heads": heads, "train.lr": lr}, 0, loss, "stopped" if i == 3 else "completed")
+    return b
+
+
+_SITES: dict[str, Path] = {}
+
+
+def study_site(built_ablation) -> Path:
+    """A store of five studies and its reports folder, built once: the finished fixture ablation (report built),
+    a finished search (report built), an ablation with a trial running and no report yet, a study whose stored file
+    no longer loads (its error quotes markup), and one with a name that must never become a path."""
+    if "site" not in _SITES:
+        toy = built_ablation[0]
+        root = toy.root.parent / "site"
+        (root / "reports").mkdir(parents=True)
+        for db in ("optuna.db", "mlflow.db"):
+            shutil.copy(toy.root / db, root / db)
+        shutil.copytree(built_ablation[1].parent, root / "reports" / "toy")
+        hunt = build_search(root, n=3)
+        from ablate.report import build_report
+
+        build_report("hunt", storage=hunt.storage, tracking_uri=hunt.tracking_uri, out=root / "reports", index=False)
+        fresh = StoreBuilder(root, {**SPEC, "name": "fresh", "scientific": {"model.num_heads": [2, 4]}})
+        fresh.study.enqueue_trial({"train.lr": 1e-3}, user_attrs={
+            names.ATTR_PHASE: "tune", names.ATTR_VARIANT: "base", names.ATTR_POINT: 0})
+        trial = fresh.study.ask()  # a worker of this machine (this process) holds it
+        trial.set_user_attr(names.ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+        optuna.create_study(study_name="weird", storage=hunt.storage).set_user_attr(
+            names.ATTR_SPEC, {**SPEC, "name": "weird", "kind": EVIL})
+        optuna.create_study(study_name="../evil", storage=hunt.storage)
+        _SITES["site"] = root
+    return _SITES["site"]
+
+
+def index_rows(page: str) -> dict[str, list[str]]:
+    """The index's rows by study name: each cell's HTML."""
+    rows = re.findall(r'<tr class="study" data-study="([^"]*)">(.*?)</tr>', page, re.S)
+    return {name: [c.strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", body, re.S)] for name, body in rows}

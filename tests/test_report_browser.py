@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import index_rows, study_site
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -84,8 +85,6 @@ window.addEventListener("load", function () { document.querySelector('tr[data-st
 
 
 def test_index_page_shows_a_row_per_study_and_its_links_open_the_reports(tmp_path, built_ablation):
-    from test_report import index_rows, study_site
-
     from ablate.report import build_index
 
     root = study_site(built_ablation)
