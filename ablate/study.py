@@ -1,11 +1,13 @@
 """Run (or resume) a study: an Optuna study whose trials are MLflow child runs of one parent run.
 
-Setup happens once per study, when this process creates it: the parent run, then the first trials enqueued (see
-``ablate.plan``), then a ``plan_digest`` marker. Workers drain the queue one trial at a time and, when it is empty,
-enqueue what the plan asks for next (bracketing tune points, seeds); a file lock makes "is there a waiting trial?
-plan or take it" atomic on one machine, so a worker never starts an unplanned (sampled) trial.
-Crashes: heartbeats fail a silent trial after ``3 * heartbeat`` s, end its MLflow run FAILED and re-enqueue it.
-A diverged run is an Optuna FAIL (user attr ``status: diverged``; MLflow FAILED); a pruned one is PRUNED (KILLED).
+Set-up (parent run, first trials, markers) is idempotent and runs under the plan lock (``ablate.storage``), so
+processes starting together, or a rerun after a set-up killed at any point, converge on one parent run and one
+plan. Workers drain the queue one trial at a time and, when it is empty, enqueue what the plan asks for next
+(bracketing tune points, seeds); the same lock makes "is there a waiting trial? plan or take it" atomic across
+machines, so a worker never starts an unplanned (sampled) trial.
+Trials that end without a result (an interrupt, a dead worker, an exception) go back in the queue by the rules of
+``ablate.recovery``; a diverged run is a result: an Optuna FAIL (user attr ``status: diverged``; MLflow FAILED).
+A pruned one is PRUNED (KILLED).
 """
 
 from __future__ import annotations
