@@ -275,3 +275,14 @@ def test_index_commands_mask_passwords_and_wall_time_counts_overlaps_once():
     assert wall_s([trial(100, 110), trial(0, 10), trial(5, 20)]) == 30
     assert wall_s([]) is None
     assert [duration(s) for s in (44.6, 1767, 11100, None)] == ["45 s", "29 min 27 s", "3 h 05 min", ""]
+
+
+def test_an_equal_compute_study_says_so_in_its_answer(tmp_path):
+    from ablate.report import build_report
+
+    b = StoreBuilder(tmp_path, {**SPEC, "name": "eq", "budget": {"match": "flops"}})
+    for seed in (1, 2):
+        b.add("base", "seed", {"train.lr": 1e-3}, seed, 2.0 + seed / 100)
+    build_report("eq", storage=b.storage, tracking_uri=b.tracking_uri, out=tmp_path / "r")
+    headline = (tmp_path / "r" / "eq" / "summary.md").read_text(encoding="utf-8").splitlines()[0]
+    assert "test loss, every arm trained on the base's training FLOPs:" in headline

@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 
 from ablate import names
+from ablate.budget import ComputeBudget
 from ablate.config import ConfigError
 from ablate.report import analysis, html, plots
 from ablate.report.index import build_index, commands
@@ -127,7 +128,7 @@ def _ablation(data: StudyData, ctx: dict) -> None:
                    f"Tuning did not bracket the optimum of {int((~tuned['bracketed']).sum())} of {len(tuned)} "
                    "variants (warnings below): their comparisons may be unfair." if len(tuned) else "")
     ctx["headline"] = (f"{decided} of {len(ctx['answers'])} scientific parameters decided at a margin of "
-                       f"±{data.spec.margin:g} test loss: " + "; ".join(
+                       f"±{data.spec.margin:g} test loss{_budget_phrase(data.spec.compute)}: " + "; ".join(
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["variants"] = html.table(ctx["variant_df"])
@@ -268,3 +269,11 @@ def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
         "tracking_uri": redact(data.tracking_uri), "storage": redact(data.storage),
         "study_command": reproduce["study"], "report_command": reproduce["report"],
     }
+
+
+def _budget_phrase(compute: ComputeBudget | None) -> str:
+    """How the arms' compute was matched, when it was (without a budget every arm trains the base's steps)."""
+    if compute is None or compute.match == "steps" and compute.value is None:
+        return ""
+    amount = f"{compute.value:g} {compute.unit}" if compute.value else f"the base's training {compute.unit}"
+    return f", every arm trained on {amount}"
