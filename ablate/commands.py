@@ -53,27 +53,32 @@ STOP_REQUESTED = threading.Event()  # set by a stop signal: seen even where its 
 
 
 @contextmanager
-def sigterm_as_interrupt(sigint: bool = False) -> Iterator[None]:
-    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler), and SIGINT too with ``sigint``, raises KeyboardInterrupt,
-    so the trainer's cleanup runs and the MLflow run ends KILLED instead of staying RUNNING forever. The signal also
-    sets ``STOP_REQUESTED``: an interrupt raised inside a ``__del__`` is swallowed by Python, and a loop that checks
-    the flag stops anyway. Main thread only; elsewhere a no-op."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        STOP_REQUESTED.set()
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signals = (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,)
+def handling(signals: tuple[signal.Signals, ...], handler: Any) -> Iterator[None]:
+    """Inside, ``signals`` go to ``handler``; the previous handlers come back after. Main thread only; elsewhere
+    (where Python cannot handle signals) a no-op."""
     try:
-        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
-    except ValueError:  # not the main thread: signals cannot be handled here
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:
         yield
         return
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def sigterm_as_interrupt(sigint: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler), and SIGINT too with ``sigint``, raises KeyboardInterrupt,
+    so the trainer's cleanup runs and the MLflow run ends KILLED instead of staying RUNNING forever. The signal also
+    sets ``STOP_REQUESTED``: an interrupt raised inside a ``__del__`` is swallowed by Python, and a loop that checks
+    the flag stops anyway."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        STOP_REQUESTED.set()
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    return handling((signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,), interrupt)
 
 
 def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ablate import names, verdicts
+from ablate import names, recovery, verdicts
 from ablate.spec import StudySpec, Variant
 
 EPS = 1e-9
@@ -74,15 +74,7 @@ def result_of(trial: Any) -> Result:
 def results_of(trials: Iterable[Any]) -> list[Result]:
     """Results in trial order; of a planned key tried more than once, the latest attempt only (the earlier ones
     were interrupted, lost their worker or raised, and were re-queued: ``ablate.recovery``)."""
-    latest: dict[tuple[str, str, int], Result] = {}
-    sampled = []
-    for t in sorted(trials, key=lambda t: t.number):
-        r = result_of(t)
-        if r.phase in ("tune", "seed", "arm"):
-            latest[(r.phase, r.variant, r.point)] = r
-        else:
-            sampled.append(r)
-    return list(latest.values()) + sampled
+    return [result_of(t) for t in recovery.current_attempts(list(trials))]
 
 
 def rule(spec: StudySpec) -> verdicts.Rule | None:

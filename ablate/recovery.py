@@ -14,7 +14,7 @@ import datetime
 import os
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import optuna
@@ -69,6 +69,12 @@ def latest_attempts(trials: Iterable[FrozenTrial]) -> dict[tuple[str, str, int],
         if (key := key_of(t)) is not None:
             latest[key] = t
     return latest
+
+
+def current_attempts(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count, in trial order: the latest attempt at each planned key, and every sampled trial."""
+    latest = {t.number for t in latest_attempts(trials).values()}
+    return [t for t in sorted(trials, key=lambda t: t.number) if key_of(t) is None or t.number in latest]
 
 
 def retry_failed(study: optuna.Study) -> list[int]:

@@ -12,7 +12,6 @@ A pruned one is PRUNED (KILLED).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import names, plan, recovery
-from ablate.commands import STOP_REQUESTED, sigterm_as_interrupt
+from ablate.commands import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_spec
@@ -281,26 +280,13 @@ def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: s
             except optuna.exceptions.UpdateFinishedTrialError as err:  # failed as stale while alive (a pause)
                 print(f"ablate study: {err}; its retry will run again", file=sys.stderr)
             except KeyboardInterrupt as err:
-                with _signals_ignored():  # a second Ctrl-C must not cut the hand-back short
+                # A second Ctrl-C must not cut the hand-back short.
+                with handling((signal.SIGINT, signal.SIGTERM), signal.SIG_IGN):
                     if objective.number is not None:
                         recovery.stop_trial(study, objective.number, "interrupted", recovery.describe_reason(err))
                 raise
         done += 1
     return done
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    try:
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _has_work(spec: StudySpec, study: optuna.Study) -> bool:

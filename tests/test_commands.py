@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
-from conftest import TINY_RUN, Recorder, tiny
+from conftest import TINY_RUN, Recorder, free_port, tiny
 from mlflow import MlflowClient
 
 from ablate import names
@@ -123,12 +122,6 @@ def test_ablate_dashboard_without_optuna_dashboard_says_how_to_install_it(
     monkeypatch.setattr(commands.sys, "executable", str(tmp_path / "bin" / "python"))  # a venv without it
     assert commands.open_dashboard(port=free_port()) == 2
     assert "make dashboard" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str) -> dict | None:

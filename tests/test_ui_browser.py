@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_STUDY
+from conftest import TINY_STUDY, free_port
 from mlflow import MlflowClient
 
 from ablate import names
@@ -30,12 +30,6 @@ pytestmark = [
 ]
 START_S = 120  # the MLflow server's start on a loaded 2-core runner
 RUN_LINK = re.compile(r'href="#/experiments/(\w+)/runs/([0-9a-f]{32})"[^>]*>(?:<[^>]+>)*([^<]+)<')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serving(port: int) -> bool:

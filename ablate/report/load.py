@@ -97,8 +97,7 @@ def load_study(name: str, storage: str | None = None, tracking_uri: str | None =
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = _child_runs(client, name)
     all_trials = study.get_trials(deepcopy=False)
-    latest = {t.number for t in recovery.latest_attempts(all_trials).values()}
-    shown = [t for t in all_trials if recovery.key_of(t) is None or t.number in latest]
+    shown = recovery.current_attempts(all_trials)
     trials = _join(_optuna_trials(shown), runs)
     parent = _parent(client, name, attrs.get(names.ATTR_PARENT_RUN_ID))
     return StudyData(name, spec.kind, spec, storage, tracking_uri, study, trials, parent, client,
