@@ -49,9 +49,10 @@ def flops_per_sequence(cfg: ModelConfig, vocab_size: int, seq_len: int, num_clas
     Per token: the q, k, v and attn_out projections and the MLP (2 x their weights), and a language model's tied
     head (2 * vocab * C); attention 2 * T * (H * D) for q k^T and as much for weights @ v, the full T x T (no discount
     for causal masking, as PaLM's App. B counts it). A classifier's head runs once per sequence. Not counted: what is
-    no matmul (embedding lookups, norms, softmax, activations: O(C) per token) and the optimizer (O(weights) per
-    step, well under 1% at batch_size * seq_len >= 1000). 6N (N every parameter) would also count the position
-    embedding, norms and biases as matmuls: 3% to 15% more at this suite's sizes, the most for the narrowest model.
+    no matmul (embedding lookups, rotary positions, norms, softmax, activations: O(C) per token) and the optimizer
+    (O(weights) per step, well under 1% at batch_size * seq_len >= 1000). 6N (N every parameter) would also count the
+    position embedding, norms and biases as matmuls: 3% to 15% more at this suite's sizes, the most for the narrowest
+    model. The count is the same for every ``model.position``: learned, rotary and no positions add no matmul.
     """
     C, L, HD = cfg.embed_dim, cfg.num_layers, cfg.num_heads * cfg.resolved_head_dim
     hidden = max(1, round(cfg.mlp_ratio * C))

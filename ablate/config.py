@@ -21,6 +21,7 @@ from ablate.inputs import ConfigError, parse_yaml, read_yaml, short
 
 SCALINGS = ("sqrt", "inverse", "none", "learned", "qknorm", "logn")
 BACKENDS = ("sdpa", "manual")
+POSITIONS = ("learned", "rope", "none")
 TASKS = ("charlm", "recall", "listops")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -55,6 +56,8 @@ class ModelConfig:
     scaling: str = choice("sqrt", SCALINGS, "how attention logits are scaled")
     backend: str = choice("sdpa", BACKENDS, "sdpa: fused kernel; manual: the formula written out")
     bias: bool = True
+    position: str = choice("learned", POSITIONS, "learned: embeddings up to seq_len (no longer input); rope: rotary "
+                                                 "q and k (base 10000, any length); none: NoPE, causal tasks only")
 
     def __post_init__(self) -> None:
         for key in ("embed_dim", "num_heads", "num_layers"):
@@ -69,6 +72,8 @@ class ModelConfig:
         _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         for key in ("attn_dropout", "resid_dropout"):
             _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
+        _check(self.position != "rope" or self.resolved_head_dim % 2 == 0, "position",
+               f"rope rotates pairs of a head's dimensions: head_dim must be even, got {self.resolved_head_dim}")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -99,8 +104,19 @@ class TaskConfig:
     """listops: deepest nesting of operators."""
     max_args: int = 4
     """listops: most operands of one operator."""
+    eval_lengths: tuple[int, ...] = ()
+    """Multiples k >= 2 of seq_len at which the test split is scored again after training (``test/loss_2x`` ...),
+    when the model's positions run longer input (rope, none) and the task can build it: charlm: windows k x long of
+    the same test text; recall: k x the length and k x the pairs; listops: expressions longer than (k / 2) x seq_len,
+    padded to k x seq_len. Each longer set has about ``num_test // k`` examples (k x fewer, as many tokens)."""
 
     def __post_init__(self) -> None:
+        lengths = self.eval_lengths
+        _check(isinstance(lengths, (list, tuple)) and all(type(k) is int for k in lengths), "eval_lengths",
+               f"must be a list of whole multiples of seq_len, got {lengths!r}")
+        _check(all(2 <= k <= 64 for k in lengths) and list(lengths) == sorted(set(lengths)), "eval_lengths",
+               f"must be increasing multiples in [2, 64] (1 is the test split itself), got {list(lengths)}")
+        object.__setattr__(self, "eval_lengths", tuple(lengths))  # hashable, as a frozen config must be
         _check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
         for key in ("num_train", "num_val", "num_test", "num_pairs", "vocab_size", "max_depth", "max_args"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")

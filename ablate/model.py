@@ -1,7 +1,8 @@
 """The model the suite studies: multi-head self-attention with six logit scalings, in a small pre-LN transformer.
 
-Read top to bottom: the attention core (scale, mask, dropout, backend; sees only q, k, v), the projections around it
-(heads and widths), the block, the transformer with its two heads, then measurement helpers. Imports torch only.
+Read top to bottom: rotary positions, the attention core (scale, mask, dropout, backend; sees only q, k, v), the
+projections around it (heads, widths, rotary q and k), the block, the transformer with its two heads, then
+measurement helpers. Imports torch only.
 Shapes: B batch, T length, C embed_dim, H num_heads, D head_dim.
 """
 
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate import budget, names
-from ablate.config import BACKENDS, SCALINGS, ModelConfig
+from ablate.config import BACKENDS, POSITIONS, SCALINGS, ModelConfig
+
+ROPE_BASE = 10000.0
 
 
 class _L2Normalize(torch.autograd.Function):
@@ -40,6 +43,21 @@ class _L2Normalize(torch.autograd.Function):
 def l2_normalize(x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
     """``gain * x / |x|`` over the last dim; ``gain`` broadcasts against ``x``'s shape with the last dim 1."""
     return _L2Normalize.apply(x, gain)
+
+
+def rotate(x: torch.Tensor, base: float = ROPE_BASE) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021, "RoFormer"), half-rotation layout (GPT-NeoX, Llama): dims i and
+    i + D/2 of position t turned by the angle t * base^(-2i/D). q_t . k_s then depends on t - s alone, at any length.
+
+    x: (B, H, T, D) with D even. Angles in float32 (positions beyond 2^11 lose digits in bf16); result in x's dtype.
+    """
+    T, D = x.size(-2), x.size(-1)
+    inv_freq = base ** -(torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # (D/2,)
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # (T, D)
+    xf = x.float()
+    half = torch.cat([-xf[..., D // 2 :], xf[..., : D // 2]], dim=-1)  # (B, H, T, D): (x1, x2) -> (-x2, x1)
+    return (xf * cos + half * sin).to(x.dtype)
 
 
 class Attend(nn.Module):
@@ -154,12 +172,16 @@ class MultiHeadAttention(nn.Module):
     ``nn.MultiheadAttention.in_proj_weight``), ``Attend`` mixes, ``attn_out`` projects back to ``embed_dim``.
 
     ``dropout`` acts on the attention weights, as in ``nn.MultiheadAttention``. ``head_dim`` set decouples head size
-    from width (``num_heads * head_dim`` need not equal ``embed_dim``).
+    from width (``num_heads * head_dim`` need not equal ``embed_dim``). ``position="rope"`` rotates q and k by their
+    positions (:func:`rotate`) before the core sees them; ``learned`` and ``none`` leave them as projected.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, *, head_dim: int | None = None,
-                 scaling: str = "sqrt", causal: bool = False, bias: bool = True, backend: str = "sdpa"):
+                 scaling: str = "sqrt", causal: bool = False, bias: bool = True, backend: str = "sdpa",
+                 position: str = "learned"):
         super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"unknown position {position!r}; allowed: {', '.join(POSITIONS)}")
         if embed_dim < 1 or num_heads < 1:
             raise ValueError(f"embed_dim and num_heads must be >= 1, got embed_dim={embed_dim}, num_heads={num_heads}")
         if head_dim is None:
@@ -169,7 +191,9 @@ class MultiHeadAttention(nn.Module):
             head_dim = embed_dim // num_heads
         if head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        if position == "rope" and head_dim % 2:
+            raise ValueError(f"rope rotates pairs of dimensions: head_dim must be even, got {head_dim}")
+        self.embed_dim, self.num_heads, self.head_dim, self.rope = embed_dim, num_heads, head_dim, position == "rope"
         self.qkv = nn.Linear(embed_dim, 3 * num_heads * head_dim, bias=bias)
         self.attend = Attend(num_heads, head_dim, scaling=scaling, dropout=dropout, causal=causal, backend=backend)
         self.attn_out = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
@@ -178,6 +202,8 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        if self.rope:
+            q, k = rotate(q), rotate(k)
         return q, k, v
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -210,7 +236,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
         self.attn = MultiHeadAttention(cfg.embed_dim, cfg.num_heads, cfg.attn_dropout, head_dim=cfg.head_dim,
-                                       scaling=cfg.scaling, causal=causal, bias=cfg.bias, backend=cfg.backend)
+                                       scaling=cfg.scaling, causal=causal, bias=cfg.bias, backend=cfg.backend,
+                                       position=cfg.position)
         self.ln_2 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
         hidden = max(1, round(cfg.mlp_ratio * cfg.embed_dim))
         self.mlp = nn.Sequential(nn.Linear(cfg.embed_dim, hidden, bias=cfg.bias), nn.GELU(),
@@ -223,10 +250,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token + learned position embeddings, pre-LN blocks, final LayerNorm, then a head.
+    """Token embeddings (+ learned position embeddings), pre-LN blocks, final LayerNorm, then a head.
 
     ``num_classes=None``: causal language model, logits (B, T, vocab); the head is tied to the token embedding.
     ``num_classes=k``: bidirectional encoder, mean of the real tokens' states, then a linear head: logits (B, k).
+    Positions (``cfg.position``): ``learned`` embeddings stop at ``max_len``; ``rope`` (rotary q, k) and ``none``
+    (a causal model's mask alone tells positions apart: NoPE, Kazemnejad et al. 2023) run inputs of any length.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int, num_classes: int | None = None):
@@ -237,8 +266,12 @@ class Transformer(nn.Module):
             raise ValueError(f"num_classes must be >= 2 (or None for a language model), got {num_classes}")
         self.cfg, self.vocab_size, self.max_len, self.num_classes = cfg, vocab_size, max_len, num_classes
         causal = num_classes is None
+        if cfg.position == "none" and not causal:
+            raise ValueError("position='none' needs a causal model: a bidirectional classifier without positions "
+                             "sees a bag of tokens; use rope or learned")
         self.tok_emb = nn.Embedding(vocab_size, cfg.embed_dim)
-        self.pos_emb = nn.Embedding(max_len, cfg.embed_dim)
+        if cfg.position == "learned":  # created first, as before positions were a choice: the same initial weights
+            self.pos_emb = nn.Embedding(max_len, cfg.embed_dim)
         self.emb_dropout = nn.Dropout(cfg.resid_dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
@@ -259,12 +292,20 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def extrapolates(self) -> bool:
+        """Whether inputs longer than ``max_len`` (the training length) can run: rope or none, not learned."""
+        return self.cfg.position != "learned"
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.size(1)
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds the model's max_len {self.max_len}")
-        pos = torch.arange(length, device=tokens.device)
-        return self.emb_dropout(self.tok_emb(tokens) + self.pos_emb(pos))  # (B, T, C)
+        if not self.extrapolates and length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds the model's max_len {self.max_len} (learned "
+                             "positions); model.position rope or none runs longer inputs")
+        x = self.tok_emb(tokens)  # (B, T, C)
+        if self.extrapolates:
+            return self.emb_dropout(x)  # positions enter in attention (rope) or through the causal mask (none)
+        return self.emb_dropout(x + self.pos_emb(torch.arange(length, device=tokens.device)))  # (B, T, C)
 
     def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) long; pad_mask (B, T) bool, True at real tokens (None: all real)."""

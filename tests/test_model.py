@@ -12,7 +12,7 @@ from torch import nn
 
 from ablate import names
 from ablate.budget import flops_per_sequence
-from ablate.config import SCALINGS, ModelConfig
+from ablate.config import POSITIONS, SCALINGS, ConfigError, ModelConfig
 from ablate.model import (
     MultiHeadAttention,
     Transformer,
@@ -21,6 +21,7 @@ from ablate.model import (
     flops_per_token,
     l2_normalize,
     pick_device,
+    rotate,
 )
 
 B, T, C, H = 3, 7, 12, 3
@@ -316,3 +317,106 @@ def test_fast_and_reference_agree_on_cuda(scaling):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y_bf16 = fast(x, mask)[0]
         torch.testing.assert_close(y_bf16.float(), y_ref, rtol=0.05, atol=0.05)
+
+
+# --- positions -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["rope", "none"])
+@pytest.mark.parametrize("scaling", ["sqrt", "logn"])
+def test_rope_and_no_positions_run_longer_than_training_and_stay_causal(position, scaling):
+    model = _lm(scaling, position=position)  # max_len 12
+    assert model.extrapolates and not hasattr(model, "pos_emb")
+    for times in (2, 4):
+        tokens = torch.randint(0, 11, (2, 12 * times))
+        changed = tokens.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % 11
+        with torch.no_grad():
+            logits, other = model(tokens), model(changed)
+        assert logits.shape == (2, 12 * times, 11) and logits.isfinite().all()
+        torch.testing.assert_close(logits[:, :-1], other[:, :-1], rtol=0, atol=0)
+        stats, maps = attention_stats(model, tokens)
+        assert maps.shape == (2, 2, 12 * times, 12 * times) and all(math.isfinite(v) for v in stats.values())
+
+
+def test_learned_positions_refuse_longer_input_and_keep_their_parameters():
+    model = _lm("sqrt")
+    assert not model.extrapolates and model.pos_emb.num_embeddings == 12
+    with pytest.raises(ValueError, match="exceeds the model's max_len 12 .*rope or none runs longer"):
+        model(torch.zeros(1, 24, dtype=torch.long))
+    torch.manual_seed(0)
+    a = Transformer(ModelConfig(embed_dim=16, num_heads=2), 11, 12)
+    torch.manual_seed(0)
+    b = Transformer(ModelConfig(embed_dim=16, num_heads=2, position="learned"), 11, 12)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_rope_scores_depend_on_the_distance_alone():
+    """q at position t and k at s score the same as at t + d and s + d: rotary positions are relative."""
+    D, d = 8, 5
+    q, k = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    T = 12
+    seq_q, seq_k = torch.randn(1, 1, T + d, D, dtype=torch.float64), torch.randn(1, 1, T + d, D, dtype=torch.float64)
+    seq_q[..., 3, :], seq_k[..., 1, :] = q, k  # t = 3, s = 1
+    seq_q[..., 3 + d, :], seq_k[..., 1 + d, :] = q, k  # shifted by d
+    rq, rk = rotate(seq_q)[0, 0], rotate(seq_k)[0, 0]
+    torch.testing.assert_close(rq[3] @ rk[1], rq[3 + d] @ rk[1 + d])
+    assert not torch.isclose(rq[3] @ rk[1], rq[3] @ rk[1 + d])  # another distance, another score
+    torch.testing.assert_close(rq.norm(dim=-1), seq_q[0, 0].norm(dim=-1))  # a rotation: norms unchanged
+    torch.testing.assert_close(rotate(seq_q)[..., 0, :], seq_q[..., 0, :])  # position 0 is not turned
+
+
+def test_rope_rotates_the_two_halves_by_the_standard_angles():
+    D, t = 4, 3
+    x = torch.zeros(1, 1, t + 1, D, dtype=torch.float64)
+    x[..., t, 0] = 1.0  # dim 0, paired with dim 2, frequency 1
+    x[..., t, 1] = 1.0  # dim 1, paired with dim 3, frequency 10000^(-2/4) = 0.01
+    y = rotate(x)[0, 0, t]
+    want = torch.tensor([math.cos(t), math.cos(0.01 * t), math.sin(t), math.sin(0.01 * t)], dtype=torch.float64)
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scaling", ["sqrt", "logn", "qknorm"])
+def test_rope_fast_and_reference_agree(scaling, causal):
+    fast, ref = _pair(scaling, causal, head_dim=4, position="rope")
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    torch.testing.assert_close(fast(x, _mask("keys"))[0], ref(x, _mask("keys"))[0])
+
+
+def test_logn_counts_the_real_keys_at_any_length():
+    module = MultiHeadAttention(C, H, scaling="logn", causal=True, position="rope").double()
+    x = torch.randn(1, 4 * T, C, dtype=torch.float64)
+    q, k, _ = module.project(x)
+    want = (q @ k.transpose(-2, -1)) * module.attend.scale  # (1, H, 4T, 4T)
+    n = torch.arange(1, 4 * T + 1, dtype=torch.float64).view(1, 1, -1, 1)
+    want = want * module.attend.logn_scale.view(-1, 1, 1) * n.log()
+    want = want.masked_fill(~torch.ones(4 * T, 4 * T, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(module.logits(x), want)
+
+
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_rope_adds_no_flops_to_what_torch_counts(num_classes):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(embed_dim=24, num_heads=3, num_layers=2, position="rope", backend="manual")
+    V, T_, B_ = 13, 9, 2
+    with FlopCounterMode(display=False) as counter:
+        Transformer(cfg, V, T_, num_classes)(torch.randint(0, V, (B_, T_))).float().sum().backward()
+    assert counter.get_total_flops() == B_ * flops_per_sequence(cfg, V, T_, num_classes)
+    assert flops_per_sequence(cfg, V, T_, num_classes) == flops_per_sequence(
+        dataclasses.replace(cfg, position="learned"), V, T_, num_classes)
+
+
+def test_bad_position_configurations_raise_clear_errors():
+    assert POSITIONS == ("learned", "rope", "none")
+    with pytest.raises(ValueError, match="unknown position 'alibi'"):
+        MultiHeadAttention(8, 2, position="alibi")
+    with pytest.raises(ValueError, match="head_dim must be even, got 3"):
+        MultiHeadAttention(8, 2, head_dim=3, position="rope")
+    with pytest.raises(ConfigError, match="^position: rope rotates pairs .* got 5"):
+        ModelConfig(embed_dim=10, num_heads=2, position="rope")
+    with pytest.raises(ValueError, match="position='none' needs a causal model"):
+        Transformer(ModelConfig(embed_dim=16, num_heads=2, position="none"), 11, 12, num_classes=10)
+    classifier = Transformer(ModelConfig(embed_dim=16, num_heads=2, position="rope"), 11, 12, num_classes=10)
+    assert classifier(torch.randint(1, 11, (2, 48))).shape == (2, 10)  # rope classifies longer input too
