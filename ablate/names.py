@@ -17,6 +17,7 @@ TAG_VARIANT = "ablate.variant"  # "base" or "<param>=<value>", e.g. "model.num_h
 TAG_FACTOR = "ablate.factor"  # the scientific parameter a variant changes ("" for base)
 TAG_STATUS = "ablate.status"  # the trainer's status: completed, diverged, stopped (pruned), failed
 TAG_REASON = "ablate.reason"  # why a run diverged, stopped or failed
+TAG_FAMILY = "ablate.family"  # on a member study's parent run: the family it belongs to
 TAG_SETUP_ID = "ablate.setup_id"  # on a study's parent run: the Optuna study's set-up id (ATTR_SETUP_ID)
 TAG_SPEC_SHA256 = "ablate.spec_sha256"  # on a study's parent run: sha256 of the study file as written
 TAG_GIT_COMMIT = "git.commit"
@@ -30,6 +31,9 @@ ATTR_PARENT_RUN_ID = "mlflow_parent_run_id"  # on a study
 ATTR_SETUP_ID = "setup_id"  # on a study: a random id set when it is created, tagged on its parent run
 ATTR_KIND = "kind"  # on a study: "ablation" or "search"
 ATTR_SPEC = "spec"  # on a study: the study file's mapping, as loaded
+ATTR_FAMILY = "family"  # on a member of a family (a ladder, several budgets): the study file's name
+ATTR_MEMBER = "member"  # on a member: its label in the family ("w128", "flops")
+ATTR_FAMILY_SPEC = "family_spec"  # on a member: the family's study file, as loaded (passwords masked)
 ATTR_PHASE = "phase"  # on a trial, as TAG_PHASE
 ATTR_VARIANT = "variant"  # on a trial, as TAG_VARIANT
 ATTR_FACTOR = "factor"  # on a trial, as TAG_FACTOR
@@ -99,3 +103,14 @@ def entropy_metric(layer: int, head: int) -> str:
 
 def max_logit_metric(layer: int) -> str:
     return f"attn/max_logit/l{layer}"
+
+
+SOLVED_X = "test/solved_x"
+"""recall: the largest multiple of the training length (1, 2, 4, ...) up to which test accuracy stays at or above
+``train.SOLVED_ACC``; 0 when not even at 1x. Logged only beside the longer-length metrics (``at_length``)."""
+
+
+def at_length(metric: str, times: int) -> str:
+    """``("test/loss", 2)`` -> ``"test/loss_2x"``: a test metric scored again at ``times`` x the training length
+    (``task.eval_lengths``). MLflow allows no '@' in metric names."""
+    return f"{metric}_{times}x"

@@ -3,6 +3,7 @@
 second with one line naming the key, not in every trial after the stores exist.
 
 - the task's data (``ablate.tasks.checks``): the source exists and is text, generated tasks can be generated;
+- the model fits the task: no positions at all (``model.position: none``) only for a causal (language-model) task;
 - memory: a run whose parameters, gradients, AdamW state, activations and data cannot fit in this machine's memory
   (``estimate_bytes``, an estimate that errs high by up to half) is refused, naming the key that makes it too large.
 
@@ -38,7 +39,9 @@ SIZE_KEYS = {
     "task.num_train": TaskConfig.num_train,
     "task.num_val": TaskConfig.num_val,
     "task.num_test": TaskConfig.num_test,
+    "task.eval_lengths": TaskConfig.eval_lengths,
 }
+CLASSIFIERS = ("listops",)  # tasks whose model is a bidirectional classifier (``Task.num_classes`` set)
 
 
 def check_run(cfg: RunConfig, where: str = "") -> None:
@@ -47,7 +50,16 @@ def check_run(cfg: RunConfig, where: str = "") -> None:
         check_task(cfg.task)
     except ConfigError as err:
         raise ConfigError(where or err.key, err.problem if not where else f"{err.key}: {err.problem}") from None
+    check_model(cfg, where)
     check_memory(cfg, where)
+
+
+def check_model(cfg: RunConfig, where: str = "") -> None:
+    """A ConfigError when the model cannot work on the task: no positions on a bidirectional classifier."""
+    if cfg.model.position == "none" and cfg.task.name in CLASSIFIERS:
+        problem = (f"none needs a causal (language-model) task: {cfg.task.name}'s bidirectional classifier without "
+                   "positions sees a bag of tokens; use rope or learned")  # fmt: skip
+        raise ConfigError(where or "model.position", problem if not where else f"model.position: {problem}")
 
 
 def check_study(spec: StudySpec) -> None:
@@ -70,6 +82,7 @@ def check_study(spec: StudySpec) -> None:
             except ConfigError as err:
                 raise _at(where, err) from None
         try:
+            check_model(cfg)
             check_memory(cfg)
         except ConfigError as err:
             raise _at(where, err) from None
@@ -102,8 +115,10 @@ def check_memory(cfg: RunConfig, where: str = "") -> None:
 def estimate_bytes(s: dict) -> int:
     """Bytes one training run holds at its peak, from the sizes of ``_sizes``: fp32 state, every activation kept
     for the backward pass (the T x T attention weights of every layer unless a fused GPU kernel runs), or the T x T
-    logits, weights and entropies of one layer when an evaluation measures them. Measured on the CPU (widths 128 to
-    512, T 256 to 1024, torch 2.13): 1.15 to 1.5 times the growth of peak resident memory during training."""
+    logits, weights and entropies of one layer when an evaluation measures them, or one layer's scores and weights
+    at the longest ``task.eval_lengths`` k (batches k x smaller, k x longer: k x a training batch's T x T scores).
+    Measured on the CPU (widths 128 to 512, T 256 to 1024, torch 2.13): 1.15 to 1.5 times the growth of peak
+    resident memory during training."""
     C, L, H, B, T = (int(s[k]) for k in ("model.embed_dim", "model.num_layers", "model.num_heads",
                                           "train.batch_size", "task.seq_len"))  # fmt: skip
     D = int(s["model.head_dim"] or max(1, C // H))
@@ -114,11 +129,14 @@ def estimate_bytes(s: dict) -> int:
     scores = B * H * T * T  # one layer's attention matrix
     training = L * B * T * (10 * C + 6 * H * D + 3 * hidden) + 3 * B * T * V
     training += 3 * L * scores if s["model.backend"] == "manual" or not s["fused"] else 0
-    acts = max(training, 4 * scores)  # evaluation (attention_stats) runs after the step's activations are freed
+    k = max(s["task.eval_lengths"], default=1)
+    longer = 0 if k == 1 else 4 * max(1, B // k) * H * (k * T) ** 2 + max(1, B // k) * k * T * (4 * C + hidden + V)
+    acts = max(training, 4 * scores, longer)  # evaluations run after the step's activations are freed
     if s["task.name"] == "charlm":
         data = CHARLM_BYTES_PER_CHAR * int(s["text_bytes"])
     else:  # inputs and targets of every row, as int32 (Arrow) and int64 (tensors)
-        data = sum(int(s[k]) for k in ("task.num_train", "task.num_val", "task.num_test")) * T * 2 * (4 + 8)
+        data = sum(int(s[key]) for key in ("task.num_train", "task.num_val", "task.num_test")) * T * 2 * (4 + 8)
+        data += len(s["task.eval_lengths"]) * int(s["task.num_test"]) * T * 2 * (4 + 8)  # the longer test sets
     return FLOAT * (STATE_COPIES * params + acts) + data
 
 

@@ -20,6 +20,8 @@ from ablate.budget import ComputeBudget
 from ablate.config import RunConfig, TrainConfig, to_yaml
 
 STATUSES = ("completed", "diverged", "stopped", "failed", "interrupted")
+SOLVED_ACC = 0.9
+"""recall counts as solved at a length where test accuracy (over every query) is at least this (``names.SOLVED_X``)."""
 
 
 @dataclass
@@ -39,7 +41,9 @@ class RunResult:
     steps: int = 0  # optimizer steps done
     metrics: dict[str, float] = field(default_factory=dict)
     """Final summaries, MLflow names: val/loss, val/bpc or val/acc (full validation split), test/loss, test/bpc or
-    test/acc (full test split; these two groups for completed runs only), best/val/loss, cost/params,
+    test/acc (full test split; these two groups for completed runs only), with ``task.eval_lengths`` k and positions
+    that run longer input also test/loss_kx and test/bpc_kx or test/acc_kx (``names.at_length``) and for recall
+    test/solved_x (``solved_multiple``); best/val/loss, cost/params,
     cost/flops_per_token, cost/flops_total, cost/tokens, cost/steps, perf/tokens_per_s, perf/train_s (training
     steps only), perf/wall_s (the whole run), perf/peak_mem_mb."""
     history: list[dict[str, float]] = field(default_factory=list)
@@ -104,6 +108,17 @@ def _notify_end(callbacks: tuple[Callback, ...], result: RunResult, quiet: bool)
             first = first or err
     if first is not None and not quiet:
         raise first
+
+
+def solved_multiple(accuracy: dict[int, float], threshold: float = SOLVED_ACC) -> int:
+    """The largest multiple of the training length up to which every scored multiple has accuracy >= ``threshold``
+    (``{1: 0.99, 2: 0.95, 4: 0.3}`` -> 2): where a configuration stops solving the task; 0 if not even at 1x."""
+    solved = 0
+    for times in sorted(accuracy):
+        if not accuracy[times] >= threshold:  # NaN fails too
+            break
+        solved = times
+    return solved
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -328,15 +343,18 @@ class _Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, split: str, limit: int | None) -> tuple[float, float, Any]:
+    def score(self, split: str, limit: int | None, times: int = 1) -> tuple[float, float, Any]:
         """Mean loss and the task's metric (bpc or accuracy) over ``split`` in eval mode, at most ``limit`` batches,
-        and the first batch (None for an empty split)."""
+        and the first batch (None for an empty split). ``times`` k > 1: the test split at k x seq_len, in batches
+        k x smaller (as many tokens per batch as training: the memory of a training-length batch, T x T scores
+        aside, which grow k-fold)."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         first = None
-        for batch in self.task.eval_batches(split, self.config.train.batch_size, device=self.device, limit=limit):
+        batch_size = max(1, self.config.train.batch_size // times)
+        for batch in self.task.eval_batches(split, batch_size, device=self.device, limit=limit, times=times):
             if first is None:
                 first = batch
             with self.autocast():
@@ -369,9 +387,19 @@ class _Trainer:
 
     def evaluate_test(self) -> dict[str, float]:
         """The full test split, scored once after the final validation; callbacks' hooks never see it, so nothing
-        that prunes or selects during a run can look at the held-out numbers."""
+        that prunes or selects during a run can look at the held-out numbers. Then the longer test sets
+        (``task.eval_lengths``), when the model's positions run longer input (not learned ones: nothing logged)."""
         loss, metric, _ = self.score("test", None)
-        return {names.TEST_LOSS: loss, names.test_metric(self.task.metric): metric}
+        task_metric = names.test_metric(self.task.metric)
+        test = {names.TEST_LOSS: loss, task_metric: metric}
+        lengths = self.config.task.eval_lengths if self.model.extrapolates and self.task.longer else ()
+        for times in lengths:
+            loss, metric, _ = self.score("test", None, times)
+            test.update({names.at_length(names.TEST_LOSS, times): loss, names.at_length(task_metric, times): metric})
+        if lengths and self.task.name == "recall":
+            accuracy = {1: test[task_metric], **{k: test[names.at_length(task_metric, k)] for k in lengths}}
+            test[names.SOLVED_X] = float(solved_multiple(accuracy))
+        return test
 
     # -- the end --------------------------------------------------------------------------------------------------
     def _ask(self, hook: str, *args: Any) -> bool:

@@ -325,6 +325,11 @@ def bad_inputs(tmp_path) -> list[tuple[TaskConfig, str, str]]:
         (dataclasses.replace(RECALL, num_pairs=9), "task.num_pairs", "seq_len >= 4 * num_pairs = 36"),
         (dataclasses.replace(RECALL, num_pairs=6, vocab_size=10), "task.vocab_size", "10 is too small"),
         (dataclasses.replace(LISTOPS, seq_len=6), "task.seq_len", "6 is too short for listops"),
+        (dataclasses.replace(RECALL, eval_lengths=(2, 4)), "task.eval_lengths", "4x holds 16 pairs"),
+        (dataclasses.replace(LISTOPS, max_args=1, num_train=50, num_val=10, num_test=10, eval_lengths=(4,)),
+         "task.eval_lengths", "4x: listops with max_args 1"),
+        (TaskConfig(source=str(short), seq_len=8, eval_lengths=(8,)), "task.eval_lengths", "8x: the test block"),
+        # last: it generates rows before it fails
         (TaskConfig(name="listops", max_depth=1, max_args=2, num_train=500), "task.num_train", "distinct examples"),
     ]
 
@@ -348,12 +353,12 @@ def test_checks_before_any_build_find_what_the_builders_find(tmp_path, monkeypat
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
     found = 0
     for cfg, key, fragment in bad_inputs(tmp_path):
-        if key in ("task.source", "task.num_pairs", "task.vocab_size"):  # the rest shows only in the data
+        if key in ("task.source", "task.num_pairs", "task.vocab_size") or "pairs" in fragment:  # the rest: data
             with pytest.raises(ConfigError) as err:
                 check_task(cfg)
             assert err.value.key == key and fragment in str(err.value), (cfg, err.value)
             found += 1
-    assert found == 7
+    assert found == 8
     (tmp_path / "bin.txt").write_bytes(b"\x00" * 64)
     with pytest.raises(ConfigError, match=r"^task\.source: .*bin\.txt is binary"):
         check_task(TaskConfig(source=str(tmp_path / "bin.txt")))
@@ -363,3 +368,73 @@ def test_checks_before_any_build_find_what_the_builders_find(tmp_path, monkeypat
         check_task(TaskConfig(name="charlm", source=source))
     check_task(RECALL)
     check_task(LISTOPS)
+
+
+# --- the test split at k x seq_len (task.eval_lengths) ---------------------------------------------------------
+
+
+def longer_arrays(task, times: int) -> dict[str, np.ndarray]:
+    return task.longer(times).with_format("numpy")[:]
+
+
+def test_recall_at_k_times_the_length_holds_k_times_the_pairs_deterministically(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(RECALL, eval_lengths=(2, 4), vocab_size=32)
+    task = build_task(cfg, seed=0)
+    for times in (2, 4):
+        rows = longer_arrays(task, times)
+        assert rows["inputs"].shape == (cfg.num_test // times, times * cfg.seq_len)
+        scored = rows["targets"] != IGNORE
+        assert (scored.sum(1) == times * cfg.num_pairs).all()  # every one of the k x pairs is asked for
+        np.testing.assert_array_equal(rows["targets"], recall_targets(rows["inputs"], times * cfg.num_pairs, 32))
+        batches = list(task.eval_batches("test", 4, times=times))
+        assert sum(len(b.inputs) for b in batches) == cfg.num_test // times
+        assert batches[0].inputs.shape == (4, times * cfg.seq_len)
+    first = longer_arrays(task, 2)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "elsewhere"))  # rebuilt from scratch: the same rows
+    again = longer_arrays(build_task(cfg, seed=0), 2)
+    np.testing.assert_array_equal(first["inputs"], again["inputs"])
+    other = longer_arrays(build_task(cfg, seed=1), 2)
+    assert not np.array_equal(first["inputs"], other["inputs"])
+    assert not np.array_equal(first["inputs"][:, : cfg.seq_len], arrays(task, "test")["inputs"][: len(first)])
+
+
+def test_listops_at_k_times_the_length_is_longer_than_anything_shorter():
+    from ablate.tasks.generated import listops_longer_depth
+
+    cfg = dataclasses.replace(LISTOPS, eval_lengths=(2, 4))
+    task = build_task(cfg, seed=0)
+    assert arrays(task, "train")["length"].max() <= cfg.seq_len
+    for times in (2, 4):
+        rows = longer_arrays(task, times)
+        assert rows["inputs"].shape == (cfg.num_test // times, times * cfg.seq_len)
+        assert (rows["length"] > times * cfg.seq_len // 2).all() and (rows["length"] <= times * cfg.seq_len).all()
+        labels = [listops_value(row[:n].tolist()) for row, n in zip(rows["inputs"], rows["length"], strict=True)]
+        assert labels == rows["targets"].tolist()
+        assert listops_longer_depth(cfg, times)[0] > cfg.max_depth  # deeper nesting makes them
+        batch = next(task.eval_batches("test", 8, times=times))
+        assert torch.equal(batch.pad_mask, batch.inputs != 0)
+    np.testing.assert_array_equal(longer_arrays(task, 4)["inputs"], longer_arrays(build_task(cfg, 0), 4)["inputs"])
+
+
+def test_charlm_at_k_times_the_length_is_the_same_test_text_in_longer_windows(tmp_path):
+    cfg = TaskConfig(name="charlm", source=str(text_file(tmp_path, numbered_text(600))), seq_len=16,
+                     eval_lengths=(2, 4))  # fmt: skip
+    task = build_task(cfg, seed=0)
+    test = arrays(task, "test")
+    text = np.concatenate([test["inputs"].reshape(-1), test["targets"][-1, -1:]])
+    for times in (2, 4):
+        rows = longer_arrays(task, times)
+        length = times * cfg.seq_len
+        assert rows["inputs"].shape == ((len(text) - 1) // length, length)
+        np.testing.assert_array_equal(rows["inputs"].reshape(-1), text[: rows["inputs"].size])
+        np.testing.assert_array_equal(rows["targets"].reshape(-1), text[1 : rows["inputs"].size + 1])
+    with pytest.raises(ValueError, match="only the test split lengthens"):
+        next(task.eval_batches("validation", 4, times=2))
+
+
+def test_eval_lengths_must_be_increasing_multiples():
+    assert TaskConfig(eval_lengths=[2, 4]).eval_lengths == (2, 4)  # a list from YAML, kept as a tuple
+    hash(TaskConfig(eval_lengths=[2, 4]))
+    for bad in ([1], [4, 2], [2, 2], [2.0], 2):
+        with pytest.raises(ConfigError, match="^task.eval_lengths: must be|^eval_lengths: must be"):
+            TaskConfig(eval_lengths=bad)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import Recorder, tiny
 
 from ablate import names
-from ablate.train import DATA_SEED, lr_at, make_optimizer, train
+from ablate.train import DATA_SEED, SOLVED_ACC, lr_at, make_optimizer, solved_multiple, train
 
 RECALL_UNIFORM_LOSS = math.log(9)  # TINY's recall: 8 key/value tokens and the filler
 
@@ -131,3 +131,44 @@ def test_classification_task_reports_accuracy_on_validation_and_test() -> None:
     assert 0.0 <= result.metrics["val/acc"] <= 1.0 and math.isfinite(result.metrics[names.VAL_LOSS])
     assert 0.0 <= result.metrics["test/acc"] <= 1.0 and math.isfinite(result.metrics[names.TEST_LOSS])
     assert result.uniform_loss == pytest.approx(math.log(10))  # ten classes (the values 0-9), not the vocabulary
+
+
+def test_a_run_with_eval_lengths_scores_the_test_split_again_at_each_longer_length() -> None:
+    rec = Recorder()
+    cfg = tiny(**{"model.position": "rope", "task.eval_lengths": [2, 4], "task.vocab_size": 16})
+    result = train(cfg, [rec])
+    longer = [names.at_length(m, k) for k in (2, 4) for m in (names.TEST_LOSS, names.test_metric("acc"))]
+    assert held_out(result.metrics) == [names.TEST_LOSS, "test/acc", *longer, names.SOLVED_X]
+    assert longer == ["test/loss_2x", "test/acc_2x", "test/loss_4x", "test/acc_4x"]
+    assert all(math.isfinite(result.metrics[k]) for k in longer) and rec.ends[0].metrics == result.metrics
+    accuracy = {1: result.metrics["test/acc"], 2: result.metrics["test/acc_2x"], 4: result.metrics["test/acc_4x"]}
+    assert result.metrics[names.SOLVED_X] == solved_multiple(accuracy)
+    assert not [k for _, m in rec.steps + rec.evals for k in held_out(m)]  # still held out from every hook
+
+
+def test_learned_positions_skip_the_longer_lengths_and_log_nothing_for_them() -> None:
+    result = train(tiny(**{"task.eval_lengths": [2, 4], "task.vocab_size": 16}))
+    assert result.status == "completed" and held_out(result.metrics) == [names.TEST_LOSS, "test/acc"]
+
+
+def test_solved_multiple_is_where_accuracy_first_drops_below_the_threshold() -> None:
+    assert SOLVED_ACC == 0.9
+    assert solved_multiple({1: 0.99, 2: 0.95, 4: 0.3}) == 2
+    assert solved_multiple({1: 0.99, 2: 0.95, 4: 0.9}) == 4  # at the threshold counts as solved
+    assert solved_multiple({1: 0.5, 2: 0.95, 4: 0.99}) == 0  # not even at 1x
+    assert solved_multiple({4: 0.1, 1: 0.97, 2: 0.2}) == 1  # order of the mapping does not matter
+    assert solved_multiple({1: 0.99, 2: math.nan, 4: 0.99}) == 1  # a NaN accuracy does not count as solved
+    assert solved_multiple({1: 0.8, 2: 0.6}, threshold=0.5) == 2
+
+
+def test_preflight_refuses_no_positions_for_a_classifier_and_counts_the_longest_eval_length() -> None:
+    from ablate.config import ConfigError
+    from ablate.preflight import _sizes, check_run, estimate_bytes
+
+    with pytest.raises(ConfigError, match="^model.position: none needs a causal .*listops"):
+        check_run(tiny(**{"model.position": "none", "task.name": "listops", "task.seq_len": 32}))
+    check_run(tiny(**{"model.position": "none", "task.eval_lengths": [2], "task.vocab_size": 16}))
+    big = {"task.seq_len": 512, "train.batch_size": 32, "model.position": "rope", "task.vocab_size": 64}
+    plain = estimate_bytes(_sizes(tiny(**big)))
+    longer = estimate_bytes(_sizes(tiny(**big, **{"task.eval_lengths": [2, 8]})))
+    assert longer > plain and estimate_bytes(_sizes(tiny(**big, **{"task.eval_lengths": [2]}))) < longer

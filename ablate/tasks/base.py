@@ -9,6 +9,9 @@ Training batches are rows in a new random order each epoch, or, for a task whose
 (``random_offsets``), windows of that text at random offsets: each epoch draws a phase in [0, seq_len) and a
 permutation of the windows starting at phase + k * seq_len, so the model sees new contexts every epoch and still
 predicts about every character once. Evaluation always reads the fixed rows.
+
+A task that can lengthen its test split (``Task.longer``) also gives it at k x seq_len (``eval_batches(...,
+times=k)``): each task's builder says how, deterministically, and caches generated rows like the splits.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class Task:
     random_offsets: bool = False
     """The training rows tile one text (row i + 1 starts where row i's targets end): training draws windows of
     that text at random offsets instead of the rows. Validation and test still use the rows."""
+    longer: Callable[[int], datasets.Dataset] | None = None
+    """``longer(k)``: the test split again at k x seq_len (k >= 2), rows of the same columns k x as long, about
+    ``num_test // k`` of them; None when the task cannot lengthen it."""
     _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def decode(self, ids: Any) -> str:
@@ -80,10 +86,11 @@ class Task:
         return (_batch(tensors, idx, device) for idx in _index_stream(epochs, batch_size))
 
     def eval_batches(
-        self, split: str, batch_size: int, *, device: Any = "cpu", limit: int | None = None
+        self, split: str, batch_size: int, *, device: Any = "cpu", limit: int | None = None, times: int = 1
     ) -> Iterator[Batch]:
-        """The split in its fixed order, the last batch possibly smaller; at most ``limit`` batches."""
-        tensors = self._split_tensors(split, device)
+        """The split in its fixed order, the last batch possibly smaller; at most ``limit`` batches. ``times`` k > 1:
+        the test split at k x seq_len (``longer``), built on first use."""
+        tensors = self._split_tensors(split, device, times)
         n = len(tensors["inputs"])
         starts = range(0, n, batch_size)
         if limit is not None:
@@ -93,13 +100,18 @@ class Task:
     def num_examples(self, split: str) -> int:
         return self.data[split].num_rows
 
-    def _split_tensors(self, split: str, device: Any) -> dict[str, torch.Tensor]:
+    def _split_tensors(self, split: str, device: Any, times: int = 1) -> dict[str, torch.Tensor]:
         """The split as tensors, kept on ``device`` when small enough so a batch is one gather, no copy per step."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        if split not in self._tensors:
-            self._tensors[split] = _to_tensors(self.data[split], self.seq_len)
-        return self._on_device(split, device)
+        if times != 1 and (split != "test" or times < 2 or self.longer is None):
+            raise ValueError(f"{self.name}: only the test split lengthens, by k >= 2, where the task can "
+                             f"(got {split!r} at {times}x)")  # fmt: skip
+        key = split if times == 1 else f"{split}/{times}x"
+        if key not in self._tensors:
+            rows = self.data[split] if times == 1 else self.longer(times)
+            self._tensors[key] = _to_tensors(rows, self.seq_len * times)
+        return self._on_device(key, device)
 
     def _text_tensor(self, split: str, device: Any) -> torch.Tensor:
         """The text the rows of ``split`` tile, as one (N * seq_len + 1,) id tensor rebuilt from the rows."""
@@ -198,20 +210,14 @@ def row_features(seq_len: int, classification: bool, padded: bool) -> datasets.F
     return datasets.Features(cols)
 
 
-def build_splits(
-    name: str,
-    digest: str,
-    rows: Callable[..., Iterator[dict]],
-    gen_kwargs: dict[str, Any],
-    sizes: dict[str, int],
-    features: datasets.Features,
-) -> datasets.DatasetDict:
-    """Rows of train, then validation, then test from one generator, cached under the fingerprint ``digest``.
+def build_rows(name: str, digest: str, rows: Callable[..., Iterator[dict]], gen_kwargs: dict[str, Any],
+               features: datasets.Features) -> datasets.Dataset:  # fmt: skip
+    """Every row of ``rows(**gen_kwargs)`` as one Dataset, cached under the fingerprint ``digest``.
 
     The fingerprint replaces datasets' hash of ``gen_kwargs`` (large texts need no hashing) and names the cache.
     """
     try:
-        ds = datasets.Dataset.from_generator(
+        return datasets.Dataset.from_generator(
             rows,
             features=features,
             gen_kwargs=gen_kwargs,
@@ -222,6 +228,18 @@ def build_splits(
         if isinstance(err.__cause__, ConfigError):  # a generator found the config impossible
             raise err.__cause__ from None
         raise
+
+
+def build_splits(
+    name: str,
+    digest: str,
+    rows: Callable[..., Iterator[dict]],
+    gen_kwargs: dict[str, Any],
+    sizes: dict[str, int],
+    features: datasets.Features,
+) -> datasets.DatasetDict:
+    """Rows of train, then validation, then test from one generator, cached under the fingerprint ``digest``."""
+    ds = build_rows(name, digest, rows, gen_kwargs, features)
     splits, start = {}, 0
     for split in SPLITS:
         splits[split] = ds.select(range(start, start + sizes[split]))  # contiguous: a slice, no index mapping

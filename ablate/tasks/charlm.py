@@ -6,10 +6,14 @@ once per epoch): inputs = window[:-1], targets = window[1:]. Validation and test
 training draws windows of the train block at a new random phase and order each epoch (``Task.random_offsets``), so
 an epoch does not repeat the previous one's contexts. The vocabulary is the characters of train plus id 0, the
 unknown character, which stands for anything seen only in validation or test.
+
+At k x seq_len (``task.eval_lengths``) the test block is cut again into windows of k x seq_len + 1 characters with
+stride k x seq_len: the same text (its last partial window dropped), k x fewer windows of k x the context.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import datasets
@@ -33,6 +37,11 @@ def build(cfg: TaskConfig, seed: int) -> Task:
             "test_fraction": cfg.test_fraction, "text_sha256": text_sha}  # fmt: skip
     digest = digest_of(spec)
     sizes = {split: (len(block) - 1) // cfg.seq_len for split, block in blocks.items()}
+    for times in cfg.eval_lengths:
+        if sizes["test"] < times:
+            raise ConfigError("task.eval_lengths", f"{times}x: the test block of {cfg.source!r} has "
+                                                   f"{sizes['test']} windows of {cfg.seq_len}, fewer than {times}; "
+                                                   "drop it or raise task.test_fraction")  # fmt: skip
     data = build_splits(
         "charlm",
         digest,
@@ -53,7 +62,19 @@ def build(cfg: TaskConfig, seed: int) -> Task:
         description=f"charlm on {cfg.source}: {len(text):,} characters, vocabulary {len(vocab)}, "
         f"windows train/val/test {sizes['train']}/{sizes['validation']}/{sizes['test']}",
         random_offsets=True,
+        longer=functools.partial(_longer, data["test"], cfg.seq_len),
     )
+
+
+def _longer(test: datasets.Dataset, seq_len: int, times: int) -> datasets.Dataset:
+    """The test rows' text cut into windows of ``times * seq_len`` (rebuilt from the cached rows, in memory)."""
+    rows = test.with_format("numpy")[:]
+    text = np.concatenate([rows["inputs"].reshape(-1), rows["targets"][-1, -1:]])
+    length = times * seq_len
+    starts = np.arange(0, len(text) - length, length)
+    windows = text[starts[:, None] + np.arange(length + 1)]  # (N, length + 1)
+    features = row_features(length, classification=False, padded=False)
+    return datasets.Dataset.from_dict({"inputs": windows[:, :-1], "targets": windows[:, 1:]}, features=features)
 
 
 def load_text(source: str, text_column: str = "text") -> str:

@@ -4,7 +4,8 @@ run before any store exists, and the builders run again. No torch here (the repo
 - charlm: ``task.source`` names text that exists and can be read: ``python-docs``; a UTF-8 ``.txt`` file, or a
   folder holding some (not binary, not empty); or ``hf:<name>[:<config>]``, resolved by ``datasets`` without
   downloading the data (offline: only from the cache).
-- recall, listops: the sizes that make a task impossible (or a generation that would never end).
+- recall, listops: the sizes that make a task impossible (or a generation that would never end), the longer test
+  sets (``task.eval_lengths``) included where arithmetic tells (listops' are checked when the task is built).
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def check_recall(cfg: TaskConfig) -> None:
         raise ConfigError(
             "task.vocab_size",
             f"{cfg.vocab_size} is too small for {pairs} distinct keys and values; needs >= 2 * num_pairs = {2 * pairs}",
+        )
+    most = max(cfg.eval_lengths, default=1)
+    if cfg.vocab_size // 2 < most * pairs:  # the longer test sets hold k x the pairs, each key distinct
+        raise ConfigError(
+            "task.eval_lengths",
+            f"{most}x holds {most * pairs} pairs: vocab_size {cfg.vocab_size} gives {cfg.vocab_size // 2} distinct "
+            f"keys; raise vocab_size to >= {2 * most * pairs} or drop {most}",
         )
 
 
