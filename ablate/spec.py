@@ -8,6 +8,7 @@ in the terms of Google's Deep Learning Tuning Playbook. Standard library, yaml a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -100,7 +101,8 @@ class Budget:
     timeout: float | None = None
     """Seconds after which workers take no new trial (resume later with the same command)."""
     match: str = choice("steps", MATCHES, "what every arm uses as much of as the base (ablate.budget): steps, "
-                                          "tokens, flops or wall (seconds of training)")  # fmt: skip
+                                          "tokens, flops or wall (seconds of training); a list (``[steps, flops]``) "
+                                          "runs the ablation once per budget, side by side")  # fmt: skip
     value: float | None = None
     """Each arm's budget in the unit of ``match`` (tokens, FLOPs, seconds); default: what the base's train.steps use.
     A wall budget needs it."""
@@ -149,6 +151,9 @@ class StudyFile:
     """Seconds between a running trial's heartbeats; a trial silent for 3x this long is failed and retried."""
     workers: int = 1
     """Worker processes on this machine when ``--workers`` is not given; torch threads are split between them."""
+    ladder: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Label -> changes to the base (``{model.embed_dim: 128, model.num_layers: 3}``): the whole study is run once
+    per rung, each its own Optuna study ``<name>.<label>`` (see :func:`expand`); the report compares their answers."""
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -229,6 +234,9 @@ class StudySpec:
     text: str = ""  # the study file as written, passwords in URLs masked (logged as an artifact)
     data: dict = field(default_factory=dict)  # the mapping as loaded, passwords masked (the study's user attrs)
     digest: str = hashlib.sha256(b"").hexdigest()  # sha256 of the study file as written (before masking)
+    family: str = ""  # the study file's name when it runs several members (a ladder, several budgets), else ""
+    member: str = ""  # this member's label in its family ("w128", "flops", "w128.flops"), else ""
+    family_data: dict = field(default_factory=dict)  # the family's study file as loaded, passwords masked
 
     def base_value(self, key: str) -> Any:
         return flatten(to_dict(self.base))[key]
@@ -270,23 +278,107 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, preflight: bool = 
 
     With ``preflight`` (a study about to run), also what can be checked on this machine before any store exists:
     every variant's data source and memory (``ablate.preflight``). The report reads a finished study without it.
+    A file with a ladder or several budgets is a family of studies: :func:`load_specs`.
     """
+    specs = load_specs(path, overrides, preflight=preflight)
+    if len(specs) > 1:
+        raise ConfigError("ladder", f"this file runs {len(specs)} studies ({', '.join(s.name for s in specs)}); "
+                                    "name one of them", str(path))  # fmt: skip
+    return specs[0]
+
+
+def load_specs(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> list[StudySpec]:
+    """Every study the file at ``path`` runs: one, or one per member of its family (:func:`expand`), in order.
+    All members are validated (and preflighted) before any of them runs."""
     source = str(path)
     text = read_text(path)
     data = read_yaml(path, text)
     try:
-        spec = spec_from_mapping(data, overrides, source=source, text=text)
+        specs = family_specs(data, overrides, source=source, text=text)
         if preflight:
-            check_study(spec)
-        return spec
+            for spec in specs:
+                check_study(spec)
+        return specs
     except ConfigError as err:
         raise err.at(source) from None
+
+
+def family_specs(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> list[StudySpec]:
+    """The specs of a study file's mapping: one for a plain study, else one per member, each a plain study of its
+    own (``spec_from_mapping`` reads a member's stored mapping back), marked with its family and label."""
+    members = expand(data)
+    if len(members) == 1 and not members[0][0]:
+        return [spec_from_mapping(data, overrides, source=source, text=text)]
+    family_data = _redacted(data)
+    out = []
+    for label, mapping in members:
+        try:
+            spec = spec_from_mapping(mapping, overrides, source=source, text=text)
+        except ConfigError as err:
+            raise ConfigError(err.key, f"{err.problem} (in member {label})") from None
+        out.append(dataclasses.replace(spec, family=data["name"], member=label, family_data=family_data))
+    return out
+
+
+def expand(data: dict) -> list[tuple[str, dict]]:
+    """A study file's members as (label, mapping of a plain study): ``[("", data)]`` without a ladder or a list of
+    budgets; else one per rung of ``ladder`` times each ``budget.match``, named ``<name>.<rung>[.<match>]``."""
+    ladder = data.get("ladder") or {}
+    budget = data.get("budget") or {}
+    matches = budget.get("match") if isinstance(budget, dict) else None
+    if not ladder and not isinstance(matches, list):
+        return [("", data)]
+    if not isinstance(ladder, dict):
+        raise ConfigError("ladder", "must map a label to the base's changes, e.g. w128: {model.embed_dim: 128}")
+    rungs = [(_rung_label(label), _rung(label, changes)) for label, changes in ladder.items()] or [("", {})]
+    if isinstance(matches, list) and budget.get("value") is not None:
+        raise ConfigError("budget.value", "is in the unit of one budget; with a list of budgets, leave it out")
+    budgets = _budget_list(matches) if isinstance(matches, list) else [""]
+    out = []
+    for (rung, changes), match in itertools.product(rungs, budgets):
+        label = ".".join(part for part in (rung, match) if part)
+        mapping = {k: v for k, v in data.items() if k != "ladder"}
+        mapping = {**mapping, **{key: dict(mapping.get(key) or {}) for key in RUN_SECTIONS
+                                 if isinstance(mapping.get(key) or {}, dict)}}  # fmt: skip
+        for key, value in changes.items():
+            set_path(mapping, key, value)
+        if match:
+            mapping["budget"] = {**budget, "match": match}
+        mapping["name"] = f"{check_name(data.get('name'))}.{label}"
+        out.append((label, mapping))
+    return out
+
+
+def _rung_label(label: object) -> str:
+    if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", label):
+        raise ConfigError(f"ladder.{label}", "a rung's label must be 1-40 letters, digits, '_' or '-'")
+    return label
+
+
+def _rung(label: str, changes: object) -> dict[str, Any]:
+    if not isinstance(changes, dict) or not changes:
+        raise ConfigError(f"ladder.{label}", "must map config keys to values, e.g. {model.embed_dim: 128}")
+    for key in changes:
+        if not isinstance(key, str) or key.split(".")[0] not in RUN_SECTIONS or "." not in key:
+            raise ConfigError(f"ladder.{label}.{key}", f"must be a dotted key of {', '.join(RUN_SECTIONS)}")
+    return changes
+
+
+def _budget_list(matches: list) -> list[str]:
+    if len(matches) < 2 or len(set(map(str, matches))) != len(matches):
+        raise ConfigError("budget.match", f"a list needs at least two different budgets, got {matches!r}")
+    for match in matches:
+        if match not in MATCHES:
+            raise ConfigError("budget.match", f"unknown value {match!r}; allowed: {', '.join(MATCHES)}")
+    return list(matches)
 
 
 def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> StudySpec:
     """The spec of a study file's mapping: the runner's (from the file) and the report's (from the stored copy)."""
     data = _with_overrides(data, overrides)
     raw: StudyFile = from_dict(StudyFile, data)
+    if raw.ladder:
+        raise ConfigError("ladder", "a ladder runs one study per rung: load the file with load_specs")
     base = RunConfig(model=raw.model, task=raw.task, train=raw.train)
     fields = flatten(to_dict(base))
     scientific = _scientific(raw.scientific, base, fields)

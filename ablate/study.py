@@ -23,6 +23,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from ablate import names, plan, recovery
 from ablate.commands import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.config import ConfigError, to_dict
 from ablate.objective import Objective
-from ablate.spec import StudySpec, load_spec
+from ablate.spec import StudySpec, load_specs
 from ablate.storage import PlanLock, check_stores, open_storage
 from ablate.stores import default_storage, default_tracking_uri, redact
 from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, reconcile_runs
@@ -62,20 +63,49 @@ def run_study(
     overrides: list[str] = (),
     report: bool = True,
 ) -> int:
-    """Run or resume the study in ``spec_path``; the exit code (0 when every trial this invocation ran finished)."""
-    spec = load_spec(spec_path, overrides)  # every ConfigError comes before any store exists
-    workers = spec.workers if workers is None else workers
+    """Run or resume the study in ``spec_path`` (each member in turn for a ladder or a list of budgets); the exit
+    code (0 when every trial this invocation ran finished)."""
+    specs = load_specs(spec_path, overrides)  # every ConfigError, of every member, comes before any store exists
+    workers = specs[0].workers if workers is None else workers
     if workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {workers}")
     if trials is not None and trials < 1:
         raise ConfigError("--trials", f"must be >= 1, got {trials}")
-    storage_url = storage or spec.storage or default_storage()
-    tracking_uri = spec.tracking_uri or default_tracking_uri()
+    storage_url = storage or specs[0].storage or default_storage()
+    tracking_uri = specs[0].tracking_uri or default_tracking_uri()
     check_stores(storage_url, tracking_uri)  # an unreachable or bad store: one line, before anything is written
-    timeout = timeout if timeout is not None else spec.timeout
+    timeout = timeout if timeout is not None else specs[0].timeout
     deadline = time.time() + timeout if timeout else None
+    code = 0
+    for spec in specs:
+        member = Member(str(spec_path), list(overrides), spec.name, storage_url, tracking_uri)
+        code = max(code, _run_one(spec, member, trials, deadline, workers, report))
+        if code == 130:
+            return code
+    if report and specs[0].family:
+        code = max(code, _family_report(specs[0], storage_url, tracking_uri))
+    return code
+
+
+@dataclass(frozen=True)
+class Member:
+    """What a worker needs to load its study: the file, the overrides, which member, the stores."""
+
+    path: str
+    overrides: list[str]
+    name: str
+    storage_url: str
+    tracking_uri: str
+
+    def spec(self) -> StudySpec:
+        return next(s for s in load_specs(self.path, self.overrides, preflight=False) if s.name == self.name)
+
+
+def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: float | None, workers: int,
+             report: bool) -> int:  # fmt: skip
+    storage_url, tracking_uri = member.storage_url, member.tracking_uri
     threads = spec.base.train.threads or max(1, (os.cpu_count() or 1) // workers)
-    args = (str(spec_path), list(overrides), storage_url, tracking_uri, trials, deadline, threads)
+    args = (member, trials, deadline, threads)
     interrupted = False
     STOP_REQUESTED.clear()
     with sigterm_as_interrupt(sigint=True):  # SIGTERM (kill, a scheduler) stops a study as Ctrl-C does
@@ -175,6 +205,10 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
             study.set_user_attr(names.ATTR_PARENT_RUN_ID, parent.run_id)
         study.set_user_attr(names.ATTR_KIND, spec.kind)
         study.set_user_attr(names.ATTR_SPEC, json.loads(json.dumps(spec.data, default=str)))
+        if spec.family:  # the family page finds its members, and the file they came from, by these
+            study.set_user_attr(names.ATTR_FAMILY, spec.family)
+            study.set_user_attr(names.ATTR_MEMBER, spec.member)
+            study.set_user_attr(names.ATTR_FAMILY_SPEC, json.loads(json.dumps(spec.family_data, default=str)))
         planned = {recovery.key_of(t) for t in study.get_trials(deepcopy=False)}
         enqueue(study, [p for p in plan.first_trials(spec) if p.key not in planned], failpoint="setup:enqueue")
         study.set_user_attr(SETUP_DONE, True)
@@ -209,15 +243,14 @@ def _pending(study: optuna.Study) -> bool:
 # Workers
 
 
-def _spawn(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: str, trials: int | None,
-           deadline: float | None, threads: int, workers: int) -> None:  # fmt: skip
+def _spawn(member: Member, trials: int | None, deadline: float | None, threads: int, workers: int) -> None:
     ctx = multiprocessing.get_context("spawn")  # no forked torch or SQLite state
     procs = []
     for i in range(workers):
         share = None if trials is None else trials // workers + (i < trials % workers)
         if share == 0:
             continue
-        args = (spec_path, overrides, storage_url, tracking_uri, share, deadline, threads, i)
+        args = (member, share, deadline, threads, i)
         procs.append(ctx.Process(target=_worker_process, args=args, name=f"ablate-worker-{i}"))
     for p in procs:
         p.start()
@@ -246,12 +279,12 @@ def _worker_process(*args: Any) -> None:
         sys.exit(130)
 
 
-def work(spec_path: str, overrides: list[str], storage_url: str, tracking_uri: str, trials: int | None,
-         deadline: float | None, threads: int, worker: int) -> int:  # fmt: skip
+def work(member: Member, trials: int | None, deadline: float | None, threads: int, worker: int) -> int:
     """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run.
 
     An interrupt (Ctrl-C, SIGTERM) puts the worker's trial back in the queue, then re-raises."""
-    spec = load_spec(spec_path, overrides, preflight=False)  # run_study checked it on this machine
+    spec = member.spec()  # run_study checked it on this machine
+    storage_url, tracking_uri = member.storage_url, member.tracking_uri
     storage = _open(storage_url, spec, tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, worker),
                               pruner=_pruner(spec))  # fmt: skip
@@ -315,6 +348,21 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps)
     return optuna.pruners.NopPruner()
+
+
+def _family_report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
+    """The family's page, comparing its members' answers; like ``_report``, a failure here says how to retry."""
+    from ablate.report.family import build_family_report
+
+    try:
+        path = build_family_report(spec.family, storage=storage_url, tracking_uri=tracking_uri)
+    except Exception as err:
+        print(f"ablate study: the family report failed ({type(err).__name__}: {err}); retry: ablate report "
+              f"{spec.family}", file=sys.stderr)  # fmt: skip
+        return 1
+    answer = (path.parent / "summary.md").read_text(encoding="utf-8").splitlines()[0].removeprefix("# ")
+    print(f"\n{answer}\nReport: {path}")
+    return 0
 
 
 def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:

@@ -54,6 +54,7 @@ class ParentRun:
             names.TAG_ROLE: "study",
             names.TAG_KIND: spec.kind,
             names.TAG_SPEC_SHA256: spec.digest,
+            **({names.TAG_FAMILY: spec.family} if spec.family else {}),
         }
         run = client.create_run(ensure_experiment(client, spec.name), run_name=spec.name, tags=tags)
         run_id = run.info.run_id

@@ -301,6 +301,8 @@ def test_a_password_in_storage_or_tracking_urls_is_never_shown_or_stored(tmp_pat
     monkeypatch.setattr(ablate.report, "load_study", load_as_if_remote)
     real_index = ablate.report.build_index
     monkeypatch.setattr(ablate.report, "build_index", lambda stores, out: real_index([b.storage], out))
+    real_families = ablate.report.families
+    monkeypatch.setattr(ablate.report, "families", lambda storage: real_families(b.storage))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["report", "toy", "--storage", pg, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr()

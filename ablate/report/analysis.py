@@ -21,7 +21,7 @@ from ablate.config import fmt as _fmt
 from ablate.report.load import StudyData, completed
 
 LEVEL = 0.95
-COST_KEYS = (names.PARAMS, names.FLOPS_PER_TOKEN, names.TOKENS_PER_S, names.WALL_S)
+COST_KEYS = (names.PARAMS, names.FLOPS_PER_TOKEN, names.FLOPS_TOTAL, names.TOKENS_PER_S, names.WALL_S)
 CHOICE_COST = names.PARAMS
 """What "the cheapest" of equivalent values means: fewest parameters (FLOPs per token follow them here)."""
 

@@ -21,6 +21,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
 from ablate import names  # noqa: E402
+from ablate.report import across  # noqa: E402
 from ablate.report.analysis import fmt, seed_runs  # noqa: E402
 from ablate.report.load import StudyData, completed  # noqa: E402
 
@@ -331,7 +332,7 @@ def pareto(data: StudyData) -> str | None:
         colors = {v: c for v, c in variant_colors(data).items() if v in set(rows["variant"])}  # no empty entries
         sns.scatterplot(rows, x=key, y="value", hue=hue, ax=ax, s=30, palette=colors if hue else None,
                         hue_order=list(colors) if hue else None)
-        front = pareto_front(rows, key)
+        front = across.frontier(rows, key)
         ax.step(front[key], front["value"], where="post", color="k", lw=1, label="Pareto front")
         if rows[key].max() > 20 * rows[key].min() > 0:
             ax.set_xscale("log")
@@ -340,11 +341,35 @@ def pareto(data: StudyData) -> str | None:
     return to_uri(fig)
 
 
-def pareto_front(rows: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Rows no other row beats on both ``key`` (cost) and val/loss, sorted by cost."""
-    rows = rows.sort_values([key, "value"])
-    keep = rows["value"] < rows["value"].cummin().shift(fill_value=np.inf)
-    return rows[keep]
+def frontier(points: pd.DataFrame, on: pd.DataFrame) -> str | None:
+    """A family's arms: mean test loss against mean training FLOPs, a marker per member, the frontier as a step."""
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(WIDTH * 1.6, 3.6), layout="constrained")
+    sns.scatterplot(points, x=names.FLOPS_TOTAL, y="test_mean", hue="member", style="member", s=45, ax=ax)
+    ax.step(on[names.FLOPS_TOTAL], on["test_mean"], where="post", color="k", lw=1, label="frontier")
+    for _, r in on.iterrows():
+        ax.annotate(r["variant"], (r[names.FLOPS_TOTAL], r["test_mean"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    if points[names.FLOPS_TOTAL].max() > 20 * points[names.FLOPS_TOTAL].min() > 0:
+        ax.set_xscale("log")
+    ax.set(xlabel="training FLOPs (mean over seeds)", ylabel="test/loss (mean over seeds)")
+    ax.legend(fontsize=7)
+    return to_uri(fig)
+
+
+def lr_by_width(lr: pd.DataFrame) -> str | None:
+    """Each arm's chosen learning rate against width (bracketed tunings only), log-log."""
+    cols = [c for c in lr.columns if c.startswith("lr @ ")]
+    long = lr.melt(id_vars="variant", value_vars=cols, var_name="width", value_name="lr").dropna()
+    if long.empty:
+        return None
+    long["width"] = long["width"].str.removeprefix("lr @ ").astype(int)
+    fig, ax = plt.subplots(figsize=(WIDTH * 1.4, 3.4), layout="constrained")
+    sns.lineplot(long, x="width", y="lr", hue="variant", marker="o", ax=ax)
+    ax.set(xscale="log", yscale="log", xlabel="width (embed_dim)", ylabel="chosen learning rate")
+    ax.legend(fontsize=7)
+    return to_uri(fig)
 
 
 def entropy(row: pd.Series) -> str | None:

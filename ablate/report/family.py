@@ -1,0 +1,182 @@
+"""The page of a family of studies (``reports/<family>/index.html``): one study file run as several Optuna studies,
+one per rung of a size ladder and/or per budget (``spec.expand``). Each member keeps its own full report; this page
+sets their answers side by side and says, per factor, whether the answer holds, moves or flips (``across``), where
+the arms lie against their training compute, and how each arm's best learning rate moves with width.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from ablate import names
+from ablate.config import ConfigError
+from ablate.report import across, analysis, html, plots
+from ablate.report.load import StudyData, checked_storage, load_study
+from ablate.spec import StudySpec, check_name, family_specs
+from ablate.stores import default_storage, redact_text
+
+TEMPLATE = "family.html.j2"
+SUMMARY = "summary.md"
+
+
+@dataclass
+class Member:
+    label: str
+    spec: StudySpec
+    data: StudyData | None  # None: the member has not started yet
+    table: pd.DataFrame
+    answers: list[dict]
+
+
+def families(storage: str | None) -> dict[str, list[str]]:
+    """Family name -> the names of its member studies present in ``storage``."""
+    out: dict[str, list[str]] = {}
+    for summary in optuna.get_all_study_summaries(checked_storage(storage), include_best_trial=False):
+        family = summary.user_attrs.get(names.ATTR_FAMILY)
+        if isinstance(family, str) and family:
+            out.setdefault(family, []).append(summary.study_name)
+    return out
+
+
+def family_spec_data(family: str, storage: str) -> dict:
+    """The family's study file as stored with its members (the one of the most recently set-up member)."""
+    for summary in reversed(optuna.get_all_study_summaries(storage, include_best_trial=False)):
+        if summary.user_attrs.get(names.ATTR_FAMILY) == family:
+            return summary.user_attrs.get(names.ATTR_FAMILY_SPEC) or {}
+    raise ConfigError("report", f"no study of family {family!r} in {storage}")
+
+
+def load_members(family: str, storage: str | None, tracking_uri: str | None) -> list[Member]:
+    storage = storage or default_storage()
+    present = set(families(storage).get(family, []))
+    out = []
+    for spec in family_specs(family_spec_data(family, storage)):
+        if spec.name not in present:
+            out.append(Member(spec.member, spec, None, pd.DataFrame(), []))
+            continue
+        data = load_study(spec.name, storage, tracking_uri)
+        results = analysis.plan_results(data)
+        table = analysis.verdict_table(data, results) if not data.trials.empty else pd.DataFrame()
+        answers = analysis.answers(data, table, results) if len(table) else []
+        out.append(Member(spec.member, spec, data, table, answers))
+    return out
+
+
+def build_family_report(family: str, *, storage: str | None = None, tracking_uri: str | None = None,
+                        out: str | Path = "reports") -> Path:
+    """Write ``<out>/<family>/index.html`` and ``summary.md``; returns the page's path."""
+    folder = Path(out) / check_name(family)
+    members = load_members(family, storage, tracking_uri)
+    ctx = context(family, members)
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve().parent != Path(out).resolve():
+        raise ConfigError("report", f"{folder} leads outside {out} ({folder.resolve()}); remove it")
+    _write(folder / "index.html", html.render(ctx, TEMPLATE))
+    lines = [f"# {family}: {ctx['headline']}", ""] + [f"- **{f['factor']}** ({f['label']}): " + "; ".join(
+        f"{m} → {c}" for m, c in f["choices"].items()) for f in ctx["factors"]]  # fmt: skip
+    _write(folder / SUMMARY, "\n".join(lines) + "\n")
+    return folder / "index.html"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(redact_text(text), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def context(family: str, members: list[Member]) -> dict:
+    done = [m for m in members if len(m.table)]
+    tables = {m.label: m.table for m in done}
+    compared = across.compare(tables) if tables else pd.DataFrame()
+    factors = across.factors(compared, {m.label: m.answers for m in done})
+    first = members[0].spec
+    widths = {m.label: m.spec.base.model.embed_dim for m in done}
+    lr = across.lr_by_width(tables, widths) if len(set(widths.values())) > 1 else pd.DataFrame()
+    points = frontier_points(done)
+    on = across.frontier(points, names.FLOPS_TOTAL, "test_mean") if len(points) else points
+    return {
+        "name": family, "description": first.description, "members": [_member_row(m) for m in members],
+        "headline": headline(factors, len(done), len(members)), "factors": factors,
+        "statement": error_statement(first, len(done)),
+        "side_by_side": html.table(_side_by_side(compared, [m.label for m in done])) if len(compared) else None,
+        "frontier": [f"{r.member}: {r.variant} ({r.test_mean:.4f} at {r[names.FLOPS_TOTAL]:.3g} FLOPs)"
+                     for _, r in on.iterrows()],  # fmt: skip
+        "frontier_figure": plots.frontier(points, on) if len(points) else None,
+        "lr": html.table(lr) if len(lr) else None, "lr_text": lr_sentences(lr, first),
+        "lr_figure": plots.lr_by_width(lr) if len(lr) else None,
+        "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def headline(factors: list[dict], done: int, total: int) -> str:
+    """``"across 3 members: model.num_heads moves (4 (keep base) at w64; 8 (better) at w128, w256)"``."""
+    if not done:
+        return f"no member has results yet (0 of {total})"
+    parts = []
+    for f in factors:
+        by_choice: dict[str, list[str]] = {}
+        for member, choice in f["choices"].items():
+            by_choice.setdefault(choice, []).append(member)
+        if len(by_choice) == 1:
+            parts.append(f"{f['factor']} {f['label']}: {next(iter(by_choice))}")
+        else:
+            parts.append(f"{f['factor']} {f['label']} (" + "; ".join(
+                f"{choice} at {', '.join(members)}" for choice, members in by_choice.items()) + ")")
+    missing = f" ({total - done} of {total} members not run yet)" if done < total else ""
+    return f"across {done} members{missing}: " + "; ".join(parts)
+
+
+def error_statement(spec: StudySpec, members: int) -> str:
+    return (f"Each member's verdicts control, per factor, the chance of any false better/worse/equivalent claim at "
+            f"α = {spec.alpha:g} (margin ±{spec.margin:g} test loss). A label that combines {members} members "
+            f"(holds, moves, flips) rests on {members} such verdicts: it is wrong with probability at most "
+            f"{min(1.0, members * spec.alpha):.2g} (Bonferroni).")
+
+
+def frontier_points(members: list[Member]) -> pd.DataFrame:
+    """Every arm of every member: its mean test loss against its mean training FLOPs."""
+    frames = []
+    for m in members:
+        t = m.table
+        if names.FLOPS_TOTAL not in t:
+            continue
+        frames.append(pd.DataFrame({"member": m.label, "variant": t["variant"], "test_mean": t["test_mean"],
+                                    names.FLOPS_TOTAL: t[names.FLOPS_TOTAL]}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True).dropna() if frames else pd.DataFrame()
+
+
+def lr_sentences(lr: pd.DataFrame, spec: StudySpec) -> list[str]:
+    """Per variant with two or more bracketed widths: how its best learning rate scales with width."""
+    key = spec.nuisance[0].key if spec.nuisance else "lr"
+    return [f"{r['variant']}: best {key} ∝ width^{r['exponent']:+.2f} (fit over {int(r['bracketed widths'])} widths "
+            "where its tuning bracketed the optimum)" for _, r in lr.iterrows() if math.isfinite(r["exponent"])]
+
+
+def _side_by_side(compared: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    def cell(r: pd.Series, m: str) -> str:
+        verdict, diff = r[f"{m}: verdict"], r[f"{m}: diff"]
+        if math.isnan(diff):
+            return verdict
+        interval = f" [{r[f'{m}: lo']:+.3f}, {r[f'{m}: hi']:+.3f}]" if math.isfinite(r[f"{m}: lo"]) else ""
+        return f"{verdict} {diff:+.3f}{interval}"
+
+    out = pd.DataFrame({"factor": compared["factor"], "value": compared["variant"]})
+    for m in labels:
+        out[m] = [cell(r, m) for _, r in compared.iterrows()]
+    out["across members"] = compared["label"]
+    return out
+
+
+def _member_row(m: Member) -> dict:
+    model, train = m.spec.base.model, m.spec.base.train
+    match = m.spec.compute.match if m.spec.compute else "steps"
+    setting = f"width {model.embed_dim}, {model.num_layers} layers, {train.steps} steps of the base, equal {match}"
+    answer = "; ".join(f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in m.answers)
+    return {"label": m.label, "name": m.spec.name, "link": f"../{m.spec.name}/index.html",
+            "started": m.data is not None, "setting": setting, "answer": answer}
