@@ -19,7 +19,7 @@ from ablate.budget import ComputeBudget
 from ablate.config import ConfigError
 from ablate.report import analysis, html, plots
 from ablate.report.family import build_family_report, families
-from ablate.report.index import build_index, commands
+from ablate.report.index import build_index, commands, safe_name
 from ablate.report.load import StudyData, completed, dataset_digests, load_study, safe_study_names
 from ablate.spec import check_name, load_specs
 from ablate.stores import redact, redact_text
@@ -49,7 +49,7 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
     if all_studies:
         listed, skipped = safe_study_names(storage)  # a shared store can hold any name: a bad one is never written
         targets += [(name, storage, None) for name in listed]
-        family_targets += [(name, storage, None) for name in families(storage) if _safe(name)]
+        family_targets += [(name, storage, None) for name in families(storage) if safe_name(name)]
         for line in skipped:
             print(f"ablate report: skipped: {line}", file=sys.stderr)
     if not targets and not skipped:
@@ -58,18 +58,10 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
         path = build_report(name, storage=store, tracking_uri=uri, out=out, index=False)
         print(f"ablate report: {name}: {path}")
     for name, store, uri in dict.fromkeys(family_targets):
-        print(f"ablate report: {name}: {build_family_report(name, storage=store, tracking_uri=uri, out=out)}")
+        print(f"ablate report: {name}: {build_family_report(name, storage=store, tracking_uri=uri, out=out, index=False)}")
     if targets:  # a store holding only unsafe names gets nothing written
         print(f"ablate report: every study: {build_index([store for _, store, _ in targets], out)}")
     return 2 if skipped else 0
-
-
-def _safe(name: str) -> bool:
-    try:
-        check_name(name)
-    except ConfigError:
-        return False
-    return True
 
 
 def build_report(name: str, *, storage: str | None = None, tracking_uri: str | None = None,

@@ -18,8 +18,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ablate import names, plan, recovery
 from ablate.config import ConfigError
 from ablate.report import html
+from ablate.report.family import families
 from ablate.report.load import checked_storage, safe_study_names
-from ablate.spec import StudySpec, spec_from_mapping
+from ablate.spec import StudySpec, check_name, spec_from_mapping
 from ablate.stores import default_storage, redact, redact_text
 
 FINISHED, IN_PROGRESS, STOPPED = "finished", "in progress", "stopped"
@@ -38,6 +39,11 @@ def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> 
             if name not in seen:  # one folder per name under out: a name held by two stores is listed once
                 seen.add(name)
                 rows.append(study_row(name, storage, out))
+        for family, members in families(storage).items():
+            if family not in seen and safe_name(family):
+                seen.add(family)
+                by_name = {r["name"]: r for r in rows}
+                rows.append(family_row(family, [by_name[m] for m in members if m in by_name], storage, out))
     rows.sort(key=lambda r: r["active"] or datetime.datetime.min, reverse=True)  # the latest activity first
     counts = {s: n for s in (IN_PROGRESS, STOPPED, FINISHED) if (n := sum(r["status"] == s for r in rows))}
     page = html.render({
@@ -57,6 +63,36 @@ def commands(name: str, storage: str) -> dict[str, str]:
     """The commands that run the study and write its report (``--storage`` unless it is the default store)."""
     store = "" if storage == default_storage() else f" --storage {shlex.quote(redact(storage))}"
     return {"study": f"ablate study studies/{name}.yaml{store}", "report": f"ablate report {shlex.quote(name)}{store}"}
+
+
+def family_row(family: str, members: list[dict], storage: str, out: Path) -> dict:
+    """A family of studies (a ladder, several budgets) as one row: its members' progress summed, its page's
+    answer. Its members keep their own rows."""
+    statuses = {r["status"] for r in members}
+    status = next((s for s in (IN_PROGRESS, STOPPED) if s in statuses), FINISHED if members else "")
+    done = [r["done"] for r in members if r["done"] is not None]
+    planned = [r["planned"] for r in members if r["planned"] is not None]
+    starts, lasts = [r["started"] for r in members if r["started"]], [r["last"] for r in members if r["last"]]
+    row = {
+        "name": family, "kind": f"family of {len(members)}: " + ", ".join(r["name"] for r in members),
+        "task": members[0]["task"] if members else "", "base": "see members", "status": status,
+        "running": sum(r["running"] for r in members), "done": sum(done) if done else None,
+        "planned": sum(planned) if planned else None, "started": min(starts, default=None),
+        "last": max(lasts, default=None), "wall_s": sum(r["wall_s"] or 0 for r in members) or None, "problem": "",
+        "commands": commands(family, storage),
+        **report_of(family, out),
+    }  # fmt: skip
+    row["active"] = max([r["active"] for r in members if r["active"]], default=None)
+    row["stale"] = bool(row["built"]) and (row["running"] > 0 or row["last"] is not None and row["built"] < row["last"])
+    return row
+
+
+def safe_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except ConfigError:
+        return False
+    return True
 
 
 def study_row(name: str, storage: str, out: Path) -> dict:
