@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ablate import names, plan, recovery
 from ablate.commands import STOP_REQUESTED, handling, sigterm_as_interrupt
-from ablate.config import ConfigError, to_dict
+from ablate.config import ConfigError, RunConfig, to_dict
 from ablate.objective import Objective
 from ablate.spec import StudySpec, load_specs
 from ablate.storage import PlanLock, check_stores, open_storage
@@ -164,13 +164,27 @@ def _on_dead_worker(spec: StudySpec, tracking_uri: str) -> Callable[[optuna.Stud
     return on_dead
 
 
+# Config fields added after plan digests were introduced: left out of the digest while at their default, so that a
+# study set up by an earlier version still resumes (its plan is the same).
+LATER_FIELDS = ("model.position", "task.eval_lengths")
+
+
+def _digest_base(base: RunConfig) -> dict:
+    data, default = to_dict(base), to_dict(RunConfig())
+    for key in LATER_FIELDS:
+        section, field = key.split(".")
+        if data[section].get(field) == default[section].get(field):
+            data[section].pop(field, None)
+    return data
+
+
 def plan_digest(spec: StudySpec) -> str:
     """What the plan depends on (not comments or key order): a study resumed with another plan is refused."""
     first = [(p.phase, p.variant.name, p.point, p.params) for p in plan.first_trials(spec)]
     rules = [spec.points, spec.min_seeds, spec.max_seeds, spec.margin, spec.alpha, spec.max_extra_points,
              [(p.key, p.low, p.high, p.log) for p in spec.nuisance]]  # fmt: skip
     compute = [] if spec.compute is None else [[spec.compute.match, spec.compute.value]]  # none: digest as before
-    blob = json.dumps([spec.kind, to_dict(spec.base), first, rules, *compute], sort_keys=True, default=str)
+    blob = json.dumps([spec.kind, _digest_base(spec.base), first, rules, *compute], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from ablate import cli, names, plan, recovery
 from ablate.config import ConfigError, with_values
-from ablate.spec import load_spec
+from ablate.spec import load_spec, load_specs
 from ablate.study import run_study
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
@@ -80,10 +80,11 @@ def assert_consistent(root: Path, name: str, planned: int) -> list:
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
 def test_every_preset_validates_and_plans_valid_configs(path):
-    spec = load_spec(path)
-    assert spec.name == path.stem  # `ablate report studies/NAME.yaml` finds the study by its name
-    for planned in plan.first_trials(spec):
-        with_values(spec.base, planned.params)  # raises ConfigError on an invalid combination
+    for spec in load_specs(path):
+        # `ablate report studies/NAME.yaml` finds the study, or its family, by its name
+        assert (spec.family or spec.name) == path.stem and spec.name.startswith(path.stem)
+        for planned in plan.first_trials(spec):
+            with_values(spec.base, planned.params)  # raises ConfigError on an invalid combination
 
 
 BAD = {
@@ -449,3 +450,17 @@ def test_diverged_trials_are_results_and_never_retried(workdir):
     assert before and all(t.user_attrs[names.ATTR_STATUS] == "diverged" for t in before)
     assert run_study(path, report=False) == 0
     assert len(stores(workdir, "tiny")[0].get_trials()) == len(before)
+
+
+def test_a_study_set_up_by_the_previous_version_keeps_its_plan_digest():
+    """Fields added since (model.position, task.eval_lengths) stay out of the digest at their defaults: a study
+    started before them still resumes. The digests were computed by the code at commit aa123ba."""
+    from ablate.study import plan_digest
+
+    studies = Path(__file__).parent.parent / "studies"
+    assert plan_digest(load_spec(studies / "smoke.yaml", preflight=False)) == \
+        "df19b27239125988f16e51d96657598b81e98aba6fd77c56f33328f9725ac77d"
+    assert plan_digest(load_spec(studies / "default.yaml", preflight=False)) == \
+        "6906c1df01aa22d9953d436d37e641f424f7b6d7d0e26369f55ba88be741dbec"
+    rope = load_spec(studies / "smoke.yaml", ["model.position=rope"], preflight=False)
+    assert plan_digest(rope) != plan_digest(load_spec(studies / "smoke.yaml", preflight=False))

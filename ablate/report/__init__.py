@@ -58,7 +58,8 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
         path = build_report(name, storage=store, tracking_uri=uri, out=out, index=False)
         print(f"ablate report: {name}: {path}")
     for name, store, uri in dict.fromkeys(family_targets):
-        print(f"ablate report: {name}: {build_family_report(name, storage=store, tracking_uri=uri, out=out, index=False)}")
+        path = build_family_report(name, storage=store, tracking_uri=uri, out=out, index=False)
+        print(f"ablate report: {name}: {path}")
     if targets:  # a store holding only unsafe names gets nothing written
         print(f"ablate report: every study: {build_index([store for _, store, _ in targets], out)}")
     return 2 if skipped else 0
