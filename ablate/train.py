@@ -20,7 +20,7 @@ from ablate.budget import ComputeBudget
 from ablate.config import RunConfig, TrainConfig, to_yaml
 
 STATUSES = ("completed", "diverged", "stopped", "failed", "interrupted")
-SOLVED_ACC = 0.9
+SOLVED_ACC = names.SOLVED_ACC
 """recall counts as solved at a length where test accuracy (over every query) is at least this (``names.SOLVED_X``)."""
 
 

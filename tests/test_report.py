@@ -286,3 +286,27 @@ def test_an_equal_compute_study_says_so_in_its_answer(tmp_path):
     build_report("eq", storage=b.storage, tracking_uri=b.tracking_uri, out=tmp_path / "r")
     headline = (tmp_path / "r" / "eq" / "summary.md").read_text(encoding="utf-8").splitlines()[0]
     assert "test loss, every arm trained on the base's training FLOPs:" in headline
+
+
+def test_a_recall_study_reports_each_arm_beyond_its_training_length(tmp_path, monkeypatch):
+    """Scored at 2x and 4x (task.eval_lengths): a column per length and the solved multiple; an arm with learned
+    positions cannot run longer inputs and says so instead of showing a blank."""
+    from conftest import TINY_STUDY
+
+    from ablate.study import run_study
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    task = {"name": "recall", "seq_len": 16, "num_pairs": 2, "vocab_size": 16, "num_train": 64, "num_val": 16,
+            "num_test": 16, "eval_lengths": [2, 4]}  # fmt: skip
+    spec = {**TINY_STUDY, "name": "lengths", "task": task, "seeds": 2,
+            "model": {**TINY_STUDY["model"], "position": "rope"}, "scientific": {"model.position": ["rope", "learned"]}}
+    (tmp_path / "lengths.yaml").write_text(yaml.safe_dump(spec))
+    assert run_study(tmp_path / "lengths.yaml", storage=f"sqlite:///{tmp_path / 'optuna.db'}") == 0
+    page = (tmp_path / "reports" / "lengths" / "index.html").read_text()
+    table = read_table(page, "lengths-table").set_index("variant")
+    assert list(table.columns) == ["acc", "acc at 2x", "acc at 4x", "solved up to (×)"]
+    assert all(0 <= float(v) <= 1 for v in table.loc["base", ["acc", "acc at 2x", "acc at 4x"]])
+    assert table.loc["base", "solved up to (×)"] in {"0", "1", "2", "4"}
+    learned = table.loc["model.position=learned"]
+    assert float(learned["acc"]) >= 0 and learned["acc at 2x"] == learned["acc at 4x"] == "n/a (learned positions)"

@@ -110,7 +110,7 @@ def _context(data: StudyData) -> dict:
         "name": data.name, "kind": data.kind, "description": data.spec.description,
         "task_metric": data.task_metric, "edges": [], "fair": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
-        "reruns": data.reruns,
+        "reruns": data.reruns, "lengths": None, "solved_acc": names.SOLVED_ACC,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
         "figures": dict.fromkeys(("isolation", "lr", "importance", "interaction")), "search": None,
         "attention": _attention(data),
@@ -143,6 +143,7 @@ def _ablation(data: StudyData, ctx: dict) -> None:
                        f"±{data.spec.margin:g} test loss{_budget_phrase(data.spec.compute)}: " + "; ".join(
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
     ctx["variant_df"] = _variant_display(table, data.task_metric)
+    ctx["lengths"] = _length_display(data, table)
     ctx["variants"] = html.table(ctx["variant_df"])
     ctx["figures"]["isolation"] = plots.isolation(data, table)
     ctx["figures"]["lr"] = plots.lr_sensitivity(data, _nuisance_param(data), table)
@@ -205,6 +206,21 @@ def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
         "tokens/s": table[names.TOKENS_PER_S], "wall s": table[names.WALL_S],
     })
     return out
+
+
+def _length_display(data: StudyData, table: pd.DataFrame) -> dict | None:
+    """Length generalisation: per variant, the task's test metric at 1x and at each longer length (means over the
+    seed runs), and recall's solved multiple. An arm with learned positions cannot run longer inputs: n/a."""
+    keys = analysis.length_metrics(data)
+    if not keys:
+        return None
+    positions = data.trials.groupby("variant")["model.position"].first() if "model.position" in data.trials else {}
+    out = pd.DataFrame({"variant": table["variant"]})
+    for key in keys:
+        label = "solved up to (×)" if key == names.SOLVED_X else key.replace("_", " at ").removeprefix("test/")
+        out[label] = [("n/a (learned positions)" if key != keys[0] and positions.get(v) == "learned" else "")
+                      if math.isnan(x) else html.num(x) for v, x in zip(table["variant"], table[key], strict=True)]
+    return html.table(out)
 
 
 def _curve_runs(data: StudyData) -> dict[str, str]:

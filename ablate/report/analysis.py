@@ -10,6 +10,7 @@ diverged run counted at the uniform-guess loss). Lower is better.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import optuna
@@ -131,11 +132,27 @@ def verdict_table(data: StudyData, results: list[plan.Result]) -> pd.DataFrame:
             "basin_lo": lo, "basin_hi": hi,
         }
         row["bracketed"] = bool(chosen) and not row["edge"]
+        for key in length_metrics(data):
+            row[key] = float(seeds[key].mean()) if key in seeds and seeds[key].notna().any() else math.nan
         done = completed(mine)
         for key in COST_KEYS:
             row[key] = float(done[key].mean()) if key in done and done[key].notna().any() else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+LONGER = re.compile(r"^test/(\w+)_(\d+)x$")  # names.at_length: a test metric scored at k x the training length
+
+
+def length_metrics(data: StudyData) -> list[str]:
+    """The task's test metric at 1x and at every longer length some run was scored at (``task.eval_lengths``),
+    then recall's solved multiple: the columns of length generalisation, in order. Empty when none was logged."""
+    longer = [c for c in data.trials.columns if isinstance(c, str) and LONGER.match(c)]
+    if not longer:
+        return []
+    metric = next((m.group(1) for c in longer if (m := LONGER.match(c)) and m.group(1) != "loss"), "loss")
+    keys = sorted((c for c in longer if LONGER.match(c).group(1) == metric), key=lambda c: int(LONGER.match(c)[2]))
+    return [f"test/{metric}", *keys] + ([names.SOLVED_X] if names.SOLVED_X in data.trials else [])
 
 
 def _comparisons(data: StudyData, arms: dict[str, verdicts.ArmResult]) -> list[verdicts.Comparison]:
