@@ -44,6 +44,7 @@ ATTR_RETRY_OF = "retry_of"  # on a re-enqueued copy: the number of the attempt i
 ATTR_ATTEMPT = "attempt"  # on a planned trial: 1 for the first attempt at its key, then 2, 3, ...
 ATTR_REASON = "reason"  # on a failed or interrupted trial: why (the exception, the signal, the lost heartbeat)
 ATTR_WORKER = "worker"  # on a trial: host:pid of the worker that took it
+ATTR_UNIFORM = "uniform_loss"  # on a finished trial: the loss of a uniform guess (what a diverged run counts as)
 ATTR_OUTCOME = "outcome"  # on a seed trial: the verdict metric (test loss; a diverged run: the uniform-guess loss)
 
 # Statuses: the trainer's status of a run, and how Optuna and MLflow record it. One table, following

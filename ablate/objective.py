@@ -117,6 +117,8 @@ class TrialBridge:
         self.trial.set_user_attr(names.ATTR_STATUS, result.status)
         if result.status != "completed" and result.reason:
             self.trial.set_user_attr(names.ATTR_REASON, redact_text(result.reason)[:2000])
+        if result.uniform_loss == result.uniform_loss:  # the ceiling of a learning-rate sensitivity (ablate.claims)
+            self.trial.set_user_attr(names.ATTR_UNIFORM, float(result.uniform_loss))
         outcome = result.metrics.get(names.TEST_LOSS) if result.status == "completed" else None
         if result.status == "diverged":
             outcome = result.uniform_loss  # a diverged run is the worst outcome, never a dropped one

@@ -116,6 +116,42 @@ class Budget:
             raise ConfigError("value", f"must be > 0 ({self.match}), got {self.value}")
 
 
+EXPECTED = ("better", "worse", "equivalent", "not worse", "not better")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A published claim this study puts to the test (``ablate.claims`` judges it from the data)."""
+
+    source: str = ""
+    """Who claimed it, where: "Vaswani et al. 2017, Table 3 rows (A)"."""
+    claim: str = ""
+    """The claim in one sentence."""
+    published: str = ""
+    """The published numbers it rests on."""
+    caveat: str = ""
+    """What differs here from the published setting, beyond the scale and task the report states itself."""
+    expect: dict[str, str] = field(default_factory=dict)
+    """Variant -> its expected verdict against the base: better, worse, equivalent, not worse, not better."""
+    less_sensitive: str = ""
+    """A variant whose learning-rate sensitivity (over the tune points) should be lower than ``than``'s."""
+    than: str = "base"
+    lr_exponent: dict[str, list[float]] = field(default_factory=dict)
+    """Family with a width ladder: variant -> [low, high] expected for b in best lr ∝ width^b."""
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.claim:
+            raise ConfigError("", "needs source and claim (who said it, in one sentence)")
+        if not (self.expect or self.less_sensitive or self.lr_exponent):
+            raise ConfigError("", "needs an expectation: expect, less_sensitive or lr_exponent")
+        for variant, verdict in self.expect.items():
+            if verdict not in EXPECTED:
+                raise ConfigError(f"expect.{variant}", f"unknown verdict {verdict!r}; allowed: {', '.join(EXPECTED)}")
+        for variant, bounds in self.lr_exponent.items():
+            if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
+                raise ConfigError(f"lr_exponent.{variant}", f"must be [low, high] with low < high, got {bounds!r}")
+
+
 @dataclass(frozen=True)
 class StudyFile:
     """A study file as written: every top-level key, typed. Unknown keys, wrong types and choices fail here."""
@@ -151,6 +187,9 @@ class StudyFile:
     """Seconds between a running trial's heartbeats; a trial silent for 3x this long is failed and retried."""
     workers: int = 1
     """Worker processes on this machine when ``--workers`` is not given; torch threads are split between them."""
+    claims: dict[str, Claim] = field(default_factory=dict)
+    """Id -> a published claim this study tests; its verdict (reproduced, not reproduced, inconclusive) is computed
+    from the study's own verdicts (``ablate.claims``)."""
     ladder: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Label -> changes to the base (``{model.embed_dim: 128, model.num_layers: 3}``): the whole study is run once
     per rung, each its own Optuna study ``<name>.<label>`` (see :func:`expand`); the report compares their answers."""
@@ -234,6 +273,7 @@ class StudySpec:
     text: str = ""  # the study file as written, passwords in URLs masked (logged as an artifact)
     data: dict = field(default_factory=dict)  # the mapping as loaded, passwords masked (the study's user attrs)
     digest: str = hashlib.sha256(b"").hexdigest()  # sha256 of the study file as written (before masking)
+    claims: dict[str, Claim] = field(default_factory=dict)  # id -> a published claim the study tests
     family: str = ""  # the study file's name when it runs several members (a ladder, several budgets), else ""
     member: str = ""  # this member's label in its family ("w128", "flops", "w128.flops"), else ""
     family_data: dict = field(default_factory=dict)  # the family's study file as loaded, passwords masked
@@ -411,8 +451,10 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
         text=redact_text(text),
         data=_redacted(data),
         digest=hashlib.sha256(text.encode()).hexdigest(),
+        claims=raw.claims,
     )
     _check_kind(spec)
+    _check_claims(spec)
     if len(spec.variants()) > MAX_VARIANTS:
         raise ConfigError("scientific", f"{len(spec.variants())} variants; at most {MAX_VARIANTS}")
     return spec
@@ -453,6 +495,20 @@ def _check_kind(spec: StudySpec) -> None:
         raise ConfigError("pruner", f"a pruner compares runs at equal steps, and budget.match {spec.compute.match} "
                                     "gives each arm its own; use none")  # fmt: skip
     _check_combinations(spec)
+
+
+def _check_claims(spec: StudySpec) -> None:
+    """Every variant a claim names is one this study runs."""
+    names = {v.name for v in spec.variants()}
+    for key, claim in spec.claims.items():
+        named = [("expect", v) for v in claim.expect] + [("lr_exponent", v) for v in claim.lr_exponent]
+        named += [(f, v) for f, v in (("less_sensitive", claim.less_sensitive), ("than", claim.than)) if v]
+        for where, variant in named:
+            if variant not in names:
+                raise ConfigError(f"claims.{key}.{where}", f"{variant!r} is not a variant of this study; its variants: "
+                                                           f"{', '.join(sorted(names))}")  # fmt: skip
+        if claim.less_sensitive and not spec.nuisance:
+            raise ConfigError(f"claims.{key}.less_sensitive", "needs a tuned nuisance parameter (the learning rate)")
 
 
 def _check_combinations(spec: StudySpec) -> None:

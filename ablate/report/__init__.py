@@ -17,7 +17,7 @@ import yaml
 from ablate import names
 from ablate.budget import ComputeBudget
 from ablate.config import ConfigError
-from ablate.report import analysis, html, plots
+from ablate.report import analysis, claims, html, plots
 from ablate.report.family import build_family_report, families
 from ablate.report.index import build_index, commands, safe_name
 from ablate.report.load import StudyData, completed, dataset_digests, load_study, safe_study_names
@@ -110,7 +110,7 @@ def _context(data: StudyData) -> dict:
         "name": data.name, "kind": data.kind, "description": data.spec.description,
         "task_metric": data.task_metric, "edges": [], "fair": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
-        "reruns": data.reruns, "lengths": None, "solved_acc": names.SOLVED_ACC,
+        "reruns": data.reruns, "lengths": None, "claims": [], "solved_acc": names.SOLVED_ACC,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
         "figures": dict.fromkeys(("isolation", "lr", "importance", "interaction")), "search": None,
         "attention": _attention(data),
@@ -144,6 +144,7 @@ def _ablation(data: StudyData, ctx: dict) -> None:
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["lengths"] = _length_display(data, table)
+    ctx["claims"] = _claims(data, table)
     ctx["variants"] = html.table(ctx["variant_df"])
     ctx["figures"]["isolation"] = plots.isolation(data, table)
     ctx["figures"]["lr"] = plots.lr_sensitivity(data, _nuisance_param(data), table)
@@ -205,6 +206,21 @@ def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
         "params": table[names.PARAMS], "FLOPs/token": table[names.FLOPS_PER_TOKEN],
         "tokens/s": table[names.TOKENS_PER_S], "wall s": table[names.WALL_S],
     })
+    return out
+
+
+def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None) -> list[dict]:
+    """Each published claim of the study file, judged from this study's numbers (``claims.judge``)."""
+    t = data.trials
+    tune = t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])] if "phase" in t else t.iloc[0:0]
+    out = []
+    for key, claim in data.spec.claims.items():
+        judged = claims.judge(claim, data.spec, table, tune, exponents)
+        caveats = claims.setting(data.spec) + (f"; {claim.caveat}" if claim.caveat else "")
+        if claim.lr_exponent and exponents is None:
+            caveats += "; its learning-rate-against-width part is judged on the family page"
+        out.append({"id": key, "claim": claim.claim, "source": claim.source, "published": claim.published,
+                    "caveats": caveats, **judged})
     return out
 
 

@@ -6,6 +6,7 @@ the arms lie against their training compute, and how each arm's best learning ra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import pandas as pd
 
 from ablate import names
 from ablate.config import ConfigError
-from ablate.report import across, analysis, html, plots
+from ablate.report import across, analysis, claims, html, plots
 from ablate.report.load import StudyData, checked_storage, load_study
 from ablate.spec import StudySpec, check_name, family_specs
 from ablate.stores import default_storage, redact_text
@@ -115,8 +116,35 @@ def context(family: str, members: list[Member]) -> dict:
         "frontier_figure": plots.frontier(points, on) if len(points) else None,
         "lr": html.table(lr) if len(lr) else None, "lr_text": lr_sentences(lr, first),
         "lr_figure": plots.lr_by_width(lr) if len(lr) else None,
+        "claims": family_claims(done, lr),
         "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
+    """Each claim of the family's file: its verdict in every member, and the learning-rate-against-width part,
+    which only the family can judge (``claims.judge`` with the exponents of ``across.lr_by_width``)."""
+    if not members:
+        return []
+    exponents = dict(zip(lr["variant"], lr["exponent"], strict=True)) if len(lr) else {}
+    out = []
+    for key, claim in members[0].spec.claims.items():
+        per_member = []
+        for m in members:
+            t = m.data.trials
+            tune = t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])]
+            part = dataclasses.replace(claim, lr_exponent={}) if claim.expect or claim.less_sensitive else None
+            if part is not None:
+                per_member.append((m.label, claims.judge(part, m.spec, m.table, tune)))
+        width = claims.judge(dataclasses.replace(claim, expect={}, less_sensitive=""), members[0].spec,
+                             pd.DataFrame(), pd.DataFrame(), exponents) if claim.lr_exponent else None  # fmt: skip
+        lines = [{"outcome": j["verdict"], "text": f"{label}: " + "; ".join(x["text"] for x in j["lines"])}
+                 for label, j in per_member] + (width["lines"] if width else [])  # fmt: skip
+        out.append({"id": key, "claim": claim.claim, "source": claim.source, "published": claim.published,
+                    "verdict": claims.combine([line["outcome"] for line in lines]), "lines": lines,
+                    "caveats": "; ".join(f"{m.label}: {claims.setting(m.spec)}" for m in members)
+                               + (f"; {claim.caveat}" if claim.caveat else "")})  # fmt: skip
+    return out
 
 
 def headline(factors: list[dict], done: int, total: int) -> str:

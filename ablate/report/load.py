@@ -136,6 +136,7 @@ def _optuna_trials(trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
             "run_id": t.user_attrs.get(names.ATTR_RUN_ID, ""),
             "attr_status": t.user_attrs.get(names.ATTR_STATUS),
             "outcome": t.user_attrs.get(names.ATTR_OUTCOME),
+            "uniform_loss": t.user_attrs.get(names.ATTR_UNIFORM),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "intermediate": dict(t.intermediate_values),
         }

@@ -1,0 +1,118 @@
+"""Published claims judged from a study's own numbers: reproduced, not reproduced or inconclusive, never canned."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import TINY_STUDY
+
+from ablate.config import ConfigError
+from ablate.report import claims
+from ablate.spec import Claim, spec_from_mapping
+
+CLAIM = {"source": "Vaswani et al. 2017, Table 3 (A)", "claim": "One head is worse.",
+         "expect": {"model.num_heads=4": "worse"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("expected, measured, outcome", [
+    ("worse", "worse", claims.REPRODUCED),
+    ("worse", "equivalent", claims.NOT_REPRODUCED),
+    ("worse", "better", claims.NOT_REPRODUCED),
+    ("worse", "undecided", claims.INCONCLUSIVE),
+    ("not worse", "equivalent", claims.REPRODUCED),
+    ("not worse", "better", claims.REPRODUCED),
+    ("not worse", "worse", claims.NOT_REPRODUCED),
+    ("equivalent", "not run", claims.INCONCLUSIVE),
+])  # fmt: skip
+def test_an_expected_verdict_is_met_contradicted_or_undecided(expected, measured, outcome):
+    assert claims.judge_verdict(expected, measured) == outcome
+
+
+def test_a_claim_needs_every_part_and_falls_with_any():
+    R, N, I = claims.REPRODUCED, claims.NOT_REPRODUCED, claims.INCONCLUSIVE  # noqa: E741
+    assert claims.combine([R, R]) == R and claims.combine([R, I]) == I and claims.combine([R, I, N]) == N
+    assert claims.combine([]) == I
+
+
+def test_lr_sensitivity_is_the_mean_excess_over_the_best_with_divergence_at_the_ceiling():
+    tune = pd.DataFrame({"train.lr": [1e-3, 3e-3, 1e-2, 3e-2], "value": [2.0, 1.5, 1.7, np.nan]})
+    assert claims.lr_sensitivity(tune, "train.lr", ceiling=4.5) == pytest.approx((0.5 + 0 + 0.2 + 3.0) / 4)
+    assert claims.lr_sensitivity(tune.assign(value=[9.0, 1.5, 1.7, 1.6]), "train.lr", 4.5) == \
+        pytest.approx((3.0 + 0 + 0.2 + 0.1) / 4)  # a loss above the uniform guess counts as the guess
+    assert math.isnan(claims.lr_sensitivity(tune.head(1), "train.lr", 4.5))
+    assert claims.judge_sensitivity(0.1, 0.5, 0.03) == claims.REPRODUCED
+    assert claims.judge_sensitivity(0.5, 0.1, 0.03) == claims.NOT_REPRODUCED
+    assert claims.judge_sensitivity(0.1, 0.12, 0.03) == claims.INCONCLUSIVE
+
+
+def test_an_exponent_range_is_met_missed_or_unknown():
+    assert claims.judge_exponent([-0.25, 0.25], 0.1) == claims.REPRODUCED
+    assert claims.judge_exponent([-0.25, 0.25], -0.8) == claims.NOT_REPRODUCED
+    assert claims.judge_exponent([-0.25, 0.25], math.nan) == claims.INCONCLUSIVE
+
+
+BAD = {
+    "no_source": ({"claim": "x", "expect": {"model.num_heads=4": "worse"}}, "claims.c", "source"),
+    "no_expectation": ({"source": "s", "claim": "x"}, "claims.c", "expectation"),
+    "unknown_verdict": ({**CLAIM, "expect": {"model.num_heads=4": "much worse"}}, "claims.c.expect.model.num_heads=4",
+                        "allowed"),
+    "unknown_variant": ({**CLAIM, "expect": {"model.num_heads=16": "worse"}}, "claims.c.expect", "not a variant"),
+    "bad_range": ({**CLAIM, "lr_exponent": {"base": [0.5, -0.5]}}, "claims.c.lr_exponent.base", "low < high"),
+    "unknown_than": ({**CLAIM, "less_sensitive": "base", "than": "nope"}, "claims.c.than", "not a variant"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_a_bad_claim_is_one_line_naming_its_key(case):
+    body, key, problem = BAD[case]
+    with pytest.raises(ConfigError) as err:
+        spec_from_mapping({**TINY_STUDY, "claims": {"c": body}})
+    assert err.value.key == key and problem in err.value.problem, str(err.value)
+
+
+def _table(verdict: str, diff: float) -> pd.DataFrame:
+    return pd.DataFrame({"variant": ["base", "model.num_heads=4"], "verdict": ["", verdict], "diff": [math.nan, diff],
+                         "lo": [math.nan, diff - 0.02], "hi": [math.nan, diff + 0.02], "seeds": [3, 3]})  # fmt: skip
+
+
+def test_judge_reads_the_verdict_table_and_says_what_it_measured():
+    spec = spec_from_mapping({**TINY_STUDY, "claims": {"c": CLAIM}})
+    judged = claims.judge(spec.claims["c"], spec, _table("worse", 0.06), pd.DataFrame())
+    assert judged["verdict"] == claims.REPRODUCED
+    assert judged["lines"] == [{"outcome": "reproduced", "text": "model.num_heads=4: expected worse, measured worse "
+                                "(+0.0600 [+0.0400, +0.0800] test loss vs the base, 3 seeds)"}]  # fmt: skip
+    assert claims.judge(spec.claims["c"], spec, _table("", 0.01), pd.DataFrame())["verdict"] == claims.INCONCLUSIVE
+    with_width = Claim(**{**CLAIM, "lr_exponent": {"base": [-1.5, -0.5]}})
+    assert claims.judge(with_width, spec, _table("worse", 0.06), pd.DataFrame())["verdict"] == claims.REPRODUCED
+    judged = claims.judge(with_width, spec, _table("worse", 0.06), pd.DataFrame(), {"base": 0.0})
+    assert judged["verdict"] == claims.NOT_REPRODUCED and "b = +0.00" in judged["lines"][1]["text"]
+
+
+def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(tmp_path, monkeypatch):
+    from conftest import read_table
+
+    from ablate.study import run_study
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = {**TINY_STUDY, "name": "claimed", "seeds": 2, "points": 2,
+            "claims": {"heads": {**CLAIM, "published": "BLEU 24.9 vs 25.8"},
+                       "stable": {"source": "Wortsman et al. 2023", "claim": "Four heads are less LR-sensitive.",
+                                  "less_sensitive": "model.num_heads=4"}}}  # fmt: skip
+    (tmp_path / "claimed.yaml").write_text(yaml.safe_dump(spec))
+    assert run_study(tmp_path / "claimed.yaml", storage=f"sqlite:///{tmp_path / 'optuna.db'}") == 0
+    page = (tmp_path / "reports" / "claimed" / "index.html").read_text()
+    verdict = read_table(page, "variants-table").set_index("variant").loc["model.num_heads=4", "verdict"]
+    section = re.search(r'<div class="claim" data-claim="heads">(.*?)</div>', page, re.S).group(1)
+    assert "One head is worse." in section and "Published: BLEU 24.9 vs 25.8" in section
+    assert f"measured {verdict if verdict != '—' else 'undecided'}" in section
+    expected = claims.judge_verdict("worse", verdict if verdict != "—" else "undecided")
+    assert f'<span class="verdict {expected.replace(" ", "-")}">{expected}</span>' in section
+    assert "tested at width 16, 1 layer, 10 steps of 8 x 16 tokens" in section
+    stable = re.search(r'<div class="claim" data-claim="stable">(.*?)</div>', page, re.S).group(1)
+    assert re.search(r"LR sensitivity of model.num_heads=4 \d\.\d{3} against base \d\.\d{3} nats", stable)
