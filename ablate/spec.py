@@ -138,6 +138,8 @@ class Claim:
     than: str = "base"
     lr_exponent: dict[str, list[float]] = field(default_factory=dict)
     """Family with a width ladder: variant -> [low, high] expected for b in best lr ∝ width^b."""
+    member: str = ""
+    """In a family: the one member (its label, "dk_fixed") whose numbers test the claim; "": every member."""
 
     def __post_init__(self) -> None:
         if not self.source or not self.claim:
@@ -291,6 +293,10 @@ class StudySpec:
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants() if v.name == name)
 
+    def tests(self, claim: Claim) -> bool:
+        """Whether this study's numbers test ``claim`` (in a family, a claim can name the one member it is about)."""
+        return not claim.member or claim.member in self.member.split(".")
+
     def first_points(self) -> list[dict[str, Any]]:
         """The first tune points of every variant (quantiles, 0 to 1, per nuisance key).
 
@@ -347,6 +353,12 @@ def family_specs(data: dict, overrides: list[str] = (), *, source: str = "", tex
     """The specs of a study file's mapping: one for a plain study, else one per member, each a plain study of its
     own (``spec_from_mapping`` reads a member's stored mapping back), marked with its family and label."""
     members = expand(data)
+    labels = {part for label, _ in members for part in label.split(".") if part}
+    for key, claim in (data.get("claims") or {}).items():
+        member = claim.get("member") if isinstance(claim, dict) else None
+        if member and member not in labels:
+            raise ConfigError(f"claims.{key}.member", f"{member!r} is not a member of this study; its members: "
+                                                      f"{', '.join(sorted(labels)) or 'none (no ladder or budgets)'}")
     if len(members) == 1 and not members[0][0]:
         return [spec_from_mapping(data, overrides, source=source, text=text)]
     family_data = _redacted(data)

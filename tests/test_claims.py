@@ -116,3 +116,16 @@ def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(t
     assert "tested at width 16, 1 layer, 10 steps of 8 x 16 tokens" in section
     stable = re.search(r'<div class="claim" data-claim="stable">(.*?)</div>', page, re.S).group(1)
     assert re.search(r"LR sensitivity of model.num_heads=4 \d\.\d{3} against base \d\.\d{3} nats", stable)
+
+
+def test_a_claim_can_name_the_one_member_of_a_family_it_is_about():
+    from ablate.spec import family_specs
+
+    ladder = {"small": {"model.embed_dim": 16}, "wide": {"model.embed_dim": 32}}
+    specs = family_specs({**TINY_STUDY, "ladder": ladder, "claims": {"c": {**CLAIM, "member": "wide"}}})
+    assert [s.tests(s.claims["c"]) for s in specs] == [False, True]
+    with pytest.raises(ConfigError, match=r"claims\.c\.member: 'huge' is not a member of this study; its members: "
+                                          r"small, wide"):  # fmt: skip
+        family_specs({**TINY_STUDY, "ladder": ladder, "claims": {"c": {**CLAIM, "member": "huge"}}})
+    with pytest.raises(ConfigError, match="none \\(no ladder or budgets\\)"):
+        family_specs({**TINY_STUDY, "claims": {"c": {**CLAIM, "member": "wide"}}})

@@ -215,6 +215,8 @@ def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None)
     tune = t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])] if "phase" in t else t.iloc[0:0]
     out = []
     for key, claim in data.spec.claims.items():
+        if not data.spec.tests(claim):
+            continue
         judged = claims.judge(claim, data.spec, table, tune, exponents)
         caveats = claims.setting(data.spec) + (f"; {claim.caveat}" if claim.caveat else "")
         if claim.lr_exponent and exponents is None:

@@ -130,7 +130,7 @@ def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
     out = []
     for key, claim in members[0].spec.claims.items():
         per_member = []
-        for m in members:
+        for m in (m for m in members if m.spec.tests(claim)):
             t = m.data.trials
             tune = t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])]
             part = dataclasses.replace(claim, lr_exponent={}) if claim.expect or claim.less_sensitive else None

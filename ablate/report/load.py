@@ -6,6 +6,7 @@ resolved config as params, final metrics, histories, artifacts). A trial whose r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,8 @@ def load_study(name: str, storage: str | None = None, tracking_uri: str | None =
     attrs = study.user_attrs
     try:
         spec = spec_from_mapping(attrs.get(names.ATTR_SPEC) or {})
+        spec = dataclasses.replace(spec, family=attrs.get(names.ATTR_FAMILY) or "",
+                                   member=attrs.get(names.ATTR_MEMBER) or "")  # fmt: skip
     except ConfigError as err:
         raise err.at(f"study {name!r} (its stored study file)") from None
     tracking_uri = tracking_uri or _stored_uri(spec.tracking_uri, name) or default_tracking_uri()
