@@ -22,7 +22,7 @@ from ablate.config import ConfigError, with_values
 from ablate.spec import load_spec, load_specs
 from ablate.study import run_study
 
-STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
+STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("**/*.yaml"))  # claims/ too
 MLFLOW_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
 
@@ -78,7 +78,7 @@ def assert_consistent(root: Path, name: str, planned: int) -> list:
 # Study files
 
 
-@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+@pytest.mark.parametrize("path", STUDIES, ids=[p.parent.name + "/" + p.stem for p in STUDIES])
 def test_every_preset_validates_and_plans_valid_configs(path):
     for spec in load_specs(path):
         # `ablate report studies/NAME.yaml` finds the study, or its family, by its name
