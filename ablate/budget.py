@@ -42,7 +42,8 @@ base cannot be counted for an arm that changes them (only the trainer knows a te
 # Counting
 
 
-def flops_per_sequence(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None) -> int:
+def flops_per_sequence(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None,
+                       max_len: int | None = None) -> int:  # fmt: skip
     """Training FLOPs of one sequence of ``seq_len`` tokens: every matmul, 2 FLOPs per multiply-add, forward and
     backward (the gradients of input and weights: 3x the forward), as torch's ``FlopCounterMode`` counts them.
 
@@ -53,12 +54,93 @@ def flops_per_sequence(cfg: ModelConfig, vocab_size: int, seq_len: int, num_clas
     (O(weights) per step, well under 1% at batch_size * seq_len >= 1000). 6N (N every parameter) would also count the
     position embedding, norms and biases as matmuls: 3% to 15% more at this suite's sizes, the most for the narrowest
     model. The count is the same for every ``model.position``: learned, rotary and no positions add no matmul.
+
+    lstm, gru (g = 4, 3 gates, hidden size h): per token and layer 2 * (input + h) * g * h forward (input C for the
+    first layer, h above), the projection h -> C when h != C, the same head: nothing grows with T (the recurrence is
+    T sequential steps, a cost in latency, not in FLOPs). torch skips the gradient of the zero initial state, 2 g h^2
+    per layer and sequence, under 1/T of the recurrent term: not subtracted. ``max_len``: the length the model is
+    built at, which sets an RNN's matched hidden size under learned positions (default ``seq_len``).
     """
-    C, L, HD = cfg.embed_dim, cfg.num_layers, cfg.num_heads * cfg.resolved_head_dim
-    hidden = max(1, round(cfg.mlp_ratio * C))
-    weights = L * (C * 3 * HD + HD * C + 2 * C * hidden) + (vocab_size * C if num_classes is None else 0)
-    per_token = 6 * weights + 12 * L * seq_len * HD
+    C, L = cfg.embed_dim, cfg.num_layers
+    head = vocab_size * C if num_classes is None else 0  # a classifier's head runs once per sequence, below
+    if cfg.kind == "transformer":
+        HD = cfg.num_heads * cfg.resolved_head_dim
+        hidden = max(1, round(cfg.mlp_ratio * C))
+        per_token = 6 * (L * (C * 3 * HD + HD * C + 2 * C * hidden) + head) + 12 * L * seq_len * HD
+    else:
+        h = rnn_hidden_size(cfg, seq_len if max_len is None else max_len)
+        per_token = 6 * (_rnn_weights(cfg.kind, C, L, h) + head)
     return seq_len * per_token + (6 * C * num_classes if num_classes is not None else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recurrent baseline at equal parameters
+
+GATES = {"lstm": 4, "gru": 3}
+
+
+def param_count(cfg: ModelConfig, vocab_size: int, max_len: int, num_classes: int | None = None) -> int:
+    """Trainable parameters of ``ablate.model.build_model(cfg, vocab_size, max_len, num_classes)``, the tied head
+    counted once (the tests check it against the built model for every kind)."""
+    C, b = cfg.embed_dim, int(cfg.bias)
+    shared = vocab_size * C + C + b * C + (0 if num_classes is None else C * num_classes + num_classes)
+    if cfg.kind == "transformer":
+        return shared + _transformer_body(cfg, max_len)
+    return shared + _rnn_body(cfg, rnn_hidden_size(cfg, max_len))
+
+
+def rnn_hidden_size(cfg: ModelConfig, max_len: int) -> int:
+    """An lstm's or gru's hidden size: ``cfg.rnn_hidden`` when set, else the h >= 1 whose model has the parameter
+    count closest to the Transformer of the same config (``kind: transformer``, built at ``max_len``; the smaller h
+    on a tie). Both share the embedding, final LayerNorm and head, so only the bodies are matched: the blocks (and a
+    learned position table, T x C) against the recurrent layers and the h -> C projection. A step of h changes the
+    count by about 2 g (2 L - 1) h, so the match is within about 1 / h of the total (under 1% from h = 100)."""
+    if cfg.rnn_hidden is not None:
+        return cfg.rnn_hidden
+    target = _transformer_body(dataclasses.replace(cfg, kind="transformer"), max_len)
+    best, h = 1, 1
+    while True:  # increasing in h except for a drop at h == C (the projection goes): scan past both
+        if abs(_rnn_body(cfg, h) - target) < abs(_rnn_body(cfg, best) - target):
+            best = h
+        if h >= cfg.embed_dim and _rnn_body(cfg, h) > target:
+            return best
+        h += 1
+
+
+def crossover_length(cfg: ModelConfig, vocab_size: int, max_len: int, num_classes: int | None = None) -> int:
+    """The shortest sequence length T at which the Transformer of ``cfg``'s sizes spends more training FLOPs per
+    token than ``cfg``'s lstm or gru, both built at ``max_len`` (the RNN matched there unless ``rnn_hidden`` is set).
+
+    Per token the Transformer costs a + 12 L T (H D) (its weights, then attention's T x T term), the RNN a constant r:
+    T = floor((r - a) / (12 L H D)) + 1, and 1 when the RNN has no more matmul weights (at equal parameters both
+    have about as many, so attention is the costlier per token at about every length)."""
+    if cfg.kind not in GATES:
+        raise ValueError(f"crossover_length compares an lstm or gru with the Transformer, got kind {cfg.kind!r}")
+    transformer = dataclasses.replace(cfg, kind="transformer")
+    slope = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim  # FLOPs per token per unit of T
+    r = flops_per_sequence(cfg, vocab_size, 1, num_classes, max_len)  # per token at T = 1: the constant
+    a = flops_per_sequence(transformer, vocab_size, 1, num_classes, max_len) - slope
+    return max(1, (r - a) // slope + 1)
+
+
+def _rnn_weights(kind: str, C: int, L: int, h: int) -> int:
+    """Matmul weights of the recurrent layers (input-to-hidden and hidden-to-hidden) and the h -> C projection."""
+    return sum(GATES[kind] * h * (width + h) for width in [C] + [h] * (L - 1)) + (0 if h == C else h * C)
+
+
+def _rnn_body(cfg: ModelConfig, h: int) -> int:
+    """Parameters of an RNN's layers (torch keeps two bias vectors per gate) and its projection h -> C."""
+    C, L, b = cfg.embed_dim, cfg.num_layers, int(cfg.bias)
+    return _rnn_weights(cfg.kind, C, L, h) + b * (2 * GATES[cfg.kind] * h * L + (0 if h == C else C))
+
+
+def _transformer_body(cfg: ModelConfig, max_len: int) -> int:
+    """Parameters of the blocks and a learned position table: what the Transformer has beside the shared parts."""
+    C, L, b = cfg.embed_dim, cfg.num_layers, int(cfg.bias)
+    HD, hidden = cfg.num_heads * cfg.resolved_head_dim, max(1, round(cfg.mlp_ratio * C))
+    per_layer = (2 * (C + b * C) + C * 3 * HD + HD * C + C * 2 * hidden + b * (3 * HD + C + hidden + C)
+                 + (cfg.num_heads if cfg.scaling in ("learned", "qknorm", "logn") else 0))  # fmt: skip
+    return (max_len * C if cfg.position == "learned" else 0) + L * per_layer
 
 
 def tokens_per_step(cfg: RunConfig) -> int:

@@ -22,6 +22,7 @@ from ablate.inputs import ConfigError, parse_yaml, read_yaml, short
 SCALINGS = ("sqrt", "inverse", "none", "learned", "qknorm", "logn")
 BACKENDS = ("sdpa", "manual")
 POSITIONS = ("learned", "rope", "none")
+KINDS = ("transformer", "lstm", "gru")
 TASKS = ("charlm", "recall", "listops")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -41,7 +42,14 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture. Vocabulary, length and head type come from the task, not from here."""
+    """The architecture. Vocabulary, length and head type come from the task, not from here.
+
+    ``kind`` lstm or gru is a recurrent baseline (``ablate.rnn``): token embedding, ``num_layers`` of torch's LSTM or
+    GRU (``resid_dropout`` between layers), final LayerNorm and the Transformer's head. It ignores the attention
+    fields (num_heads, head_dim, mlp_ratio, scaling, backend, position, attn_dropout) except to size itself: with
+    ``rnn_hidden`` None its hidden size is the one whose parameter count is closest to the Transformer this config
+    would build (``ablate.budget.rnn_hidden_size``).
+    """
 
     embed_dim: int = 128
     num_heads: int = 4
@@ -52,12 +60,18 @@ class ModelConfig:
     attn_dropout: float = 0.0
     """Dropout on the attention weights, as in ``torch.nn.MultiheadAttention``."""
     resid_dropout: float = 0.0
-    """Dropout after ``attn_out`` and after the MLP, ablated apart from ``attn_dropout``."""
+    """Dropout after ``attn_out`` and after the MLP, ablated apart from ``attn_dropout`` (lstm, gru: between
+    recurrent layers). Both kinds also drop out of the token embeddings at this rate."""
     scaling: str = choice("sqrt", SCALINGS, "how attention logits are scaled")
     backend: str = choice("sdpa", BACKENDS, "sdpa: fused kernel; manual: the formula written out")
     bias: bool = True
     position: str = choice("learned", POSITIONS, "learned: embeddings up to seq_len (no longer input); rope: rotary "
                                                  "q and k (base 10000, any length); none: NoPE, causal tasks only")
+    kind: str = choice("transformer", KINDS, "transformer: self-attention blocks; lstm, gru: torch's recurrent "
+                                             "layers of equal parameter count (a baseline)")
+    rnn_hidden: int | None = None
+    """lstm, gru: hidden size of every recurrent layer; ``None`` matches the Transformer's parameter count (the
+    closest integer, ``ablate.budget.rnn_hidden_size``). Ignored by a transformer."""
 
     def __post_init__(self) -> None:
         for key in ("embed_dim", "num_heads", "num_layers"):
@@ -72,6 +86,7 @@ class ModelConfig:
         _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         for key in ("attn_dropout", "resid_dropout"):
             _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
+        _check(self.rnn_hidden is None or self.rnn_hidden >= 1, "rnn_hidden", f"must be >= 1, got {self.rnn_hidden}")
         _check(self.position != "rope" or self.resolved_head_dim % 2 == 0, "position",
                f"rope rotates pairs of a head's dimensions: head_dim must be even, got {self.resolved_head_dim}")
 

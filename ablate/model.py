@@ -1,8 +1,9 @@
 """The model the suite studies: multi-head self-attention with six logit scalings, in a small pre-LN transformer.
 
 Read top to bottom: rotary positions, the attention core (scale, mask, dropout, backend; sees only q, k, v), the
-projections around it (heads, widths, rotary q and k), the block, the transformer with its two heads, then
-measurement helpers. Imports torch only.
+projections around it (heads, widths, rotary q and k), the block, the transformer with its two heads,
+``build_model`` (the transformer, or the recurrent baseline of ``ablate.rnn``), then measurement helpers. Imports
+torch only.
 Shapes: B batch, T length, C embed_dim, H num_heads, D head_dim.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ablate import budget, names
 from ablate.config import BACKENDS, POSITIONS, SCALINGS, ModelConfig
+from ablate.rnn import RecurrentNet
 
 ROPE_BASE = 10000.0
 
@@ -264,6 +266,8 @@ class Transformer(nn.Module):
             raise ValueError(f"vocab_size and max_len must be >= 1, got vocab_size={vocab_size}, max_len={max_len}")
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (or None for a language model), got {num_classes}")
+        if cfg.kind != "transformer":
+            raise ValueError(f"model.kind {cfg.kind!r} is no transformer: build it with build_model")
         self.cfg, self.vocab_size, self.max_len, self.num_classes = cfg, vocab_size, max_len, num_classes
         causal = num_classes is None
         if cfg.position == "none" and not causal:
@@ -323,6 +327,15 @@ class Transformer(nn.Module):
         return self.head((x * keep).sum(1) / keep.sum(1).clamp(min=1))  # (B, k)
 
 
+def build_model(cfg: ModelConfig, vocab_size: int, max_len: int,
+                num_classes: int | None = None) -> Transformer | RecurrentNet:  # fmt: skip
+    """The model ``cfg.kind`` names: the Transformer, or the lstm or gru baseline of equal parameter count. Both
+    take (tokens, pad_mask) and return the same logits, and say by ``extrapolates`` whether they run longer input."""
+    if cfg.kind == "transformer":
+        return Transformer(cfg, vocab_size, max_len, num_classes)
+    return RecurrentNet(cfg, vocab_size, max_len, num_classes)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Measurement
 
@@ -361,7 +374,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None) -> float:
-    """Training FLOPs per token of ``Transformer(cfg, vocab_size, seq_len, num_classes)``: its matmuls, forward and
+    """Training FLOPs per token of ``build_model(cfg, vocab_size, seq_len, num_classes)``: its matmuls, forward and
     backward, as ``ablate.budget.flops_per_sequence`` counts them (the one formula; torch-free, so that a study's
     FLOP budget is counted with the trainer's own rule)."""
     return budget.flops_per_sequence(cfg, vocab_size, seq_len, num_classes) / seq_len

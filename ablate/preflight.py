@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ablate import budget
 from ablate.config import ConfigError, ModelConfig, RunConfig, TaskConfig, TrainConfig, fmt, with_values
 from ablate.tasks.checks import check_task
 
@@ -33,6 +34,7 @@ SIZE_KEYS = {
     "model.num_heads": ModelConfig.num_heads,
     "model.head_dim": None,
     "model.mlp_ratio": ModelConfig.mlp_ratio,
+    "model.rnn_hidden": None,
     "train.batch_size": TrainConfig.batch_size,
     "task.seq_len": TaskConfig.seq_len,
     "task.vocab_size": TaskConfig.vocab_size,
@@ -55,8 +57,9 @@ def check_run(cfg: RunConfig, where: str = "") -> None:
 
 
 def check_model(cfg: RunConfig, where: str = "") -> None:
-    """A ConfigError when the model cannot work on the task: no positions on a bidirectional classifier."""
-    if cfg.model.position == "none" and cfg.task.name in CLASSIFIERS:
+    """A ConfigError when the model cannot work on the task: no positions on a bidirectional classifier (an lstm or
+    gru ignores positions)."""
+    if cfg.model.kind == "transformer" and cfg.model.position == "none" and cfg.task.name in CLASSIFIERS:
         problem = (f"none needs a causal (language-model) task: {cfg.task.name}'s bidirectional classifier without "
                    "positions sees a bag of tokens; use rope or learned")  # fmt: skip
         raise ConfigError(where or "model.position", problem if not where else f"model.position: {problem}")
@@ -118,7 +121,7 @@ def estimate_bytes(s: dict) -> int:
     logits, weights and entropies of one layer when an evaluation measures them, or one layer's scores and weights
     at the longest ``task.eval_lengths`` k (batches k x smaller, k x longer: k x a training batch's T x T scores).
     Measured on the CPU (widths 128 to 512, T 256 to 1024, torch 2.13): 1.15 to 1.5 times the growth of peak
-    resident memory during training."""
+    resident memory during training. An lstm or gru (``_recurrent_bytes``) keeps no T x T matrix."""
     C, L, H, B, T = (int(s[k]) for k in ("model.embed_dim", "model.num_layers", "model.num_heads",
                                           "train.batch_size", "task.seq_len"))  # fmt: skip
     D = int(s["model.head_dim"] or max(1, C // H))
@@ -132,12 +135,31 @@ def estimate_bytes(s: dict) -> int:
     k = max(s["task.eval_lengths"], default=1)
     longer = 0 if k == 1 else 4 * max(1, B // k) * H * (k * T) ** 2 + max(1, B // k) * k * T * (4 * C + hidden + V)
     acts = max(training, 4 * scores, longer)  # evaluations run after the step's activations are freed
+    if s["model.kind"] != "transformer":
+        params, acts = _recurrent_bytes(s, V)
     if s["task.name"] == "charlm":
         data = CHARLM_BYTES_PER_CHAR * int(s["text_bytes"])
     else:  # inputs and targets of every row, as int32 (Arrow) and int64 (tensors)
         data = sum(int(s[key]) for key in ("task.num_train", "task.num_val", "task.num_test")) * T * 2 * (4 + 8)
         data += len(s["task.eval_lengths"]) * int(s["task.num_test"]) * T * 2 * (4 + 8)  # the longer test sets
     return FLOAT * (STATE_COPIES * params + acts) + data
+
+
+def _recurrent_bytes(s: dict, V: int) -> tuple[int, int]:
+    """Parameters and activations (in values) of an lstm or gru: per layer and token its gates, cell and hidden
+    state and input, kept for the backward pass (and as many again for torch's CPU kernel's workspace); no T x T.
+    Measured on the CPU (width 128, T 512, batch 32, torch 2.13): 1.2 times the growth of peak resident memory."""
+    C, L, H, B, T = (int(s[k]) for k in ("model.embed_dim", "model.num_layers", "model.num_heads",
+                                          "train.batch_size", "task.seq_len"))  # fmt: skip
+    model = ModelConfig(embed_dim=C, num_heads=H, head_dim=int(s["model.head_dim"] or max(1, C // H)),
+                        num_layers=L, mlp_ratio=float(s["model.mlp_ratio"]), kind=s["model.kind"],
+                        rnn_hidden=s["model.rnn_hidden"])  # fmt: skip
+    N, g = budget.rnn_hidden_size(model, T), budget.GATES[s["model.kind"]]
+    params = budget.param_count(model, V, T) + C * max(V, 10)  # the head counted untied, as above
+    training = L * B * T * 2 * (g + 3) * N + B * T * (N + 10 * C) + 3 * B * T * V
+    k = max(s["task.eval_lengths"], default=1)
+    longer = max(1, B // k) * k * T * ((g + 3) * N + 4 * C + V)  # no grad: one layer's values at a time
+    return params, max(training, longer)
 
 
 def machine_memory() -> int | None:
@@ -160,7 +182,7 @@ def _sizes(cfg: RunConfig) -> dict:
     """The numbers memory depends on, by config key, plus the task's name and the bytes of a local text."""
     sections = {"model": cfg.model, "train": cfg.train, "task": cfg.task}
     sizes: dict = {key: getattr(sections[key.split(".")[0]], key.split(".")[1]) for key in SIZE_KEYS}
-    sizes["task.name"], sizes["model.backend"] = cfg.task.name, cfg.model.backend
+    sizes["task.name"], sizes["model.backend"], sizes["model.kind"] = cfg.task.name, cfg.model.backend, cfg.model.kind
     sizes["fused"] = cfg.train.device == "cuda" or cfg.train.device == "auto" and has_cuda()
     sizes["text_bytes"] = _text_bytes(cfg.task.source) if cfg.task.name == "charlm" else 0
     return sizes

@@ -31,6 +31,7 @@ class RunStart:
     config: RunConfig
     task: Any  # ablate.tasks.Task: its .data (datasets.DatasetDict) is logged as the run's input
     derived: dict[str, Any]  # head_dim, params, flops_per_token, uniform_loss, device, backend, precision, versions;
+    # an lstm or gru also rnn_hidden (its hidden size);
     # under a compute budget also budget_match, budget_value, budget_unit (``ComputeBudget.derived``)
 
 
@@ -48,7 +49,8 @@ class RunResult:
     steps only), perf/wall_s (the whole run), perf/peak_mem_mb."""
     history: list[dict[str, float]] = field(default_factory=list)
     """One dict per evaluation: {"step": s, "val/loss": ..., "val/bpc" or "val/acc": ..., attention stats}."""
-    attention_maps: Any = None  # numpy (num_layers, num_heads, T, T) of one validation sample, final model
+    attention_maps: Any = None  # numpy (num_layers, num_heads, T, T) of one validation sample, final model; None
+    # for an lstm or gru, whose evaluations log no attention statistics either
     config_yaml: str = ""
     checkpoint: Any = None  # the final model's state_dict (CPU tensors), only when train.checkpoint
     uniform_loss: float = math.nan
@@ -173,8 +175,11 @@ class Schedule:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW decaying the weight matrices of linear layers only: not biases, norms, embeddings or learned scales."""
+    """AdamW decaying the weight matrices of linear and recurrent layers only (an LSTM's or GRU's input-to-hidden
+    and hidden-to-hidden matrices, as the Transformer's projections): not biases, norms, embeddings or scales."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decay |= {id(w) for m in model.modules() if isinstance(m, torch.nn.RNNBase) for w in m.parameters()
+              if w.dim() == 2}  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if id(p) in decay], "weight_decay": cfg.weight_decay},
@@ -214,7 +219,7 @@ class _Trainer:
     # -- setup ----------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from ablate.budget import flops_per_sequence
-        from ablate.model import Transformer, count_params, pick_device
+        from ablate.model import build_model, count_params, pick_device
         from ablate.tasks import build_task
 
         cfg = self.config
@@ -224,7 +229,7 @@ class _Trainer:
         self.task = build_task(cfg.task, seed=DATA_SEED)
         self.uniform_loss = math.log(self.task.num_classes or self.task.vocab_size)  # the output layer's classes
         torch.manual_seed(cfg.train.seed)
-        self.model = Transformer(cfg.model, self.task.vocab_size, self.task.seq_len, self.task.num_classes)
+        self.model = build_model(cfg.model, self.task.vocab_size, self.task.seq_len, self.task.num_classes)
         self.model.to(self.device)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = make_optimizer(self.model, cfg.train, self.device)
@@ -246,6 +251,7 @@ class _Trainer:
     def derived(self) -> dict[str, Any]:
         dev = self.device
         budget = {} if self.budget is None else self.budget.derived(self.task.vocab_size, self.task.num_classes)
+        recurrent = {} if self.config.model.kind == "transformer" else {"rnn_hidden": self.model.hidden_size}
         return {
             "head_dim": self.config.model.resolved_head_dim,
             "params": self.num_params,
@@ -258,6 +264,7 @@ class _Trainer:
             "compile": self.config.train.compile,
             "torch": torch.__version__,
             "cuda": torch.version.cuda or "none",
+            **recurrent,
             **budget,
         }
 
@@ -374,7 +381,7 @@ class _Trainer:
 
         loss, metric, first = self.score("validation", None if final else self.config.train.eval_batches)
         metrics = {"step": self.step, names.VAL_LOSS: loss, names.val_metric(self.task.metric): metric}
-        if first is not None:
+        if first is not None and self.config.model.kind == "transformer":  # an RNN has no attention to measure
             with self.autocast():
                 stats, maps = attention_stats(self.model, first.inputs, first.pad_mask)
             metrics.update(stats)
@@ -388,7 +395,8 @@ class _Trainer:
     def evaluate_test(self) -> dict[str, float]:
         """The full test split, scored once after the final validation; callbacks' hooks never see it, so nothing
         that prunes or selects during a run can look at the held-out numbers. Then the longer test sets
-        (``task.eval_lengths``), when the model's positions run longer input (not learned ones: nothing logged)."""
+        (``task.eval_lengths``), when the model runs longer input (an lstm or gru, positions rope or none; not
+        learned ones: nothing logged)."""
         loss, metric, _ = self.score("test", None)
         task_metric = names.test_metric(self.task.metric)
         test = {names.TEST_LOSS: loss, task_metric: metric}

@@ -12,11 +12,13 @@ from torch import nn
 
 from ablate import names
 from ablate.budget import flops_per_sequence
-from ablate.config import POSITIONS, SCALINGS, ConfigError, ModelConfig
+from ablate.config import POSITIONS, SCALINGS, ConfigError, ModelConfig, run_config_from
 from ablate.model import (
     MultiHeadAttention,
+    RecurrentNet,
     Transformer,
     attention_stats,
+    build_model,
     count_params,
     flops_per_token,
     l2_normalize,
@@ -420,3 +422,94 @@ def test_bad_position_configurations_raise_clear_errors():
         Transformer(ModelConfig(embed_dim=16, num_heads=2, position="none"), 11, 12, num_classes=10)
     classifier = Transformer(ModelConfig(embed_dim=16, num_heads=2, position="rope"), 11, 12, num_classes=10)
     assert classifier(torch.randint(1, 11, (2, 48))).shape == (2, 10)  # rope classifies longer input too
+
+
+# --- the recurrent baseline (model.kind lstm, gru) ---------------------------------------------------------------
+
+RNN_SHAPES = [{}, {"embed_dim": 16, "num_heads": 2, "num_layers": 1, "bias": False},
+              {"embed_dim": 24, "num_heads": 3, "head_dim": 6, "mlp_ratio": 2.7, "num_layers": 3, "scaling": "qknorm",
+               "position": "rope"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", RNN_SHAPES)
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_param_count_is_the_built_models_and_the_rnn_matches_the_transformer(shape, num_classes):
+    """``budget.param_count`` is exact for every kind; the matched hidden size (``rnn_hidden_size``) brings an
+    RNN within about 1 / h of the Transformer's parameters (a step of h moves about 2 / h of them)."""
+    from ablate.budget import param_count, rnn_hidden_size
+
+    base = ModelConfig(**shape)
+    V, T = 65, 32
+    want = count_params(build_model(base, V, T, num_classes))
+    assert param_count(base, V, T, num_classes) == want
+    for kind in ("lstm", "gru"):
+        cfg = dataclasses.replace(base, kind=kind)
+        model = build_model(cfg, V, T, num_classes)
+        h = rnn_hidden_size(cfg, T)
+        assert isinstance(model, RecurrentNet) and model.hidden_size == model.rnn.hidden_size == h
+        assert count_params(model) == param_count(cfg, V, T, num_classes)
+        assert abs(count_params(model) - want) / want < 1.5 / h
+        if not shape:  # the default study's base (h 156 to 187): within 1%
+            assert abs(count_params(model) - want) / want < 0.01
+        for other in (h - 1, h + 1):  # nothing closer
+            near = count_params(build_model(dataclasses.replace(cfg, rnn_hidden=other), V, T, num_classes))
+            assert abs(near - want) >= abs(count_params(model) - want)
+    fixed = build_model(dataclasses.replace(base, kind="gru", rnn_hidden=base.embed_dim), V, T, num_classes)
+    assert fixed.hidden_size == base.embed_dim and isinstance(fixed.out_proj, nn.Identity)  # no projection at h = C
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_rnn_flops_are_what_torch_counts_forward_and_backward(kind, num_classes):
+    """Against ``FlopCounterMode`` with oneDNN off: torch's fused CPU LSTM kernel (oneDNN) is counted as 0 FLOPs,
+    its reference path as the matmuls it runs. torch skips the gradient of the zero initial state (2 g h^2 per
+    layer and sequence), which the formula keeps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(embed_dim=24, num_heads=3, num_layers=2, kind=kind)
+    V, T_, B_ = 13, 9, 2
+    model = build_model(cfg, V, T_, num_classes)
+    g, h = {"lstm": 4, "gru": 3}[kind], model.hidden_size
+    with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, V, (B_, T_))).float().sum().backward()
+    skipped = B_ * cfg.num_layers * 2 * g * h * h
+    assert counter.get_total_flops() + skipped == B_ * flops_per_sequence(cfg, V, T_, num_classes)
+    assert flops_per_token(cfg, V, T_, num_classes) == flops_per_sequence(cfg, V, T_, num_classes) / T_
+    weights = g * h * (24 + h) + g * h * (2 * h) + h * 24 + (V * 24 if num_classes is None else 0)  # by hand
+    assert flops_per_sequence(cfg, V, T_, num_classes) == T_ * 6 * weights + (6 * 24 * 10 if num_classes else 0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_rnn_is_causal_runs_any_length_and_classifies_from_the_last_real_token(kind):
+    cfg = ModelConfig(embed_dim=16, num_heads=2, num_layers=2, kind=kind)
+    lm = build_model(cfg, vocab_size=11, max_len=12).eval()
+    tokens = torch.randint(0, 11, (2, 48))  # 4 x max_len: no position limit
+    changed = tokens.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 11
+    with torch.no_grad():
+        a, b = lm(tokens), lm(changed)
+    assert lm.extrapolates and a.shape == (2, 48, 11)
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=0)
+    assert (a[:, 6:] - b[:, 6:]).abs().amax() > 1e-4
+    clf = build_model(cfg, vocab_size=11, max_len=10, num_classes=3).eval()
+    short = torch.randint(1, 11, (2, 6))
+    real = torch.ones(2, 6, dtype=torch.bool)
+    real[1, 4:] = False
+    long = torch.cat([short, torch.randint(1, 11, (2, 4))], 1)
+    long_real = torch.cat([real, torch.zeros(2, 4, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(short, real), clf(long, long_real))  # padding after the last real token
+        cut = clf(short[1:, :4])  # the same sample without its padding
+        torch.testing.assert_close(clf(short, real)[1:], cut)
+
+
+def test_model_kinds_are_built_by_build_model_and_checked():
+    assert isinstance(build_model(ModelConfig(embed_dim=16, num_heads=2), 11, 8), Transformer)
+    with pytest.raises(ValueError, match="model.kind 'lstm' is no transformer: build it with build_model"):
+        Transformer(ModelConfig(embed_dim=16, num_heads=2, kind="lstm"), 11, 8)
+    with pytest.raises(ConfigError, match="^rnn_hidden: must be >= 1, got 0"):
+        ModelConfig(kind="gru", rnn_hidden=0)
+    with pytest.raises(ConfigError, match="^model.kind: unknown value 'rnn'; allowed: transformer, lstm, gru"):
+        run_config_from({"model": {"kind": "rnn"}})
+    assert ModelConfig(kind="lstm", position="none").kind == "lstm"  # attention fields are ignored, not refused

@@ -172,3 +172,62 @@ def test_preflight_refuses_no_positions_for_a_classifier_and_counts_the_longest_
     plain = estimate_bytes(_sizes(tiny(**big)))
     longer = estimate_bytes(_sizes(tiny(**big, **{"task.eval_lengths": [2, 8]})))
     assert longer > plain and estimate_bytes(_sizes(tiny(**big, **{"task.eval_lengths": [2]}))) < longer
+
+
+# --- the recurrent baseline (model.kind lstm, gru) ---------------------------------------------------------------
+
+RNN_TASKS = {"recall": {}, "charlm": {"task.name": "charlm"},
+             "listops": {"task.name": "listops", "task.seq_len": 32, "task.max_depth": 2, "task.max_args": 3}}
+
+
+@pytest.mark.parametrize("task", list(RNN_TASKS))
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_an_rnn_trains_on_every_task_with_finite_losses_and_no_attention_statistics(kind, task) -> None:
+    from ablate import budget
+    from ablate.tasks import build_task
+
+    rec, cfg = Recorder(), tiny(**{"model.kind": kind, **RNN_TASKS[task]})
+    result = train(cfg, [rec])
+    assert result.status == "completed" and result.steps == 20
+    losses = [m[names.TRAIN_LOSS] for _, m in rec.steps] + [result.metrics[names.VAL_LOSS],
+                                                             result.metrics[names.TEST_LOSS]]  # fmt: skip
+    assert all(math.isfinite(v) for v in losses)
+    assert result.attention_maps is None and all(set(h) <= {"step", names.VAL_LOSS, "val/acc", "val/bpc"}
+                                                 for h in result.history)  # fmt: skip
+    data = build_task(cfg.task, seed=DATA_SEED)
+    model, V, T, k = cfg.model, data.vocab_size, data.seq_len, data.num_classes
+    assert rec.derived["rnn_hidden"] == budget.rnn_hidden_size(model, T)
+    assert result.metrics[names.PARAMS] == budget.param_count(model, V, T, k)
+    assert rec.derived["flops_per_token"] == budget.flops_per_sequence(model, V, T, k) / T
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_an_rnn_has_no_position_limit_and_is_scored_at_the_longer_lengths(kind) -> None:
+    result = train(tiny(**{"model.kind": kind, "task.eval_lengths": [2], "task.vocab_size": 16}))
+    longer = ["test/loss_2x", "test/acc_2x"]
+    assert held_out(result.metrics) == [names.TEST_LOSS, "test/acc", *longer, names.SOLVED_X]
+    assert all(math.isfinite(result.metrics[k]) for k in longer)
+
+
+def test_an_rnn_decays_its_recurrent_matrices_like_linear_weights() -> None:
+    from ablate.model import build_model
+
+    model = build_model(tiny(**{"model.kind": "lstm", "model.num_layers": 2}).model, 11, 16)
+    decayed, plain = make_optimizer(model, tiny().train, torch.device("cpu")).param_groups
+    names_of = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names_of[id(p)] for p in decayed["params"]) == [
+        "out_proj.weight", "rnn.weight_hh_l0", "rnn.weight_hh_l1", "rnn.weight_ih_l0", "rnn.weight_ih_l1",
+        "tok_emb.weight"]  # fmt: skip
+    assert not [n for n in map(names_of.get, map(id, plain["params"])) if "weight_" in n]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_preflight_estimates_an_rnn_without_a_t_by_t_term(kind) -> None:
+    from ablate.preflight import _sizes, check_run, estimate_bytes
+
+    check_run(tiny(**{"model.kind": kind, "model.position": "none", "task.name": "listops", "task.seq_len": 32}))
+    big = {"task.seq_len": 1024, "train.batch_size": 32, "task.vocab_size": 64, "model.embed_dim": 128}
+    rnn = estimate_bytes(_sizes(tiny(**big, **{"model.kind": kind})))
+    assert rnn < estimate_bytes(_sizes(tiny(**big)))  # no attention matrices
+    wider = estimate_bytes(_sizes(tiny(**big, **{"model.kind": kind, "model.rnn_hidden": 512})))
+    assert wider > rnn and estimate_bytes(_sizes(tiny(**big, **{"model.kind": kind, "task.eval_lengths": [8]}))) >= rnn
