@@ -240,3 +240,60 @@ def test_a_flops_matched_study_records_each_arm_budget_and_use(tmp_path, monkeyp
     per_step = arm.metrics[names.FLOPS_TOTAL] / arm.metrics[names.STEPS]
     assert 0 <= arm.metrics[names.FLOPS_TOTAL] - total < per_step
     assert arm.params["derived.budget_match"] == "flops" and arm.params["derived.budget_unit"] == "FLOPs"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cost against sequence length: self-attention against the recurrent baseline
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("shape", [{}, {"position": "rope"}, {"rnn_hidden": 512}, {"embed_dim": 32, "num_layers": 4},
+                                   {"num_heads": 8, "head_dim": 64}])  # fmt: skip
+def test_the_crossover_is_the_first_length_where_attention_costs_more_flops_per_token(kind, shape):
+    from ablate.config import ModelConfig
+
+    cfg = ModelConfig(kind=kind, **shape)
+    transformer = dataclasses.replace(cfg, kind="transformer")
+    V, built = 96, 128  # both models built at 128 tokens; counted at any length
+
+    def per_token(c: ModelConfig, length: int) -> Fraction:
+        return Fraction(budget.flops_per_sequence(c, V, length, None, built), length)
+
+    at = budget.crossover_length(cfg, V, built)
+    assert per_token(transformer, at) > per_token(cfg, at)
+    assert at == 1 or per_token(transformer, at - 1) <= per_token(cfg, at - 1)
+    assert budget.crossover_length(cfg, V, built, 10) == at  # a classifier's head costs both kinds alike
+    if cfg.rnn_hidden == 512:  # 4x the matched width: the RNN costs more until attention's T x T term catches up
+        assert at > 100
+    if not shape:  # learned positions: the matched RNN turns the position table (128 x C) into weights
+        assert at > 1 and budget.crossover_length(dataclasses.replace(cfg, position="rope"), V, built) < at
+
+
+def test_the_crossover_is_only_for_a_recurrent_config():
+    from ablate.config import ModelConfig
+
+    with pytest.raises(ValueError, match="compares an lstm or gru with the Transformer, got kind 'transformer'"):
+        budget.crossover_length(ModelConfig(), 96, 128)
+
+
+def test_the_kinds_bench_times_every_kind_at_equal_parameters_and_states_the_crossover(tmp_path):
+    from ablate import bench
+    from ablate.config import ModelConfig
+
+    cfg = ModelConfig(embed_dim=16, num_heads=2, num_layers=1, position="rope")
+    rows = bench.kinds_rows((8, 32), 2, 1, 0, torch.device("cpu"), cfg, vocab_size=11)
+    assert [(r["length"], r["kind"]) for r in rows] == [(T, k) for T in (8, 32) for k in ("transformer", "lstm", "gru")]
+    params = {r["kind"]: r["params"] for r in rows}
+    assert abs(params["lstm"] - params["transformer"]) / params["transformer"] < 0.05
+    assert all(r["us_per_token"] > 0 and r["flops_per_token"] > 0 for r in rows)
+    text = bench.kinds_markdown(rows, "# header", cfg, 11)
+    assert text.count("| transformer |") == 2 and "- lstm: measured, " in text and "- gru: measured, " in text
+
+    def timed(us: dict) -> list[dict]:
+        return [{"kind": k, "length": T, "us_per_token": v} for (k, T), v in us.items()]
+
+    us = {("transformer", 64): 1.0, ("lstm", 64): 2.0, ("transformer", 256): 3.0, ("lstm", 256): 2.0,
+          ("transformer", 1024): 5.0, ("lstm", 1024): 2.0}  # fmt: skip
+    assert bench.measured_crossover(timed(us), "lstm") == 256
+    assert bench.measured_crossover(timed({**us, ("transformer", 1024): 1.0}), "lstm") is None  # faster at the end
+    assert bench.measured_crossover(timed({**us, ("transformer", 64): 9.0}), "lstm") == 64
