@@ -156,5 +156,8 @@ def test_a_ladder_at_two_budgets_gives_one_answer_per_member_and_a_family_page(t
     (tmp_path / "reports" / "fam" / "index.html").unlink()  # `ablate report fam` rebuilds the family and its members
     assert report_command(["fam"], storage=storage) == 0
     assert (tmp_path / "reports" / "fam" / "index.html").read_text().count('data-factor="model.num_heads"') == 1
+    (tmp_path / "reports" / "fam" / "summary.md").unlink()  # and so does `make report` (every study, every family)
+    assert report_command([], all_studies=True, storage=storage) == 0
+    assert (tmp_path / "reports" / "fam" / "summary.md").read_text().startswith("# fam: across 4 members: ")
     assert run_study(path, storage=storage) == 0  # a rerun of a finished family runs nothing more
     assert all(len(optuna.load_study(study_name=n, storage=storage).trials) == 6 for n in members)
