@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None)
     p.add_argument("--out", default="reports")
 
-    p = sub.add_parser("bench", help="time attention backends and scaling variants; writes reports/bench/")
+    p = sub.add_parser("bench", help="time attention backends and scaling variants, and the Transformer against "
+                                      "LSTM and GRU over sequence lengths; writes reports/bench/")
     p.add_argument("--out", default="reports/bench")
     p.add_argument("--quick", action="store_true", help="a few shapes, few repeats")
     p.add_argument("--tracking", metavar="CONFIG", help="instead: MLflow overhead on the run CONFIG describes")
