@@ -117,6 +117,8 @@ def test_frontier_keeps_only_arms_no_cheaper_arm_beats():
     points = pd.DataFrame({"arm": list("abcde"), "cost": [1.0, 2.0, 2.0, 4.0, float("nan")],
                            "loss": [3.0, 2.5, 2.0, 2.2, 1.0]})  # fmt: skip
     assert list(across.frontier(points, "cost", "loss")["arm"]) == ["a", "c"]
+    matched = pd.DataFrame({"arm": ["base", "cheap"], "cost": [4.4700e11, 4.4701e11], "loss": [1.65, 1.55]})
+    assert list(across.frontier(matched, "cost", "loss")["arm"]) == ["cheap"]  # one budget, overshot by a step
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -119,9 +119,11 @@ def width_exponent(points: list[tuple[float, float]]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def frontier(rows: pd.DataFrame, cost: str, quality: str = "value") -> pd.DataFrame:
-    """The quality-against-cost frontier (lower is better for both): rows that beat every cheaper row, sorted by
-    cost. Rows missing either value are never on it."""
+def frontier(rows: pd.DataFrame, cost: str, quality: str = "value", tolerance: float = 0.01) -> pd.DataFrame:
+    """The quality-against-cost frontier (lower is better for both), sorted by cost: rows that no other row beats
+    at a cost at most ``tolerance`` (relative) above theirs. The tolerance makes arms matched to one budget, which
+    overshoot it by up to one step, count as equally costly. Rows missing either value are never on it."""
     rows = rows.dropna(subset=[cost, quality]).sort_values([cost, quality])
-    keep = rows[quality] < rows[quality].cummin().shift(fill_value=np.inf)
+    c, q = rows[cost].to_numpy(), rows[quality].to_numpy()
+    keep = [not ((c <= c[i] * (1 + tolerance)) & (q < q[i])).any() for i in range(len(rows))]
     return rows[keep]
