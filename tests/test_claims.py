@@ -54,6 +54,9 @@ def test_an_exponent_range_is_met_missed_or_unknown():
     assert claims.judge_exponent([-0.25, 0.25], 0.1) == claims.REPRODUCED
     assert claims.judge_exponent([-0.25, 0.25], -0.8) == claims.NOT_REPRODUCED
     assert claims.judge_exponent([-0.25, 0.25], math.nan) == claims.INCONCLUSIVE
+    assert claims.judge_exponent([-1.5, -0.3], 0.0, resolution=0.7) == claims.INCONCLUSIVE  # the grid cannot tell
+    assert claims.judge_exponent([-1.5, -0.3], 0.5, resolution=0.7) == claims.NOT_REPRODUCED
+    assert claims.judge_exponent([-1.5, -0.3], -0.9, resolution=0.5) == claims.REPRODUCED
 
 
 BAD = {
@@ -89,8 +92,8 @@ def test_judge_reads_the_verdict_table_and_says_what_it_measured():
     assert claims.judge(spec.claims["c"], spec, _table("", 0.01), pd.DataFrame())["verdict"] == claims.INCONCLUSIVE
     with_width = Claim(**{**CLAIM, "lr_exponent": {"base": [-1.5, -0.5]}})
     assert claims.judge(with_width, spec, _table("worse", 0.06), pd.DataFrame())["verdict"] == claims.REPRODUCED
-    judged = claims.judge(with_width, spec, _table("worse", 0.06), pd.DataFrame(), {"base": 0.0})
-    assert judged["verdict"] == claims.NOT_REPRODUCED and "b = +0.00" in judged["lines"][1]["text"]
+    judged = claims.judge(with_width, spec, _table("worse", 0.06), pd.DataFrame(), {"base": (0.0, 0.2)})
+    assert judged["verdict"] == claims.NOT_REPRODUCED and "b = +0.00 ± 0.20" in judged["lines"][1]["text"]
 
 
 def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(tmp_path, monkeypatch):

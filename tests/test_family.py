@@ -107,10 +107,11 @@ def test_lr_by_width_leaves_unbracketed_tunings_out_of_the_fit():
                              "bracketed": [True, bracketed_alt]})  # fmt: skip
 
     out = across.lr_by_width({"a": table(0.02, 0.01, True), "b": table(0.01, 0.01, True),
-                              "c": table(0.005, 0.03, False)}, {"a": 64, "b": 128, "c": 256})  # fmt: skip
+                              "c": table(0.005, 0.03, False)}, {"a": 64, "b": 128, "c": 256}, step=2.0)  # fmt: skip
     base, alt = out.set_index("variant").loc["base"], out.set_index("variant").loc["s=inverse"]
     assert base["exponent"] == pytest.approx(-1.0) and base["bracketed widths"] == 3
     assert alt["exponent"] == pytest.approx(0.0) and math.isnan(alt["lr @ 256"])
+    assert base["± (grid)"] == pytest.approx(0.5) and alt["± (grid)"] == pytest.approx(1.0)  # log 2 / log 4, / log 2
 
 
 def test_frontier_keeps_only_arms_no_cheaper_arm_beats():

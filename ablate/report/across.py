@@ -88,10 +88,11 @@ def factors(compared: pd.DataFrame, answers: Mapping[str, list[dict]]) -> list[d
     return out
 
 
-def lr_by_width(tables: Mapping[str, pd.DataFrame], widths: Mapping[str, int]) -> pd.DataFrame:
+def lr_by_width(tables: Mapping[str, pd.DataFrame], widths: Mapping[str, int], step: float = 1.0) -> pd.DataFrame:
     """Per variant, its chosen learning rate at each member's width (NaN where its tuning did not bracket it, since
-    an edge point is only a bound), and the exponent b of a least-squares fit lr ~ width^b over the bracketed ones
-    (NaN below two distinct widths)."""
+    an edge point is only a bound), the exponent b of a least-squares fit lr ~ width^b over the bracketed ones (NaN
+    below two distinct widths) and its resolution: the tune grid's ``step`` (ratio of neighbouring learning rates)
+    lets a chosen point sit anywhere within half a step of the true optimum at either end of the width range."""
     members = list(tables)
     variants = list(dict.fromkeys(v for t in tables.values() for v in t["variant"]))
     rows = []
@@ -105,7 +106,8 @@ def lr_by_width(tables: Mapping[str, pd.DataFrame], widths: Mapping[str, int]) -
             row[f"lr @ {widths[m]}"] = lr if fair else math.nan
             if fair and math.isfinite(lr) and lr > 0:
                 points.append((widths[m], lr))
-        row["exponent"] = width_exponent(points)
+        row["exponent"] = round(width_exponent(points), 3) + 0.0  # no "-0.000" in a table
+        row["± (grid)"] = exponent_resolution(step, [w for w, _ in points])
         row["bracketed widths"] = len(points)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -117,6 +119,14 @@ def width_exponent(points: list[tuple[float, float]]) -> float:
         return math.nan
     x, y = np.log([w for w, _ in points]), np.log([lr for _, lr in points])
     return float(np.polyfit(x, y, 1)[0])
+
+
+def exponent_resolution(step: float, widths: list[float]) -> float:
+    """How far b can be off because each chosen learning rate is only known to within half a grid step at each end
+    of the width range: log(step) / log(widest / narrowest). NaN below two distinct widths."""
+    if len(set(widths)) < 2 or step <= 1:
+        return math.nan
+    return round(math.log(step) / math.log(max(widths) / min(widths)), 3)
 
 
 def frontier(rows: pd.DataFrame, cost: str, quality: str = "value", tolerance: float = 0.01) -> pd.DataFrame:

@@ -60,18 +60,24 @@ def judge_sensitivity(lower: float, higher: float, margin: float) -> str:
     return NOT_REPRODUCED if lower > higher + margin else INCONCLUSIVE
 
 
-def judge_exponent(bounds: list[float], exponent: float) -> str:
+def judge_exponent(bounds: list[float], exponent: float, resolution: float = 0.0) -> str:
+    """Reproduced when b ± resolution lies inside the expected range, not reproduced when it lies wholly outside."""
     if math.isnan(exponent):
         return INCONCLUSIVE
-    return REPRODUCED if bounds[0] <= exponent <= bounds[1] else NOT_REPRODUCED
+    res = 0.0 if math.isnan(resolution) else resolution
+    lo, hi = exponent - res, exponent + res
+    if bounds[0] <= lo and hi <= bounds[1]:
+        return REPRODUCED
+    return NOT_REPRODUCED if hi < bounds[0] or lo > bounds[1] else INCONCLUSIVE
 
 
 def judge(claim: Claim, spec: StudySpec, table: pd.DataFrame, tune: pd.DataFrame,
-          exponents: Mapping[str, float] | None = None) -> dict:
+          exponents: Mapping[str, tuple[float, float]] | None = None) -> dict:
     """One claim's verdict and a line per expectation (what was expected, what was measured, its outcome).
 
     ``table``: the study's verdict table (``analysis.verdict_table``); ``tune``: its tune runs (variant, the nuisance
-    parameter, value, uniform_loss); ``exponents``: variant -> b across a family's widths, None in a single study
+    parameter, value, uniform_loss); ``exponents``: variant -> (b, its grid resolution) across a family's widths,
+    None in a single study
     (its lr_exponent expectations are then left to the family page)."""
     rows = table.set_index("variant") if len(table) else pd.DataFrame()
     lines: list[tuple[str, str]] = []
@@ -87,9 +93,9 @@ def judge(claim: Claim, spec: StudySpec, table: pd.DataFrame, tune: pd.DataFrame
     for variant, bounds in claim.lr_exponent.items():
         if exponents is None:
             continue
-        b = exponents.get(variant, math.nan)
-        measured = "no two bracketed widths" if math.isnan(b) else f"b = {b:+.2f}"
-        lines.append((judge_exponent(bounds, b),
+        b, res = exponents.get(variant, (math.nan, math.nan))
+        measured = "no two bracketed widths" if math.isnan(b) else f"b = {b:+.2f} ± {res:.2f} (the tune grid's step)"
+        lines.append((judge_exponent(bounds, b, res),
                       f"{variant}: best lr ∝ width^b, expected b in [{bounds[0]:+g}, {bounds[1]:+g}], {measured}"))
     verdict = combine([outcome for outcome, _ in lines])
     return {"verdict": verdict, "lines": [{"outcome": o, "text": t} for o, t in lines]}

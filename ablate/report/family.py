@@ -103,7 +103,7 @@ def context(family: str, members: list[Member]) -> dict:
     factors = across.factors(compared, {m.label: m.answers for m in done})
     first = members[0].spec
     widths = {m.label: m.spec.base.model.embed_dim for m in done}
-    lr = across.lr_by_width(tables, widths) if len(set(widths.values())) > 1 else pd.DataFrame()
+    lr = across.lr_by_width(tables, widths, grid_step(first)) if len(set(widths.values())) > 1 else pd.DataFrame()
     points = frontier_points(done)
     on = across.frontier(points, names.FLOPS_TOTAL, "test_mean") if len(points) else points
     return {
@@ -126,7 +126,7 @@ def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
     which only the family can judge (``claims.judge`` with the exponents of ``across.lr_by_width``)."""
     if not members:
         return []
-    exponents = dict(zip(lr["variant"], lr["exponent"], strict=True)) if len(lr) else {}
+    exponents = {r["variant"]: (r["exponent"], r["± (grid)"]) for _, r in lr.iterrows()} if len(lr) else {}
     out = []
     for key, claim in members[0].spec.claims.items():
         per_member = []
@@ -184,11 +184,20 @@ def frontier_points(members: list[Member]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).dropna() if frames else pd.DataFrame()
 
 
+def grid_step(spec: StudySpec) -> float:
+    """The ratio of neighbouring tune points of the first nuisance parameter (a grid cell; 1 without one)."""
+    if not spec.nuisance:
+        return 1.0
+    p = spec.nuisance[0]
+    return (p.high / p.low) ** (1 / spec.points) if p.log else 1.0
+
+
 def lr_sentences(lr: pd.DataFrame, spec: StudySpec) -> list[str]:
     """Per variant with two or more bracketed widths: how its best learning rate scales with width."""
     key = spec.nuisance[0].key if spec.nuisance else "lr"
-    return [f"{r['variant']}: best {key} ∝ width^{r['exponent']:+.2f} (fit over {int(r['bracketed widths'])} widths "
-            "where its tuning bracketed the optimum)" for _, r in lr.iterrows() if math.isfinite(r["exponent"])]
+    return [f"{r['variant']}: best {key} ∝ width^{r['exponent']:+.2f} ± {r['± (grid)']:.2f} (fit over "
+            f"{int(r['bracketed widths'])} widths where its tuning bracketed the optimum; ± is what the tune grid's "
+            f"step of ×{grid_step(spec):.2g} allows)" for _, r in lr.iterrows() if math.isfinite(r["exponent"])]
 
 
 def _side_by_side(compared: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
