@@ -155,6 +155,10 @@ def test_a_ladder_at_two_budgets_gives_one_answer_per_member_and_a_family_page(t
     assert set(members) <= set(rows)  # every member, and the family as one row linking to its page
     assert 'href="fam/index.html"' in rows["fam"][0] and rows["fam"][2].startswith("across 4 members: ")
     assert rows["fam"][3].startswith("family of 4: fam.w16.steps") and rows["fam"][6] == "24 / 24"
+    from ablate.report.index import study_row  # a member's study command is its family's file, which runs it
+
+    assert study_row("fam.w32.flops", storage, tmp_path / "reports")["commands"]["study"].startswith(
+        "ablate study studies/fam.yaml")
 
     (tmp_path / "reports" / "fam" / "index.html").unlink()  # `ablate report fam` rebuilds the family and its members
     assert report_command(["fam"], storage=storage) == 0

@@ -59,10 +59,12 @@ def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> 
     return out / "index.html"
 
 
-def commands(name: str, storage: str) -> dict[str, str]:
-    """The commands that run the study and write its report (``--storage`` unless it is the default store)."""
+def commands(name: str, storage: str, family: str = "") -> dict[str, str]:
+    """The commands that run the study (a family member: its family's file, which runs every member) and write its
+    report (``--storage`` unless it is the default store)."""
     store = "" if storage == default_storage() else f" --storage {shlex.quote(redact(storage))}"
-    return {"study": f"ablate study studies/{name}.yaml{store}", "report": f"ablate report {shlex.quote(name)}{store}"}
+    return {"study": f"ablate study studies/{family or name}.yaml{store}",
+            "report": f"ablate report {shlex.quote(name)}{store}"}
 
 
 def family_row(family: str, members: list[dict], storage: str, out: Path) -> dict:
@@ -106,7 +108,7 @@ def study_row(name: str, storage: str, out: Path) -> dict:
         "name": name, "kind": "", "task": "", "base": "", "done": None, "planned": None,
         "status": IN_PROGRESS if running else "", "running": running, "started": min(starts, default=None),
         "last": max(ends, default=None), "active": max(starts + ends, default=None), "wall_s": wall_s(trials),
-        "problem": "", "commands": commands(name, storage), **report_of(name, out),
+        "problem": "", "commands": commands(name, storage, _family_of(study)), **report_of(name, out),
     }  # fmt: skip
     # A report written before the study's last trial ended (or while trials run) answers an earlier question.
     row["stale"] = bool(row["built"]) and (running > 0 or row["last"] is not None and row["built"] < row["last"])
@@ -129,6 +131,11 @@ def study_row(name: str, storage: str, out: Path) -> dict:
              f"{_count(spec.base.train.steps, 'step')}",  # fmt: skip
     )
     return row
+
+
+def _family_of(study: optuna.Study) -> str:
+    family = study.user_attrs.get(names.ATTR_FAMILY)
+    return family if isinstance(family, str) and safe_name(family) else ""
 
 
 def report_of(name: str, out: Path) -> dict:
