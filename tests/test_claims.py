@@ -37,6 +37,8 @@ def test_a_claim_needs_every_part_and_falls_with_any():
     R, N, I = claims.REPRODUCED, claims.NOT_REPRODUCED, claims.INCONCLUSIVE  # noqa: E741
     assert claims.combine([R, R]) == R and claims.combine([R, I]) == I and claims.combine([R, I, N]) == N
     assert claims.combine([]) == I
+    assert claims.tally([R, N, R]) == "2 of 3 reproduced, 1 not reproduced" and claims.tally([I]) == \
+        "0 of 1 reproduced, 1 inconclusive"
 
 
 def test_lr_sensitivity_is_the_mean_excess_over_the_best_with_divergence_at_the_ceiling():
@@ -117,6 +119,8 @@ def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(t
     expected = claims.judge_verdict("worse", verdict if verdict != "—" else "undecided")
     assert f'<span class="verdict {expected.replace(" ", "-")}">{expected}</span>' in section
     assert "tested at width 16, 1 layer, 10 steps of 8 x 16 tokens" in section
+    summary = (tmp_path / "reports" / "claimed" / "summary.md").read_text().splitlines()[0]
+    assert re.search(r"; claims: [0-2] of 2 reproduced", summary), summary  # the index's one-line answer counts them
     stable = re.search(r'<div class="claim" data-claim="stable">(.*?)</div>', page, re.S).group(1)
     assert re.search(r"LR sensitivity of model.num_heads=4 \d\.\d{3} against base \d\.\d{3} nats", stable)
 

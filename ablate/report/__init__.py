@@ -145,6 +145,8 @@ def _ablation(data: StudyData, ctx: dict) -> None:
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["lengths"] = _length_display(data, table)
     ctx["claims"] = _claims(data, table)
+    if ctx["claims"]:
+        ctx["headline"] += "; claims: " + claims.tally([c["verdict"] for c in ctx["claims"]])
     ctx["variants"] = html.table(ctx["variant_df"])
     ctx["figures"]["isolation"] = plots.isolation(data, table)
     ctx["figures"]["lr"] = plots.lr_sensitivity(data, _nuisance_param(data), table)

@@ -37,6 +37,13 @@ def combine(labels: list[str]) -> str:
     return REPRODUCED if all(label == REPRODUCED for label in labels) else INCONCLUSIVE
 
 
+def tally(verdicts: list[str]) -> str:
+    """``"2 of 3 reproduced, 1 not reproduced"``: claims' verdicts counted, for a headline."""
+    counts = {v: verdicts.count(v) for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
+    rest = [f"{n} {v}" for v, n in counts.items() if n and v != REPRODUCED]
+    return ", ".join([f"{counts[REPRODUCED]} of {len(verdicts)} reproduced", *rest])
+
+
 def judge_verdict(expected: str, measured: str) -> str:
     if measured in MEETS[expected]:
         return REPRODUCED

@@ -106,9 +106,11 @@ def context(family: str, members: list[Member]) -> dict:
     lr = across.lr_by_width(tables, widths, grid_step(first)) if len(set(widths.values())) > 1 else pd.DataFrame()
     points = frontier_points(done)
     on = across.frontier(points, names.FLOPS_TOTAL, "test_mean") if len(points) else points
+    found = family_claims(done, lr)
+    tally = "; claims: " + claims.tally([c["verdict"] for c in found]) if found else ""
     return {
         "name": family, "description": first.description, "members": [_member_row(m) for m in members],
-        "headline": headline(factors, len(done), len(members)), "factors": factors,
+        "headline": headline(factors, len(done), len(members)) + tally, "factors": factors,
         "statement": error_statement(first, len(done)),
         "side_by_side": html.table(_side_by_side(compared, [m.label for m in done])) if len(compared) else None,
         "frontier": [f"{r.member}: {r.variant} ({r.test_mean:.4f} at {r[names.FLOPS_TOTAL]:.3g} FLOPs)"
@@ -116,7 +118,7 @@ def context(family: str, members: list[Member]) -> dict:
         "frontier_figure": plots.frontier(points, on) if len(points) else None,
         "lr": html.table(lr) if len(lr) else None, "lr_text": lr_sentences(lr, first),
         "lr_figure": plots.lr_by_width(lr) if len(lr) else None,
-        "claims": family_claims(done, lr),
+        "claims": found,
         "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
     }
 
