@@ -75,6 +75,7 @@ def build_family_report(family: str, *, storage: str | None = None, tracking_uri
     returns the page's path."""
     folder = Path(out) / check_name(family)
     members = load_members(family, storage, tracking_uri)
+    plots.theme()
     ctx = context(family, members)
     folder.mkdir(parents=True, exist_ok=True)
     if folder.resolve().parent != Path(out).resolve():
