@@ -145,7 +145,7 @@ def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
                  for label, j in per_member] + (width["lines"] if width else [])  # fmt: skip
         out.append({"id": key, "claim": claim.claim, "source": claim.source, "published": claim.published,
                     "verdict": claims.combine([line["outcome"] for line in lines]), "lines": lines,
-                    "caveats": "; ".join(f"{m.label}: {claims.setting(m.spec)}" for m in members)
+                    "caveats": "; ".join(f"{m.label}: {claims.setting(m.spec)}" for m in members if m.spec.tests(claim))
                                + (f"; {claim.caveat}" if claim.caveat else "")})  # fmt: skip
     return out
 
