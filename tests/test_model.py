@@ -178,16 +178,22 @@ def test_padded_keys_get_zero_weight(causal):
     torch.testing.assert_close(w.sum(-1), torch.ones(B, H, T))
 
 
-@pytest.mark.parametrize("scaling", SCALINGS)
-def test_classifier_output_ignores_extra_padding(scaling):
-    """Same tokens padded to 6 or to 10 give the same logits (n of logn counts real keys only)."""
-    cfg = ModelConfig(embed_dim=16, num_heads=2, num_layers=2, scaling=scaling)
-    model = Transformer(cfg, vocab_size=11, max_len=10, num_classes=3).eval()
+def padded_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two sequences of 6 tokens (the second padded after 4) and the same tokens padded out to 10, with their masks."""
     short = torch.randint(1, 11, (2, 6))
     real = torch.ones(2, 6, dtype=torch.bool)
     real[1, 4:] = False
     long = torch.cat([short, torch.randint(1, 11, (2, 4))], 1)
     long_real = torch.cat([real, torch.zeros(2, 4, dtype=torch.bool)], 1)
+    return short, real, long, long_real
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_classifier_output_ignores_extra_padding(scaling):
+    """Same tokens padded to 6 or to 10 give the same logits (n of logn counts real keys only)."""
+    cfg = ModelConfig(embed_dim=16, num_heads=2, num_layers=2, scaling=scaling)
+    model = Transformer(cfg, vocab_size=11, max_len=10, num_classes=3).eval()
+    short, real, long, long_real = padded_pair()
     with torch.no_grad():
         torch.testing.assert_close(model(short, real), model(long, long_real))
 
@@ -493,11 +499,7 @@ def test_rnn_is_causal_runs_any_length_and_classifies_from_the_last_real_token(k
     torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=0)
     assert (a[:, 6:] - b[:, 6:]).abs().amax() > 1e-4
     clf = build_model(cfg, vocab_size=11, max_len=10, num_classes=3).eval()
-    short = torch.randint(1, 11, (2, 6))
-    real = torch.ones(2, 6, dtype=torch.bool)
-    real[1, 4:] = False
-    long = torch.cat([short, torch.randint(1, 11, (2, 4))], 1)
-    long_real = torch.cat([real, torch.zeros(2, 4, dtype=torch.bool)], 1)
+    short, real, long, long_real = padded_pair()
     with torch.no_grad():
         torch.testing.assert_close(clf(short, real), clf(long, long_real))  # padding after the last real token
         cut = clf(short[1:, :4])  # the same sample without its padding
