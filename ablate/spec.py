@@ -8,7 +8,6 @@ in the terms of Google's Deep Learning Tuning Playbook. Standard library, yaml a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import math
@@ -36,8 +35,6 @@ from ablate.config import (
     to_dict,
     with_values,
 )
-from ablate.inputs import read_text, read_yaml
-from ablate.preflight import check_study
 from ablate.stores import redact_text
 
 KINDS = ("ablation", "search")
@@ -326,103 +323,13 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, preflight: bool = 
     every variant's data source and memory (``ablate.preflight``). The report reads a finished study without it.
     A file with a ladder or several budgets is a family of studies: :func:`load_specs`.
     """
+    from ablate.families import load_specs  # families are built from this module's specs
+
     specs = load_specs(path, overrides, preflight=preflight)
     if len(specs) > 1:
         raise ConfigError("ladder", f"this file runs {len(specs)} studies ({', '.join(s.name for s in specs)}); "
                                     "name one of them", str(path))  # fmt: skip
     return specs[0]
-
-
-def load_specs(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> list[StudySpec]:
-    """Every study the file at ``path`` runs: one, or one per member of its family (:func:`expand`), in order.
-    All members are validated (and preflighted) before any of them runs."""
-    source = str(path)
-    text = read_text(path)
-    data = read_yaml(path, text)
-    try:
-        specs = family_specs(data, overrides, source=source, text=text)
-        if preflight:
-            for spec in specs:
-                check_study(spec)
-        return specs
-    except ConfigError as err:
-        raise err.at(source) from None
-
-
-def family_specs(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> list[StudySpec]:
-    """The specs of a study file's mapping: one for a plain study, else one per member, each a plain study of its
-    own (``spec_from_mapping`` reads a member's stored mapping back), marked with its family and label."""
-    members = expand(data)
-    labels = {part for label, _ in members for part in label.split(".") if part}
-    for key, claim in (data.get("claims") or {}).items():
-        member = claim.get("member") if isinstance(claim, dict) else None
-        if member and member not in labels:
-            raise ConfigError(f"claims.{key}.member", f"{member!r} is not a member of this study; its members: "
-                                                      f"{', '.join(sorted(labels)) or 'none (no ladder or budgets)'}")
-    if len(members) == 1 and not members[0][0]:
-        return [spec_from_mapping(data, overrides, source=source, text=text)]
-    family_data = _redacted(data)
-    out = []
-    for label, mapping in members:
-        try:
-            spec = spec_from_mapping(mapping, overrides, source=source, text=text)
-        except ConfigError as err:
-            raise ConfigError(err.key, f"{err.problem} (in member {label})") from None
-        out.append(dataclasses.replace(spec, family=data["name"], member=label, family_data=family_data))
-    return out
-
-
-def expand(data: dict) -> list[tuple[str, dict]]:
-    """A study file's members as (label, mapping of a plain study): ``[("", data)]`` without a ladder or a list of
-    budgets; else one per rung of ``ladder`` times each ``budget.match``, named ``<name>.<rung>[.<match>]``."""
-    ladder = data.get("ladder") or {}
-    budget = data.get("budget") or {}
-    matches = budget.get("match") if isinstance(budget, dict) else None
-    if not ladder and not isinstance(matches, list):
-        return [("", data)]
-    if not isinstance(ladder, dict):
-        raise ConfigError("ladder", "must map a label to the base's changes, e.g. w128: {model.embed_dim: 128}")
-    rungs = [(_rung_label(label), _rung(label, changes)) for label, changes in ladder.items()] or [("", {})]
-    if isinstance(matches, list) and budget.get("value") is not None:
-        raise ConfigError("budget.value", "is in the unit of one budget; with a list of budgets, leave it out")
-    budgets = _budget_list(matches) if isinstance(matches, list) else [""]
-    out = []
-    for (rung, changes), match in itertools.product(rungs, budgets):
-        label = ".".join(part for part in (rung, match) if part)
-        mapping = {k: v for k, v in data.items() if k != "ladder"}
-        mapping = {**mapping, **{key: dict(mapping.get(key) or {}) for key in RUN_SECTIONS
-                                 if isinstance(mapping.get(key) or {}, dict)}}  # fmt: skip
-        for key, value in changes.items():
-            set_path(mapping, key, value)
-        if match:
-            mapping["budget"] = {**budget, "match": match}
-        mapping["name"] = f"{check_name(data.get('name'))}.{label}"
-        out.append((label, mapping))
-    return out
-
-
-def _rung_label(label: object) -> str:
-    if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", label):
-        raise ConfigError(f"ladder.{label}", "a rung's label must be 1-40 letters, digits, '_' or '-'")
-    return label
-
-
-def _rung(label: str, changes: object) -> dict[str, Any]:
-    if not isinstance(changes, dict) or not changes:
-        raise ConfigError(f"ladder.{label}", "must map config keys to values, e.g. {model.embed_dim: 128}")
-    for key in changes:
-        if not isinstance(key, str) or key.split(".")[0] not in RUN_SECTIONS or "." not in key:
-            raise ConfigError(f"ladder.{label}.{key}", f"must be a dotted key of {', '.join(RUN_SECTIONS)}")
-    return changes
-
-
-def _budget_list(matches: list) -> list[str]:
-    if len(matches) < 2 or len(set(map(str, matches))) != len(matches):
-        raise ConfigError("budget.match", f"a list needs at least two different budgets, got {matches!r}")
-    for match in matches:
-        if match not in MATCHES:
-            raise ConfigError("budget.match", f"unknown value {match!r}; allowed: {', '.join(MATCHES)}")
-    return list(matches)
 
 
 def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> StudySpec:
@@ -461,7 +368,7 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
         description=redact_text(raw.description),
         source=source,
         text=redact_text(text),
-        data=_redacted(data),
+        data=redacted(data),
         digest=hashlib.sha256(text.encode()).hexdigest(),
         claims=raw.claims,
     )
@@ -472,12 +379,12 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
     return spec
 
 
-def _redacted(value: Any) -> Any:
+def redacted(value: Any) -> Any:
     """A copy of the mapping with every URL's password masked: what is stored of a study file."""
     if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
+        return {k: redacted(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redacted(v) for v in value]
+        return [redacted(v) for v in value]
     return redact_text(value) if isinstance(value, str) else value
 
 

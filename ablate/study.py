@@ -34,8 +34,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ablate import names, plan, recovery
 from ablate.commands import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.config import ConfigError, RunConfig, to_dict
+from ablate.families import load_specs
 from ablate.objective import Objective
-from ablate.spec import StudySpec, load_specs
+from ablate.spec import StudySpec
 from ablate.storage import PlanLock, check_stores, open_storage
 from ablate.stores import default_storage, default_tracking_uri, redact
 from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, reconcile_runs

@@ -126,7 +126,7 @@ def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(t
 
 
 def test_a_claim_can_name_the_one_member_of_a_family_it_is_about():
-    from ablate.spec import family_specs
+    from ablate.families import family_specs
 
     ladder = {"small": {"model.embed_dim": 16}, "wide": {"model.embed_dim": 32}}
     specs = family_specs({**TINY_STUDY, "ladder": ladder, "claims": {"c": {**CLAIM, "member": "wide"}}})

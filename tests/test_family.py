@@ -14,8 +14,9 @@ from conftest import TINY_STUDY, index_rows, read_table
 
 from ablate import names
 from ablate.config import ConfigError
+from ablate.families import load_specs
 from ablate.report import across
-from ablate.spec import load_spec, load_specs
+from ablate.spec import load_spec
 
 LADDER = {"w16": {"model.embed_dim": 16}, "w32": {"model.embed_dim": 32, "model.num_layers": 2}}
 

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 
 from ablate import cli, names, plan, recovery
 from ablate.config import ConfigError, with_values
-from ablate.spec import load_spec, load_specs
+from ablate.families import load_specs
+from ablate.spec import load_spec
 from ablate.study import run_study
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("**/*.yaml"))  # claims/ too

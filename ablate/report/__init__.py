@@ -17,11 +17,12 @@ import yaml
 from ablate import names
 from ablate.budget import ComputeBudget
 from ablate.config import ConfigError
+from ablate.families import load_specs
 from ablate.report import analysis, claims, html, plots
 from ablate.report.family import build_family_report, families
 from ablate.report.index import build_index, commands, safe_name
 from ablate.report.load import StudyData, completed, dataset_digests, load_study, safe_study_names
-from ablate.spec import check_name, load_specs
+from ablate.spec import check_name
 from ablate.stores import redact, redact_text
 
 __all__ = ["build_index", "build_report", "report_command", "load_study"]

@@ -17,9 +17,10 @@ import pandas as pd
 
 from ablate import names
 from ablate.config import ConfigError
+from ablate.families import family_specs
 from ablate.report import across, analysis, claims, html, plots
 from ablate.report.load import StudyData, checked_storage, load_study
-from ablate.spec import StudySpec, check_name, family_specs
+from ablate.spec import StudySpec, check_name
 from ablate.stores import default_storage, redact_text
 
 TEMPLATE = "family.html.j2"
