@@ -123,6 +123,18 @@ def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(t
     assert re.search(r"; claims: [0-2] of 2 reproduced", summary), summary  # the index's one-line answer counts them
     stable = re.search(r'<div class="claim" data-claim="stable">(.*?)</div>', page, re.S).group(1)
     assert re.search(r"LR sensitivity of model.num_heads=4 \d\.\d{3} against base \d\.\d{3} nats", stable)
+    grid = read_table(stable, "claim-stable-grid")  # loss, divergence and the largest logit, by learning rate
+    assert list(grid.columns) == ["train.lr", "model.num_heads=4: val/loss", "model.num_heads=4: max logit",
+                                  "base: val/loss", "base: max logit"]  # fmt: skip
+    assert len(grid) == 2 and all(float(v) > 0 for v in grid["base: max logit"])
+
+
+def test_lr_grid_marks_divergence_and_leaves_untried_rates_blank():
+    tune = pd.DataFrame({"variant": ["a", "a", "b"], "train.lr": [1e-3, 1e-2, 1e-3], "value": [2.0, np.nan, 2.5],
+                         "status": ["completed", "diverged", "completed"], "run_id": ["r1", "r2", "r3"]})  # fmt: skip
+    grid = claims.lr_grid(tune, "train.lr", ["a", "b"], {"r1": 3.0, "r2": 40.0})
+    assert grid["a: val/loss"].tolist() == ["2.0000", "diverged"] and grid["b: val/loss"].tolist() == ["2.5000", ""]
+    assert grid["a: max logit"].tolist() == [3.0, 40.0] and math.isnan(grid["b: max logit"][0])
 
 
 def test_a_claim_can_name_the_one_member_of_a_family_it_is_about():

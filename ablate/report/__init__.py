@@ -224,8 +224,24 @@ def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None)
         caveats = claims.setting(data.spec) + (f"; {claim.caveat}" if claim.caveat else "")
         if claim.lr_exponent and exponents is None:
             caveats += "; its learning-rate-against-width part is judged on the family page"
+        grid = None
+        if claim.less_sensitive and len(tune):  # Wortsman et al.'s evidence: loss, divergence and logits by LR
+            arms = [claim.less_sensitive, claim.than]
+            runs = tune[tune["variant"].isin(arms)]["run_id"]
+            grid = html.table(claims.lr_grid(tune, data.spec.nuisance[0].key, arms, _max_logits(data, runs)))
         out.append({"id": key, "claim": claim.claim, "source": claim.source, "published": claim.published,
-                    "caveats": caveats, **judged})
+                    "caveats": caveats, "grid": grid, **judged})
+    return out
+
+
+def _max_logits(data: StudyData, runs: pd.Series) -> dict[str, float]:
+    """Per run, the largest attention logit of any layer over its training (its attn/max_logit/l* histories)."""
+    keys = [c for c in data.trials.columns if isinstance(c, str) and c.startswith("attn/max_logit/")]
+    out = {}
+    for run in (r for r in runs if r):
+        values = [v for key in keys for v in data.history(run, key)["value"]]
+        if values:
+            out[run] = float(max(values))
     return out
 
 

@@ -121,6 +121,26 @@ def _sensitivity_line(claim: Claim, spec: StudySpec, tune: pd.DataFrame) -> tupl
     return outcome, text
 
 
+def lr_grid(tune: pd.DataFrame, param: str, arms: list[str], logits: Mapping[str, float]) -> pd.DataFrame:
+    """Loss and divergence against the learning rate, arm by arm: per learning rate tried (rows), each arm's final
+    val loss ("diverged" for a diverged run) and the largest attention logit over its training (``logits``: run id
+    -> that logit; blank when not logged)."""
+    rows = tune[tune["variant"].isin(arms)]
+    out = pd.DataFrame({param: sorted(rows[param].round(12).unique())})
+    for arm in arms:
+        mine = rows[rows["variant"] == arm].assign(lr=lambda d: d[param].round(12)).set_index("lr")
+        out[f"{arm}: val/loss"] = [_loss_text(mine, lr) for lr in out[param]]
+        out[f"{arm}: max logit"] = [logits.get(mine.at[lr, "run_id"], math.nan) if lr in mine.index else math.nan
+                                    for lr in out[param]]  # fmt: skip
+    return out
+
+
+def _loss_text(runs: pd.DataFrame, lr: float) -> str:
+    if lr not in runs.index:
+        return ""
+    return "diverged" if runs.at[lr, "status"] == "diverged" else f"{runs.at[lr, 'value']:.4f}"
+
+
 def setting(spec: StudySpec) -> str:
     """The scale and task a claim was tested at, for its caveats."""
     m, t, task = spec.base.model, spec.base.train, spec.base.task
