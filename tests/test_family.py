@@ -152,7 +152,9 @@ def test_a_ladder_at_two_budgets_gives_one_answer_per_member_and_a_family_page(t
     assert len(side) == 1 and side["value"][0] == "model.num_heads=4"
     assert len(read_table(page, "members-table")) == 4
     assert read_table(page, "lr-width-table").columns[1:3].tolist() == ["lr @ 16", "lr @ 32"]
-    rows = index_rows((tmp_path / "reports" / "index.html").read_text())
+    index = (tmp_path / "reports" / "index.html").read_text()
+    assert '<span class="badge">4 in the store; 1 family</span>' in index
+    rows = index_rows(index)
     assert set(members) <= set(rows)  # every member, and the family as one row linking to its page
     assert 'href="fam/index.html"' in rows["fam"][0] and rows["fam"][2].startswith("across 4 members: ")
     assert rows["fam"][3].startswith("family of 4: fam.w16.steps") and rows["fam"][6] == "24 / 24"

@@ -48,6 +48,7 @@ def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> 
     counts = {s: n for s in (IN_PROGRESS, STOPPED, FINISHED) if (n := sum(r["status"] == s for r in rows))}
     page = html.render({
         "rows": rows, "stores": [redact(s) for s in stores], "skipped": skipped, "counts": counts,
+        "families": sum(r["kind"].startswith("family of") for r in rows),
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     }, html.INDEX_TEMPLATE)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
