@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run (or resume) an Optuna study declared in a YAML file, then its report")
     p.add_argument("spec", help="studies/NAME.yaml")
     p.add_argument("--trials", type=int, default=None, help="stop after this many trials in this invocation")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the study file's)")
+    p.add_argument("--workers", type=_workers, default=None,
+                   help="worker processes, or auto: one per core, or on each GPU as many as fit (default: the study "
+                        "file's)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: $ABLATE_STORAGE or runs/optuna.db)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before workers stop taking trials")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -44,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: $ABLATE_STORAGE or runs/optuna.db)")
     return parser
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a number, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,6 +216,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if classes and isinstance(value, dict):
             return from_dict(classes[0], value, prefix=key)
         scalars = [t for t in options if not dataclasses.is_dataclass(t)] or options
+        for scalar in scalars[1:]:  # int | str: the first scalar type the value is, else the first's error
+            if scalar is str and isinstance(value, str):
+                return value
         try:
             return _coerce(value, scalars[0], key)
         except ConfigError:

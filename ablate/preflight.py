@@ -100,6 +100,11 @@ def _at(where: str, err: ConfigError) -> ConfigError:
 # Memory
 
 
+def run_bytes(cfg: RunConfig) -> int:
+    """Bytes one run of ``cfg`` holds at its peak, by ``estimate_bytes`` (errs high): what a worker slot needs."""
+    return estimate_bytes(_sizes(cfg))
+
+
 def check_memory(cfg: RunConfig, where: str = "") -> None:
     """A ConfigError naming the key that makes ``cfg`` too large for this machine's memory, if it is."""
     sizes = _sizes(cfg)

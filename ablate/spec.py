@@ -59,6 +59,13 @@ def check_name(name: object, key: str = "name") -> str:
     return name
 
 
+def check_workers(workers: object, key: str) -> int | str:
+    """``workers`` if it is ``auto`` or a number of processes in [1, MAX_WORKERS], else a ConfigError naming ``key``."""
+    if workers == "auto" or isinstance(workers, int) and not isinstance(workers, bool) and 1 <= workers <= MAX_WORKERS:
+        return workers
+    raise ConfigError(key, f"must be auto or a number in [1, {MAX_WORKERS}], got {workers!r}")
+
+
 @dataclass(frozen=True)
 class Range:
     """A nuisance parameter's range. An ablation never tries a value outside ``[low, high]``: they are hard limits."""
@@ -184,8 +191,9 @@ class StudyFile:
     tracking_uri: str | None = None
     heartbeat: int = 10
     """Seconds between a running trial's heartbeats; a trial silent for 3x this long is failed and retried."""
-    workers: int = 1
-    """Worker processes on this machine when ``--workers`` is not given; torch threads are split between them."""
+    workers: int | str = 1
+    """Worker processes on this machine when ``--workers`` is not given, or ``auto``: one per core on a CPU, on a GPU
+    machine as many per device as fit its memory (``ablate.devices``); torch threads are split between them."""
     claims: dict[str, Claim] = field(default_factory=dict)
     """Id -> a published claim this study tests; its verdict (reproduced, not reproduced, inconclusive) is computed
     from the study's own verdicts (``ablate.claims``)."""
@@ -195,7 +203,8 @@ class StudyFile:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        for key, most in (("points", MAX_POINTS), ("heartbeat", 3600), ("workers", MAX_WORKERS)):
+        check_workers(self.workers, "workers")
+        for key, most in (("points", MAX_POINTS), ("heartbeat", 3600)):
             if not 1 <= getattr(self, key) <= most:
                 raise ConfigError(key, f"must be in [1, {most}], got {getattr(self, key)}")
         if not 0 <= self.max_extra_points <= MAX_POINTS:
@@ -266,7 +275,7 @@ class StudySpec:
     storage: str | None = None
     tracking_uri: str | None = None
     heartbeat: int = 10
-    workers: int = 1
+    workers: int | str = 1
     description: str = ""
     source: str = ""
     text: str = ""  # the study file as written, passwords in URLs masked (logged as an artifact)

@@ -31,12 +31,13 @@ import optuna
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import names, plan, recovery
+from ablate import devices, names, plan, recovery
 from ablate.commands import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.config import ConfigError, RunConfig, to_dict
 from ablate.families import load_specs
 from ablate.objective import Objective
-from ablate.spec import StudySpec
+from ablate.preflight import run_bytes
+from ablate.spec import StudySpec, check_workers
 from ablate.storage import PlanLock, check_stores, open_storage
 from ablate.stores import default_storage, default_tracking_uri, redact
 from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, reconcile_runs
@@ -67,9 +68,7 @@ def run_study(
     """Run or resume the study in ``spec_path`` (each member in turn for a ladder or a list of budgets); the exit
     code (0 when every trial this invocation ran finished)."""
     specs = load_specs(spec_path, overrides)  # every ConfigError, of every member, comes before any store exists
-    workers = specs[0].workers if workers is None else workers
-    if workers < 1:
-        raise ConfigError("--workers", f"must be >= 1, got {workers}")
+    workers = check_workers(specs[0].workers if workers is None else workers, "--workers")
     if trials is not None and trials < 1:
         raise ConfigError("--trials", f"must be >= 1, got {trials}")
     storage_url = storage or specs[0].storage or default_storage()
@@ -102,11 +101,12 @@ class Member:
         return next(s for s in load_specs(self.path, self.overrides, preflight=False) if s.name == self.name)
 
 
-def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: float | None, workers: int,
+def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: float | None, workers: int | str,
              report: bool) -> int:  # fmt: skip
     storage_url, tracking_uri = member.storage_url, member.tracking_uri
-    threads = spec.base.train.threads or max(1, (os.cpu_count() or 1) // workers)
-    args = (member, trials, deadline, threads)
+    gpus = [] if spec.base.train.device == "cpu" else devices.gpu_free_bytes()
+    need = run_bytes(spec.base) if gpus else 0
+    slots = devices.plan_slots(workers, need, gpus, os.cpu_count() or 1, spec.base.train.threads)
     interrupted = False
     STOP_REQUESTED.clear()
     with sigterm_as_interrupt(sigint=True):  # SIGTERM (kill, a scheduler) stops a study as Ctrl-C does
@@ -119,10 +119,10 @@ def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: floa
         parent.resume()
         try:
             with Monitor(study, total=lambda trials: planned_size(spec, trials)):
-                if workers == 1:
-                    work(*args, 0)
+                if len(slots) == 1:  # in this process, on the default device
+                    work(member, trials, deadline, slots[0].threads, 0)
                 else:
-                    _spawn(*args, workers)
+                    _spawn(member, trials, deadline, slots)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -258,17 +258,18 @@ def _pending(study: optuna.Study) -> bool:
 # Workers
 
 
-def _spawn(member: Member, trials: int | None, deadline: float | None, threads: int, workers: int) -> None:
+def _spawn(member: Member, trials: int | None, deadline: float | None, slots: list[devices.Slot]) -> None:
     ctx = multiprocessing.get_context("spawn")  # no forked torch or SQLite state
-    procs = []
-    for i in range(workers):
-        share = None if trials is None else trials // workers + (i < trials % workers)
+    pending = []
+    for i, slot in enumerate(slots):
+        share = None if trials is None else trials // len(slots) + (i < trials % len(slots))
         if share == 0:
             continue
-        args = (member, share, deadline, threads, i)
-        procs.append(ctx.Process(target=_worker_process, args=args, name=f"ablate-worker-{i}"))
-    for p in procs:
-        p.start()
+        args = (member, share, deadline, slot.threads, i)
+        pending.append((ctx.Process(target=_worker_process, args=args, name=f"ablate-worker-{i}"), slot))
+    for p, slot in pending:
+        start_on(p, slot)
+    procs = [p for p, _ in pending]
     try:
         for p in procs:
             p.join()
@@ -283,6 +284,23 @@ def _spawn(member: Member, trials: int | None, deadline: float | None, threads: 
             if p.is_alive():
                 p.kill()
         raise
+
+
+def start_on(process: multiprocessing.process.BaseProcess, slot: devices.Slot) -> None:
+    """Start a spawned worker that sees only its slot's GPU: the child takes this process's environment as it is at
+    start, so CUDA_VISIBLE_DEVICES is set for that moment alone."""
+    if slot.device == "cpu":
+        process.start()
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = slot.device
+    try:
+        process.start()
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def _worker_process(*args: Any) -> None:
