@@ -137,6 +137,15 @@ def test_lr_grid_marks_divergence_and_leaves_untried_rates_blank():
     assert grid["a: max logit"].tolist() == [3.0, 40.0] and math.isnan(grid["b: max logit"][0])
 
 
+def test_a_member_report_leaves_a_width_only_claim_to_its_family(monkeypatch):
+    from ablate.report import _claims
+
+    spec = spec_from_mapping({**TINY_STUDY, "claims": {"w": {"source": "Yang et al. 2022", "claim": "LR falls.",
+                                                             "lr_exponent": {"base": [-1.5, -0.3]}}}})  # fmt: skip
+    data = type("Data", (), {"spec": spec, "trials": pd.DataFrame({"phase": [], "status": []})})()
+    assert _claims(data, _table("worse", 0.06)) == []  # no "0 of 1 reproduced" on a member's page
+
+
 def test_a_claim_can_name_the_one_member_of_a_family_it_is_about():
     from ablate.families import family_specs
 

@@ -218,8 +218,8 @@ def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None)
     tune = t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])] if "phase" in t else t.iloc[0:0]
     out = []
     for key, claim in data.spec.claims.items():
-        if not data.spec.tests(claim):
-            continue
+        if not data.spec.tests(claim) or exponents is None and not (claim.expect or claim.less_sensitive):
+            continue  # another member's claim, or one about width that only the family page can judge
         judged = claims.judge(claim, data.spec, table, tune, exponents)
         caveats = claims.setting(data.spec) + (f"; {claim.caveat}" if claim.caveat else "")
         if claim.lr_exponent and exponents is None:
