@@ -214,8 +214,7 @@ def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
 
 def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None) -> list[dict]:
     """Each published claim of the study file, judged from this study's numbers (``claims.judge``)."""
-    t = data.trials
-    tune = t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])] if "phase" in t else t.iloc[0:0]
+    tune = analysis.tune_runs(data)
     out = []
     for key, claim in data.spec.claims.items():
         if not data.spec.tests(claim) or exponents is None and not (claim.expect or claim.less_sensitive):

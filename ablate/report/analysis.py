@@ -46,6 +46,14 @@ def seed_runs(data: StudyData) -> pd.DataFrame:
     return t[(t["phase"] == "seed") & t["outcome"].notna() & t["status"].isin(["completed", "diverged"])]
 
 
+def tune_runs(data: StudyData) -> pd.DataFrame:
+    """Tune-phase runs that are results (completed, or diverged: a learning rate too high is an outcome too)."""
+    t = data.trials
+    if t.empty or "phase" not in t:
+        return t.iloc[0:0]
+    return t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])]
+
+
 def plan_results(data: StudyData) -> list[plan.Result]:
     return plan.results_of(data.study.get_trials(deepcopy=False))
 

@@ -1,5 +1,5 @@
 """The page of a family of studies (``reports/<family>/index.html``): one study file run as several Optuna studies,
-one per rung of a size ladder and/or per budget (``spec.expand``). Each member keeps its own full report; this page
+one per rung of a size ladder and/or per budget (``ablate.families``). Each member keeps its own full report; this page
 sets their answers side by side and says, per factor, whether the answer holds, moves or flips (``across``), where
 the arms lie against their training compute, and how each arm's best learning rate moves with width.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ablate.families import family_specs
 from ablate.report import across, analysis, claims, html, plots
 from ablate.report.load import StudyData, checked_storage, load_study
 from ablate.spec import StudySpec, check_name
-from ablate.stores import default_storage, redact_text
+from ablate.stores import default_storage
 
 TEMPLATE = "family.html.j2"
 SUMMARY = "summary.md"
@@ -46,19 +45,17 @@ def families(storage: str | None) -> dict[str, list[str]]:
     return out
 
 
-def family_spec_data(family: str, storage: str) -> dict:
-    """The family's study file as stored with its members (the one of the most recently set-up member)."""
-    for summary in reversed(optuna.get_all_study_summaries(storage, include_best_trial=False)):
-        if summary.user_attrs.get(names.ATTR_FAMILY) == family:
-            return summary.user_attrs.get(names.ATTR_FAMILY_SPEC) or {}
-    raise ConfigError("report", f"no study of family {family!r} in {storage}")
-
-
 def load_members(family: str, storage: str | None, tracking_uri: str | None) -> list[Member]:
+    """Every member the family's stored study file names (the copy of its most recently set-up member), loaded
+    when it has started."""
     storage = storage or default_storage()
-    present = set(families(storage).get(family, []))
+    mine = [s for s in optuna.get_all_study_summaries(checked_storage(storage), include_best_trial=False)
+            if s.user_attrs.get(names.ATTR_FAMILY) == family]  # fmt: skip
+    if not mine:
+        raise ConfigError("report", f"no study of family {family!r} in {storage}")
+    present = {s.study_name for s in mine}
     out = []
-    for spec in family_specs(family_spec_data(family, storage)):
+    for spec in family_specs(mine[-1].user_attrs.get(names.ATTR_FAMILY_SPEC) or {}):
         if spec.name not in present:
             out.append(Member(spec.member, spec, None, pd.DataFrame(), []))
             continue
@@ -81,21 +78,15 @@ def build_family_report(family: str, *, storage: str | None = None, tracking_uri
     folder.mkdir(parents=True, exist_ok=True)
     if folder.resolve().parent != Path(out).resolve():
         raise ConfigError("report", f"{folder} leads outside {out} ({folder.resolve()}); remove it")
-    _write(folder / "index.html", html.render(ctx, TEMPLATE))
+    html.write_page(folder / "index.html", html.render(ctx, TEMPLATE))
     lines = [f"# {family}: {ctx['headline']}", ""] + [f"- **{f['factor']}** ({f['label']}): " + "; ".join(
         f"{m} → {c}" for m, c in f["choices"].items()) for f in ctx["factors"]]  # fmt: skip
-    _write(folder / SUMMARY, "\n".join(lines) + "\n")
+    html.write_page(folder / SUMMARY, "\n".join(lines) + "\n")
     if index:
         from ablate.report.index import build_index  # the index lists families: imported here, not at the top
 
         build_index([storage], out)
     return folder / "index.html"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(redact_text(text), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def context(family: str, members: list[Member]) -> dict:
@@ -135,11 +126,9 @@ def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
     for key, claim in members[0].spec.claims.items():
         per_member = []
         for m in (m for m in members if m.spec.tests(claim)):
-            t = m.data.trials
-            tune = t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])]
             part = dataclasses.replace(claim, lr_exponent={}) if claim.expect or claim.less_sensitive else None
             if part is not None:
-                per_member.append((m.label, claims.judge(part, m.spec, m.table, tune)))
+                per_member.append((m.label, claims.judge(part, m.spec, m.table, analysis.tune_runs(m.data))))
         width = claims.judge(dataclasses.replace(claim, expect={}, less_sensitive=""), members[0].spec,
                              pd.DataFrame(), pd.DataFrame(), exponents) if claim.lr_exponent else None  # fmt: skip
         lines = [{"outcome": j["verdict"], "text": f"{label}: " + "; ".join(x["text"] for x in j["lines"])}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pandas as pd
+
+from ablate.stores import redact_text
 
 TEMPLATE = "template.html.j2"  # a study's report; it and the index share page.css.j2 and sortable.js.j2
 INDEX_TEMPLATE = "index.html.j2"  # every study of a store on one page
@@ -49,6 +52,14 @@ def duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def write_page(path: Path, text: str) -> None:
+    """Write ``text`` (passwords in URLs masked) whole, then rename it over ``path``: a reader never sees half a page,
+    and a link planted at ``path`` is replaced rather than followed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(redact_text(text), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def render(context: dict, template: str = TEMPLATE) -> str:

@@ -7,7 +7,6 @@ report wrote (its answer), never MLflow: a store of many studies is listed in ab
 from __future__ import annotations
 
 import datetime
-import os
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +20,7 @@ from ablate.report import html
 from ablate.report.family import families
 from ablate.report.load import checked_storage, safe_study_names
 from ablate.spec import StudySpec, check_name, spec_from_mapping
-from ablate.stores import default_storage, redact, redact_text
+from ablate.stores import default_storage, redact
 
 FINISHED, IN_PROGRESS, STOPPED = "finished", "in progress", "stopped"
 SUMMARY = "summary.md"  # written by build_report; its first line is "# <study>: <answer>"
@@ -52,11 +51,7 @@ def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> 
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     }, html.INDEX_TEMPLATE)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    # Written whole, then renamed over the old page: a reader never sees half of it, and a link planted at the
-    # page's path is replaced rather than followed.
-    tmp = out / f".index.html.{os.getpid()}"
-    tmp.write_text(redact_text(page), encoding="utf-8")
-    os.replace(tmp, out / "index.html")
+    html.write_page(out / "index.html", page)
     return out / "index.html"
 
 
