@@ -88,12 +88,7 @@ def train(config: RunConfig, callbacks: tuple[Callback, ...] | list[Callback] = 
     try:
         result = trainer.run()
     except BaseException as err:
-        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        failed = RunResult(
-            status, reason, trainer.step, config_yaml=to_yaml(trainer.config), uniform_loss=trainer.uniform_loss
-        )
-        _notify_end(callbacks, failed, quiet=True)
+        _notify_end(callbacks, trainer.failed(err), quiet=True)
         raise
     _notify_end(callbacks, result, quiet=False)
     return result
@@ -199,9 +194,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction=reduction
-    )
+    # at least float32 (bf16 logits are promoted), float64 kept: the float64 tests compare runs to 1e-9
+    logits = logits.reshape(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
 class _Trainer:
@@ -213,11 +208,13 @@ class _Trainer:
         self.maps: Any = None
         self.train_s = 0.0  # time in training steps, evaluations excluded
         self.tokens = 0
+        self.initial = math.nan  # the first step's loss: the reference for divergence
         self.uniform_loss = math.nan
         self.test: dict[str, float] = {}  # test/loss and test/<metric>, once a completed run is scored
 
     # -- setup ----------------------------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, task: Any = None) -> None:
+        """Builds task, model, optimizer and schedule; ``task``: one already built from this config's task."""
         from ablate.budget import flops_per_sequence
         from ablate.model import build_model, count_params, pick_device
         from ablate.tasks import build_task
@@ -226,7 +223,7 @@ class _Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
-        self.task = build_task(cfg.task, seed=DATA_SEED)
+        self.task = task if task is not None else build_task(cfg.task, seed=DATA_SEED)
         self.uniform_loss = math.log(self.task.num_classes or self.task.vocab_size)  # the output layer's classes
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, self.task.vocab_size, self.task.seq_len, self.task.num_classes)
@@ -279,9 +276,15 @@ class _Trainer:
     def run(self) -> RunResult:
         start = time.perf_counter()
         self.setup()
-        if self._ask("on_start", RunStart(self.config, self.task, self.derived())):
+        if self.start():
             return self.result("stopped", "stopped by a callback before the first step", start)
-        status, reason = self.loop()
+        return self.finish(*self.loop(), start)
+
+    def start(self) -> bool:
+        """Tells callbacks the run starts; True if one asks to stop."""
+        return self._ask("on_start", RunStart(self.config, self.task, self.derived()))
+
+    def finish(self, status: str, reason: str, start: float) -> RunResult:
         if status == "completed":
             self.evaluate(final=True)  # the full validation split, reported at the last step
             self.test = self.evaluate_test()
@@ -292,7 +295,6 @@ class _Trainer:
         self.model.train()
         batches = self.task.batches("train", cfg.batch_size, seed=cfg.seed, device=self.device)
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no sync until a log step
-        initial = None
         window_start, window_tokens = time.perf_counter(), 0
         step, last, step_s = 0, False, 0.0
         while not last:
@@ -301,8 +303,8 @@ class _Trainer:
             loss, grad_norm, lr, tokens = self.train_step(next(batches), schedule.lr(step, trained))
             self.step, window_tokens = step, window_tokens + tokens
             loss_sum += loss.detach()
-            if initial is None:
-                initial = loss.item()  # the one extra sync of the run: the reference for divergence
+            if step == 1:
+                self.initial = loss.item()  # the one extra sync of the run: the reference for divergence
             if schedule.timed:
                 self.sync()  # a wall budget counts finished work: one sync per step
                 step_s = self.train_s + time.perf_counter() - window_start - trained
@@ -310,43 +312,61 @@ class _Trainer:
             if step % cfg.log_every == 0 or last:
                 mean = loss_sum.item() / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
                 elapsed = time.perf_counter() - window_start  # after the sync above: GPU work included
-                self.train_s, self.tokens = self.train_s + elapsed, self.tokens + window_tokens
-                metrics = {
-                    names.TRAIN_LOSS: mean,
-                    names.TRAIN_LR: lr,
-                    names.TRAIN_GRAD_NORM: float(grad_norm),
-                    names.TOKENS_PER_S: window_tokens / max(elapsed, 1e-9),
-                }
-                if not math.isfinite(mean) or mean > cfg.diverge_factor * initial:
-                    return "diverged", f"train/loss {mean:.4g} at step {step} (initial {initial:.4g})"
-                if self._ask("on_step", step, metrics):
-                    return "stopped", f"stopped by a callback at step {step}"
+                ended = self.log(step, mean, lr, grad_norm, window_tokens, elapsed)
+                if ended:
+                    return ended
                 loss_sum.zero_()
                 window_start, window_tokens = time.perf_counter(), 0
             if not last and schedule.evaluate(step, trained + step_s):
                 self.sync()  # queued training work belongs to the window, not to the evaluation
                 paused = time.perf_counter()
-                val_loss = self.evaluate(final=False)
+                ended = self.check(step)
                 window_start += time.perf_counter() - paused  # evaluations don't count as training time
-                if not math.isfinite(val_loss):
-                    return "diverged", f"val/loss not finite at step {step}"
-                if self._ask("on_eval", step, self.history[-1]):
-                    return "stopped", f"stopped by a callback at step {step}"
+                if ended:
+                    return ended
         return "completed", ""
 
+    def log(self, step: int, mean: float, lr: float, grad_norm: torch.Tensor, tokens: int,
+            elapsed: float) -> tuple[str, str] | None:  # fmt: skip
+        """A log step: counts the window's ``tokens`` and ``elapsed`` seconds, reports ``mean`` (the window's
+        train/loss) to ``on_step``; the (status, reason) that ends the run, or None to go on."""
+        self.train_s, self.tokens = self.train_s + elapsed, self.tokens + tokens
+        metrics = {
+            names.TRAIN_LOSS: mean,
+            names.TRAIN_LR: lr,
+            names.TRAIN_GRAD_NORM: float(grad_norm),
+            names.TOKENS_PER_S: tokens / max(elapsed, 1e-9),
+        }
+        if not math.isfinite(mean) or mean > self.config.train.diverge_factor * self.initial:
+            return "diverged", f"train/loss {mean:.4g} at step {step} (initial {self.initial:.4g})"
+        if self._ask("on_step", step, metrics):
+            return "stopped", f"stopped by a callback at step {step}"
+        return None
+
+    def check(self, step: int) -> tuple[str, str] | None:
+        """An intermediate evaluation reported to ``on_eval``; the (status, reason) that ends the run, or None."""
+        if not math.isfinite(self.evaluate(final=False)):
+            return "diverged", f"val/loss not finite at step {step}"
+        if self._ask("on_eval", step, self.history[-1]):
+            return "stopped", f"stopped by a callback at step {step}"
+        return None
+
     def train_step(self, batch: Any, lr: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-        cfg = self.config.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         with self.autocast():
             logits = self.forward(batch.inputs, batch.pad_mask)
         loss = _loss(logits, batch.targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return loss, self.update(lr), lr, batch.inputs.numel()
+
+    def update(self, lr: float) -> torch.Tensor:
+        """The optimizer step at ``lr`` on the gradients in place, clipped; returns their norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         # clipping with an infinite bound still returns the norm (logged), at the cost of one fused reduction
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip or math.inf)
         self.optimizer.step()
-        return loss, grad_norm, lr, batch.inputs.numel()
+        return grad_norm
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -414,6 +434,12 @@ class _Trainer:
         """Call ``hook`` on every callback (none is skipped); True if any asks to stop."""
         answers = [getattr(cb, hook)(*args) for cb in self.callbacks]
         return any(bool(a) for a in answers)
+
+    def failed(self, err: BaseException) -> RunResult:
+        """The result of a run that ``err`` ended: failed, or interrupted by a KeyboardInterrupt."""
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        return RunResult(status, reason, self.step, config_yaml=to_yaml(self.config), uniform_loss=self.uniform_loss)
 
     def result(self, status: str, reason: str, start: float) -> RunResult:
         metrics: dict[str, float] = {
