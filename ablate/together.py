@@ -1,0 +1,319 @@
+"""Trials of one architecture trained together: K runs that differ only in learning rate and seed, as one stacked model.
+
+Each member is an ordinary run (``train._Trainer``): its own model built under its own seed, its own batch stream,
+optimizer, schedule, gradient clipping, divergence check, callbacks, evaluation and result. Only the training step is
+shared: every parameter is stacked on a leading member dim K, the matmuls are batched over it (``baddbmm``) and
+attention sees the members folded into its batch, (K*B, H, T, D), so it stays on the ``scaled_dot_product_attention``
+kernel (``torch.func.vmap`` over sdpa has no batching rule on the CPU: it loops). The loss is the sum of the members'
+mean losses, so member k's gradient is exactly the one its single run would get.
+
+Each member model's parameters are views into the stacked tensors (``param.data = stacked[k]``), and after the
+backward pass each gets its slice of the stacked gradient, so the member's own AdamW (``train.make_optimizer``, its
+own learning rate) and clipping update the stack in place: no copy per step, and evaluation runs the member's
+ordinary model. A member that diverges or is stopped ends with that status (its callbacks hear ``on_end`` at once)
+and leaves the stack: the stack shrinks to the members still training (one copy), so it costs no more compute.
+
+On the CPU a step is compute-bound, so K members cost K single steps: it pays on a GPU only (``pays``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ablate.budget import ComputeBudget
+from ablate.config import ModelConfig, RunConfig, flatten, to_dict
+from ablate.model import Attend, l2_normalize, rotate
+from ablate.train import Callback, RunResult, RunStart, _loss, _notify_end, _Trainer
+
+FREE = ("train.lr", "train.seed")  # the only fields in which members may differ
+CORE_SCALING = {"learned": "none", "qknorm": "none", "logn": "sqrt"}  # the rest of a scaling once its per-member
+# factors are folded into q and k here (``_fold``): the shared core then only applies a constant scale
+
+
+def pays(device: torch.device | str) -> bool:
+    """Whether training trials together is faster than one after another on ``device``: on CUDA only. A CPU step of
+    these models is compute-bound (a 6x larger batch costs 6x at one thread, 1.3x gain at two), so stacking saves
+    nothing there; a GPU runs a small model's step far below its throughput, and K members fill it."""
+    return torch.device(device).type == "cuda"
+
+
+def check_alike(configs: Sequence[RunConfig]) -> None:
+    """A one-line ValueError unless ``configs`` are transformers that differ in ``FREE`` fields only."""
+    if not configs:
+        raise ValueError("train_together needs at least one config")
+    flat = [flatten(to_dict(c)) for c in configs]
+    for k, other in enumerate(flat[1:], start=1):
+        for key in flat[0]:
+            if key not in FREE and other[key] != flat[0][key]:
+                raise ValueError(f"configs trained together differ in {key} (config 0: {flat[0][key]!r}, config "
+                                 f"{k}: {other[key]!r}); only {' and '.join(FREE)} may differ")  # fmt: skip
+    if configs[0].model.kind != "transformer":
+        raise ValueError(f"model.kind {configs[0].model.kind!r}: only a transformer trains together")
+
+
+def train_together(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callback]],
+                   budget: ComputeBudget | None = None) -> list[RunResult]:  # fmt: skip
+    """Train ``configs`` (``check_alike``) as one stacked model; member k reports to ``callbacks[k]`` exactly as
+    ``train.train`` would and gets the same result (to rounding, without dropout: dropout masks come from one stream).
+
+    An exception anywhere (a step, a callback, KeyboardInterrupt) ends every member still training as failed or
+    interrupted, each callback hearing ``on_end`` once, and re-raises; members that ended before keep their results.
+    """
+    check_alike(configs)
+    if len(callbacks) != len(configs):
+        raise ValueError(f"{len(configs)} configs but {len(callbacks)} callback tuples; give one per config")
+    group = _Group([_Trainer(c, tuple(cbs), budget) for c, cbs in zip(configs, callbacks, strict=True)])
+    try:
+        group.run()
+    except BaseException as err:
+        for k in group.running():
+            group.results[k] = failed = group.members[k].failed(err)
+            _notify_end(group.members[k].callbacks, failed, quiet=True)
+        raise
+    return [r for r in group.results if r is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stacked parameters and the stacked forward pass
+
+
+class _Stack:
+    """Every parameter of the member models stacked on dim 0, (K, ...); each member's parameters are views of it."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        self.names = [name for name, _ in models[0].named_parameters()]  # a tied weight once (tok_emb.weight)
+        self.stack(models)
+
+    def stack(self, models: list[torch.nn.Module]) -> None:
+        """Stacks ``models`` (a copy) and makes their parameters views of the stack; the optimizers keep the same
+        parameter objects, so their state survives a restack."""
+        self.slots = [[dict(m.named_parameters())[name] for name in self.names] for m in models]
+        self.params: dict[str, torch.Tensor] = {}
+        for j, name in enumerate(self.names):
+            stacked = torch.stack([slot[j].detach() for slot in self.slots]).requires_grad_()  # (K, ...)
+            for k, slot in enumerate(self.slots):
+                slot[j].data = stacked.data[k]
+            self.params[name] = stacked
+
+    def hand_out_grads(self) -> None:
+        """Gives member k's parameters their slice of the stacked gradient (views: clipping and the optimizer step
+        write through), then clears the stack's; a parameter that got no gradient gets none, as in a single run."""
+        for j, name in enumerate(self.names):
+            grad, self.params[name].grad = self.params[name].grad, None
+            for k, slot in enumerate(self.slots):
+                slot[j].grad = None if grad is None else grad[k]
+
+    @staticmethod
+    def release(model: torch.nn.Module) -> None:
+        """Gives a member leaving the stack its own storage (its checkpoint would otherwise save the whole stack)."""
+        for p in model.parameters():
+            p.data = p.data.clone()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    # x (K, ..., Cin), w (K, Cout, Cin), b (K, Cout) -> (K, ..., Cout): one batched matmul for every member
+    flat = x.reshape(x.size(0), -1, x.size(-1))  # (K, N, Cin)
+    y = torch.bmm(flat, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))
+    return y.view(*x.shape[:-1], w.size(1))
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    # F.layer_norm's affine takes one (C,) weight: normalise without it, then each member's (K, C) gain and bias
+    shape = (x.size(0),) + (1,) * (x.dim() - 2) + (x.size(-1),)  # (K, 1, ..., C)
+    y = F.layer_norm(x, x.shape[-1:]) * w.view(shape)
+    return y if b is None else y + b.view(shape)
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p) if p > 0 else x  # training only: evaluation runs the member models
+
+
+class _Forward:
+    """The stacked Transformer (``model.Transformer`` in training mode, every member at once) over a ``_Stack``."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, device: torch.device) -> None:
+        self.cfg, self.causal = cfg, causal
+        self.H, self.D = cfg.num_heads, cfg.resolved_head_dim
+        self.core = Attend(self.H, self.D, scaling=CORE_SCALING.get(cfg.scaling, cfg.scaling), dropout=cfg.attn_dropout,
+                           causal=causal, backend=cfg.backend).to(device)  # fmt: skip
+
+    def __call__(self, p: dict[str, torch.Tensor], tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """tokens (K, B, T), mask (K, B, T) or None -> logits (K, B, T, V) or (K, B, classes)."""
+        K, B, T = tokens.shape
+        V = p["tok_emb.weight"].size(1)
+        offsets = torch.arange(K, device=tokens.device).view(K, 1, 1) * V  # member k's rows of the flat table
+        x = F.embedding(tokens + offsets, p["tok_emb.weight"].flatten(0, 1))  # (K, B, T, C)
+        if self.cfg.position == "learned":
+            x = x + p["pos_emb.weight"][:, :T].unsqueeze(1)  # (K, 1, T, C)
+        x = _dropout(x, self.cfg.resid_dropout)
+        flat_mask = None if mask is None else mask.flatten(0, 1)  # (K*B, T)
+        for i in range(self.cfg.num_layers):
+            x = self.block(p, f"blocks.{i}.", x, flat_mask)
+        x = _layer_norm(x, p["ln_f.weight"], p.get("ln_f.bias"))
+        if self.causal:
+            return torch.bmm(x.flatten(1, 2), p["tok_emb.weight"].transpose(1, 2)).view(K, B, T, V)  # tied head
+        if mask is None:
+            pooled = x.mean(2)  # (K, B, C)
+        else:
+            keep = mask.unsqueeze(-1).to(x.dtype)  # (K, B, T, 1)
+            pooled = (x * keep).sum(2) / keep.sum(2).clamp(min=1)  # (K, B, C)
+        return _linear(pooled, p["head.weight"], p.get("head.bias"))
+
+    def block(self, p: dict[str, torch.Tensor], pre: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = _layer_norm(x, p[pre + "ln_1.weight"], p.get(pre + "ln_1.bias"))
+        x = x + _dropout(self.attention(p, pre + "attn.", h, mask), self.cfg.resid_dropout)
+        h = _layer_norm(x, p[pre + "ln_2.weight"], p.get(pre + "ln_2.bias"))
+        h = F.gelu(_linear(h, p[pre + "mlp.0.weight"], p.get(pre + "mlp.0.bias")))
+        return x + _dropout(_linear(h, p[pre + "mlp.2.weight"], p.get(pre + "mlp.2.bias")), self.cfg.resid_dropout)
+
+    def attention(self, p: dict[str, torch.Tensor], pre: str, x: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        K, B, T, _ = x.shape
+        qkv = _linear(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias")).view(K, B, T, 3, self.H, self.D)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # 3 x (K, B, H, T, D)
+        if self.cfg.position == "rope":
+            q, k = rotate(q), rotate(k)
+        q, k = self.fold(p, pre + "attend.", q, k, mask)
+        y, _ = self.core(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)  # (K*B, H, T, D)
+        y = y.unflatten(0, (K, B)).transpose(2, 3).reshape(K, B, T, self.H * self.D)
+        return _linear(y, p[pre + "attn_out.weight"], p.get(pre + "attn_out.bias"))
+
+    def fold(self, p: dict[str, torch.Tensor], pre: str, q: torch.Tensor, k: torch.Tensor,
+             mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``Attend.fold`` with each member's per-head factors: (K, H) as (K, 1, H, 1, 1) on q (K, B, H, T, D)."""
+        K, scaling = q.size(0), self.cfg.scaling
+
+        def per_head(name: str) -> torch.Tensor:
+            return p[pre + name].view(K, 1, self.H, 1, 1)
+
+        if scaling == "learned":
+            q = q * per_head("temperature").to(q.dtype)
+        elif scaling == "qknorm":
+            q, k = l2_normalize(q, per_head("qk_gain").to(q.dtype)), l2_normalize(k)
+        elif scaling == "logn":
+            allowed = self.core.allowed(mask, q.size(-2), q.device)  # as Attend.forward: a row with no key sees all
+            allowed = None if allowed is None else allowed | ~allowed.any(-1, keepdim=True)
+            n = self.core.attended(allowed, q.size(-2), q.device)  # (K*B|1, 1, T|1, 1)
+            n = n.unflatten(0, (K, -1)) if n.size(0) > 1 else n.unsqueeze(0)  # (K|1, B|1, 1, T|1, 1)
+            log_n = n.to(torch.promote_types(q.dtype, torch.float32)).log()
+            q = q * (per_head("logn_scale") * log_n).to(q.dtype)
+        return q, k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop: one shared step, each member's bookkeeping through its own _Trainer
+
+
+class _Group:
+    def __init__(self, members: list[_Trainer]) -> None:
+        self.members = members
+        self.results: list[RunResult | None] = [None] * len(members)
+        self.live: list[int] = []  # the members in the stack, in its order
+        self.train_s = 0.0  # seconds of shared training steps, evaluations excluded
+
+    def running(self) -> list[int]:
+        return [k for k, r in enumerate(self.results) if r is None]
+
+    def end(self, k: int, status: str, reason: str, start: float) -> None:
+        """Member ``k`` leaves with ``status``: final evaluation and test if completed, its result, its ``on_end``."""
+        member = self.members[k]
+        _Stack.release(member.model)
+        self.results[k] = result = member.finish(status, reason, start)
+        _notify_end(member.callbacks, result, quiet=False)
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        lead = self.members[0]
+        lead.setup()
+        for member in self.members[1:]:
+            member.setup(task=lead.task)  # one task: the configs only differ in lr and seed
+        for k, member in enumerate(self.members):
+            derived = {**member.derived(), "together": len(self.members)}  # logged: this run shared its steps
+            if member._ask("on_start", RunStart(member.config, member.task, derived)):
+                self.end(k, "stopped", "stopped by a callback before the first step", start)
+        self.live = self.running()
+        if self.live:
+            self.loop(start)
+
+    def loop(self, start: float) -> None:
+        lead, cfg = self.members[self.live[0]], self.members[self.live[0]].config.train
+        stack = _Stack([self.members[k].model for k in self.live])
+        forward = _Forward(lead.config.model, lead.task.num_classes is None, lead.device)
+        streams = {k: self.batches(k) for k in self.live}
+        sums = torch.zeros(len(self.live), device=lead.device)  # each member's window of losses, on device
+        window_start, window_tokens, step, last, step_s = time.perf_counter(), 0, 0, False, 0.0
+        while self.live and not last:
+            step += 1
+            trained = self.train_s + time.perf_counter() - window_start
+            lrs = [self.members[k].schedule.lr(step, trained) for k in self.live]
+            losses, norms, tokens = self.step(stack, forward, [next(streams[k]) for k in self.live], lrs)
+            sums += losses.detach()
+            window_tokens += tokens
+            for k in self.live:
+                self.members[k].step = step
+            if step == 1:  # the one extra sync of the run: each member's reference for divergence
+                for k, loss in zip(self.live, losses.tolist(), strict=True):
+                    self.members[k].initial = loss
+            if lead.schedule.timed:
+                lead.sync()  # a wall budget counts finished work
+                step_s = self.train_s + time.perf_counter() - window_start - trained
+            last = lead.schedule.last(step, trained + step_s)  # the same for every member: same config and clock
+            ended: dict[int, tuple[str, str]] = {}
+            if step % cfg.log_every == 0 or last:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                means = [s / n for s in sums.tolist()]  # the one sync of a log step, for every member
+                elapsed = time.perf_counter() - window_start
+                self.train_s += elapsed
+                for k, mean, lr, norm in zip(self.live, means, lrs, norms, strict=True):
+                    if why := self.members[k].log(step, mean, lr, norm, window_tokens, elapsed):
+                        ended[k] = why
+                sums.zero_()
+                window_start, window_tokens = time.perf_counter(), 0
+            paused = time.perf_counter()
+            if not last:
+                ended.update(self.evaluations(step, trained + step_s, ended))
+            else:
+                ended.update({k: ("completed", "") for k in self.live if k not in ended})
+            for k, (status, reason) in ended.items():
+                self.end(k, status, reason, start)
+            window_start += time.perf_counter() - paused  # evaluations and endings are not training time
+            if ended and not last:
+                keep = [i for i, k in enumerate(self.live) if k not in ended]
+                self.live = [self.live[i] for i in keep]
+                if self.live:
+                    stack.stack([self.members[k].model for k in self.live])  # the stack shrinks: no wasted compute
+                    sums = sums[keep]
+
+    def evaluations(self, step: int, trained: float, ended: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str]]:
+        """Each member still training evaluates when its schedule says so; the ones that end, with why."""
+        due = [k for k in self.live if k not in ended and self.members[k].schedule.evaluate(step, trained)]
+        if due:
+            self.members[due[0]].sync()  # queued training work belongs to the window, not to the evaluation
+        return {k: e for k in due if (e := self.members[k].check(step))}
+
+    def batches(self, k: int) -> Iterator[Any]:
+        member = self.members[k]
+        member.model.train()
+        return member.task.batches("train", member.config.train.batch_size, seed=member.config.train.seed,
+                                   device=member.device)  # fmt: skip
+
+    def step(self, stack: _Stack, forward: _Forward, batches: list[Any],
+             lrs: list[float]) -> tuple[torch.Tensor, list[torch.Tensor], int]:  # fmt: skip
+        """One optimizer step of every live member: (K,) losses, K gradient norms, the tokens of one member's batch."""
+        members = [self.members[k] for k in self.live]
+        tokens = torch.stack([b.inputs for b in batches])  # (K, B, T)
+        targets = torch.stack([b.targets for b in batches])  # (K, B, T) or (K, B)
+        mask = None if batches[0].pad_mask is None else torch.stack([b.pad_mask for b in batches])  # (K, B, T)
+        with members[0].autocast():
+            logits = forward(stack.params, tokens, mask)
+        each = _loss(logits, targets, reduction="none").view(len(members), -1)  # (K, B*T)
+        losses = each.sum(1) / (targets.view(len(members), -1) != -100).sum(1)  # (K,): each member's mean loss
+        losses.sum().backward()  # member k's gradient is its own loss's: the others' do not depend on its weights
+        stack.hand_out_grads()
+        return losses, [m.update(lr) for m, lr in zip(members, lrs, strict=True)], batches[0].inputs.numel()
+
