@@ -117,10 +117,22 @@ def crossover_length(cfg: ModelConfig, vocab_size: int, max_len: int, num_classe
     if cfg.kind not in GATES:
         raise ValueError(f"crossover_length compares an lstm or gru with the Transformer, got kind {cfg.kind!r}")
     transformer = dataclasses.replace(cfg, kind="transformer")
-    slope = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim  # FLOPs per token per unit of T
     r = flops_per_sequence(cfg, vocab_size, 1, num_classes, max_len)  # per token at T = 1: the constant
-    a = flops_per_sequence(transformer, vocab_size, 1, num_classes, max_len) - slope
-    return max(1, (r - a) // slope + 1)
+    return crossover_from(flops_per_sequence(transformer, vocab_size, 1, num_classes, max_len), 1, r,
+                          attention_slope(cfg))  # fmt: skip
+
+
+def attention_slope(cfg: ModelConfig) -> int:
+    """A Transformer's training FLOPs per token added by one more token of context: 12 L H D (q k^T and the
+    weights @ v, forward and backward, in every layer)."""
+    return 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim
+
+
+def crossover_from(transformer_per_token: float, seq_len: int, rnn_per_token: float, slope: float) -> int:
+    """``crossover_length`` from per-token FLOPs already counted: the Transformer's at ``seq_len`` (a + slope * T),
+    a recurrent model's (constant in T). The shortest T from which the Transformer is the costlier per token."""
+    a = transformer_per_token - slope * seq_len
+    return max(1, int((rnn_per_token - a) // slope) + 1)
 
 
 def _rnn_weights(kind: str, C: int, L: int, h: int) -> int:

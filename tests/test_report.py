@@ -310,3 +310,36 @@ def test_a_recall_study_reports_each_arm_beyond_its_training_length(tmp_path, mo
     assert table.loc["base", "solved up to (×)"] in {"0", "1", "2", "4"}
     learned = table.loc["model.position=learned"]
     assert float(learned["acc"]) >= 0 and learned["acc at 2x"] == learned["acc at 4x"] == "n/a (learned positions)"
+
+
+def test_a_study_of_model_kinds_reports_cost_against_length_and_the_crossover(tmp_path, monkeypatch):
+    """Transformer against lstm: FLOPs per token at the training length and at doublings (attention's grow by
+    budget.attention_slope per token of context, the lstm's stay), and the length from which attention costs more,
+    the same as budget.crossover_length counts from the configs."""
+    import dataclasses
+
+    from conftest import TINY_STUDY
+
+    from ablate import budget
+    from ablate.spec import load_spec
+    from ablate.study import run_study
+    from ablate.tasks import build_task
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = {**TINY_STUDY, "name": "kinds", "model": {**TINY_STUDY["model"], "position": "rope"},
+            "scientific": {"model.kind": ["transformer", "lstm"]}}  # fmt: skip
+    (tmp_path / "kinds.yaml").write_text(yaml.safe_dump(spec))
+    assert run_study(tmp_path / "kinds.yaml", storage=f"sqlite:///{tmp_path / 'optuna.db'}") == 0
+    page = (tmp_path / "reports" / "kinds" / "index.html").read_text()
+    table = read_table(page, "costs-table").set_index("kind")
+    flops = table[[c for c in table.columns if c.startswith("FLOPs/token at ")]].map(
+        lambda s: float(s.replace(",", "")))
+    assert [c.removeprefix("FLOPs/token at ") for c in flops.columns] == ["16", "32", "64", "128", "256", "512"]
+    model = load_spec(tmp_path / "kinds.yaml").base.model
+    assert flops.loc["lstm"].nunique() == 1
+    assert flops.loc["transformer"].diff().dropna().tolist() == [budget.attention_slope(model) * n
+                                                                 for n in (16, 32, 64, 128, 256)]
+    vocab = build_task(load_spec(tmp_path / "kinds.yaml").base.task, seed=0).vocab_size
+    at = budget.crossover_length(dataclasses.replace(model, kind="lstm"), vocab, 16)
+    assert f"lstm: attention costs more FLOPs per token than the lstm from {at:,} tokens of context on" in page

@@ -111,7 +111,7 @@ def _context(data: StudyData) -> dict:
         "name": data.name, "kind": data.kind, "description": data.spec.description,
         "task_metric": data.task_metric, "edges": [], "fair": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
-        "reruns": data.reruns, "lengths": None, "claims": [], "solved_acc": names.SOLVED_ACC,
+        "reruns": data.reruns, "lengths": None, "costs": None, "claims": [], "solved_acc": names.SOLVED_ACC,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
         "figures": dict.fromkeys(("isolation", "lr", "importance", "interaction")), "search": None,
         "attention": _attention(data),
@@ -145,6 +145,7 @@ def _ablation(data: StudyData, ctx: dict) -> None:
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["lengths"] = _length_display(data, table)
+    ctx["costs"] = _cost_display(data, table)
     ctx["claims"] = _claims(data, table)
     if ctx["claims"]:
         ctx["headline"] += "; claims: " + claims.tally([c["verdict"] for c in ctx["claims"]])
@@ -257,6 +258,17 @@ def _length_display(data: StudyData, table: pd.DataFrame) -> dict | None:
         out[label] = [("n/a (learned positions)" if key != keys[0] and positions.get(v) == "learned" else "")
                       if math.isnan(x) else html.num(x) for v, x in zip(table["variant"], table[key], strict=True)]
     return html.table(out)
+
+
+def _cost_display(data: StudyData, table: pd.DataFrame) -> dict | None:
+    """Attention against the recurrent kinds in cost over sequence length, with the FLOPs crossover per kind."""
+    costs = analysis.kind_costs(data, table)
+    if costs is None:
+        return None
+    return {"table": html.table(costs["table"]), "seq_len": costs["seq_len"],
+            "crossover": [f"{kind}: attention costs more FLOPs per token than the {kind} from {n:,} tokens of "
+                          f"context on" + (" (already at the training length)" if n <= costs["seq_len"] else "")
+                          for kind, n in costs["crossover"].items()]}  # fmt: skip
 
 
 def _curve_runs(data: StudyData) -> dict[str, str]:

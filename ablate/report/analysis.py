@@ -294,3 +294,36 @@ def best_trials(data: StudyData, n: int = 5) -> pd.DataFrame:
     keys = varied_params(data, done) or varied_params(data)
     cols = ["trial", "value"] + [c for c in (names.BEST_VAL_LOSS,) if c in done] + keys
     return done.sort_values("value").head(n)[cols]
+
+
+COST_LENGTHS = 6  # the training length and five doublings beyond it: 16 -> 512, 64 -> 2048
+
+
+def kind_costs(data: StudyData, table: pd.DataFrame) -> dict | None:
+    """Self-attention against its recurrent baselines (``model.kind``) in cost: per kind its parameters, training
+    FLOPs per token at the training length and at doublings of it, and the throughput it measured here; per
+    recurrent kind the length from which attention spends more FLOPs per token (``budget.crossover_from``: the
+    Transformer's per-token cost grows by ``budget.attention_slope`` per token of context, an RNN's does not).
+    None when the study compares no model kinds."""
+    from ablate import budget  # counting only: budget imports no torch
+
+    if "model.kind" not in data.spec.scientific:
+        return None
+    by_variant = table.set_index("variant")
+    kinds = {data.spec.variant(v).values["model.kind"]: by_variant.loc[v] for v in by_variant.index
+             if v in _names(data) and _factor(v, data) in ("", "model.kind")}  # fmt: skip
+    if len(kinds) < 2 or "transformer" not in kinds:
+        return None
+    T, slope = data.spec.base.task.seq_len, budget.attention_slope(data.spec.base.model)
+    lengths = [T * 2**i for i in range(COST_LENGTHS)]
+    rows = []
+    for kind, arm in kinds.items():
+        growth = [slope * (n - T) if kind == "transformer" else 0 for n in lengths]
+        rows.append({"kind": kind, "params": arm[names.PARAMS], "tokens/s here": arm[names.TOKENS_PER_S],
+                     **{f"FLOPs/token at {n}": arm[names.FLOPS_PER_TOKEN] + g
+                        for n, g in zip(lengths, growth, strict=True)}})  # fmt: skip
+    attention = kinds["transformer"][names.FLOPS_PER_TOKEN]
+    crossover = {kind: budget.crossover_from(attention, T, arm[names.FLOPS_PER_TOKEN], slope)
+                 for kind, arm in kinds.items() if kind != "transformer" and math.isfinite(arm[names.FLOPS_PER_TOKEN])
+                 and math.isfinite(attention)}  # fmt: skip
+    return {"table": pd.DataFrame(rows), "crossover": crossover, "seq_len": T}
