@@ -61,10 +61,14 @@ def train_together(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Ca
     """Train ``configs`` (``check_alike``) as one stacked model; member k reports to ``callbacks[k]`` exactly as
     ``train.train`` would and gets the same result (to rounding, without dropout: dropout masks come from one stream).
 
-    An exception anywhere (a step, a callback, KeyboardInterrupt) ends every member still training as failed or
+    A ``budget`` is a step, token or FLOP budget (``ablate.budget``), the same for every member; a wall budget is
+    refused. An exception anywhere (a step, a callback, KeyboardInterrupt) ends every member still training as failed or
     interrupted, each callback hearing ``on_end`` once, and re-raises; members that ended before keep their results.
     """
     check_alike(configs)
+    if budget is not None and budget.match == "wall":
+        raise ValueError("a wall budget's seconds would be shared by the members (each would train less than "
+                         "alone): train its runs one by one")  # fmt: skip
     if len(callbacks) != len(configs):
         raise ValueError(f"{len(configs)} configs but {len(callbacks)} callback tuples; give one per config")
     group = _Group([_Trainer(c, tuple(cbs), budget) for c, cbs in zip(configs, callbacks, strict=True)])
@@ -215,6 +219,9 @@ class _Group:
         self.results: list[RunResult | None] = [None] * len(members)
         self.live: list[int] = []  # the members in the stack, in its order
         self.train_s = 0.0  # seconds of shared training steps, evaluations excluded
+        self.stack: _Stack  # set by ``loop``, as are the window's state:
+        self.sums = torch.zeros(0)  # each live member's summed train/loss since the last log step, on device
+        self.window_start, self.window_tokens = 0.0, 0  # when the window began; each member's tokens in it
 
     def running(self) -> list[int]:
         return [k for k, r in enumerate(self.results) if r is None]
@@ -241,53 +248,55 @@ class _Group:
             self.loop(start)
 
     def loop(self, start: float) -> None:
-        lead, cfg = self.members[self.live[0]], self.members[self.live[0]].config.train
-        stack = _Stack([self.members[k].model for k in self.live])
+        lead = self.members[self.live[0]]  # its schedule and device are every member's: same config, same clock
+        self.stack = _Stack([self.members[k].model for k in self.live])
         forward = _Forward(lead.config.model, lead.task.num_classes is None, lead.device)
         streams = {k: self.batches(k) for k in self.live}
-        sums = torch.zeros(len(self.live), device=lead.device)  # each member's window of losses, on device
-        window_start, window_tokens, step, last, step_s = time.perf_counter(), 0, 0, False, 0.0
+        self.sums = torch.zeros(len(self.live), device=lead.device)  # each member's window of losses, on device
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        step, last, step_s = 0, False, 0.0
         while self.live and not last:
             step += 1
-            trained = self.train_s + time.perf_counter() - window_start
+            trained = self.train_s + time.perf_counter() - self.window_start  # seconds of training before this step
             lrs = [self.members[k].schedule.lr(step, trained) for k in self.live]
-            losses, norms, tokens = self.step(stack, forward, [next(streams[k]) for k in self.live], lrs)
-            sums += losses.detach()
-            window_tokens += tokens
-            for k in self.live:
-                self.members[k].step = step
-            if step == 1:  # the one extra sync of the run: each member's reference for divergence
-                for k, loss in zip(self.live, losses.tolist(), strict=True):
-                    self.members[k].initial = loss
+            norms = self.step(step, forward, [next(streams[k]) for k in self.live], lrs)
             if lead.schedule.timed:
-                lead.sync()  # a wall budget counts finished work
-                step_s = self.train_s + time.perf_counter() - window_start - trained
-            last = lead.schedule.last(step, trained + step_s)  # the same for every member: same config and clock
-            ended: dict[int, tuple[str, str]] = {}
-            if step % cfg.log_every == 0 or last:
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                means = [s / n for s in sums.tolist()]  # the one sync of a log step, for every member
-                elapsed = time.perf_counter() - window_start
-                self.train_s += elapsed
-                for k, mean, lr, norm in zip(self.live, means, lrs, norms, strict=True):
-                    if why := self.members[k].log(step, mean, lr, norm, window_tokens, elapsed):
-                        ended[k] = why
-                sums.zero_()
-                window_start, window_tokens = time.perf_counter(), 0
+                lead.sync()  # a wall budget counts finished work: one sync per step
+                step_s = self.train_s + time.perf_counter() - self.window_start - trained
+            last = lead.schedule.last(step, trained + step_s)
+            ended = self.log(step, lrs, norms) if step % lead.config.train.log_every == 0 or last else {}
             paused = time.perf_counter()
-            if not last:
-                ended.update(self.evaluations(step, trained + step_s, ended))
-            else:
+            if last:
                 ended.update({k: ("completed", "") for k in self.live if k not in ended})
-            for k, (status, reason) in ended.items():
-                self.end(k, status, reason, start)
-            window_start += time.perf_counter() - paused  # evaluations and endings are not training time
-            if ended and not last:
-                keep = [i for i, k in enumerate(self.live) if k not in ended]
-                self.live = [self.live[i] for i in keep]
-                if self.live:
-                    stack.stack([self.members[k].model for k in self.live])  # the stack shrinks: no wasted compute
-                    sums = sums[keep]
+            else:
+                ended.update(self.evaluations(step, trained + step_s, ended))
+            self.leave(ended, start)
+            self.window_start += time.perf_counter() - paused  # evaluations and endings are not training time
+
+    def log(self, step: int, lrs: list[float], norms: list[torch.Tensor]) -> dict[int, tuple[str, str]]:
+        """A log step of every live member (``_Trainer.log``); the ones that end, with why."""
+        log_every = self.members[self.live[0]].config.train.log_every
+        n = log_every if step % log_every == 0 else step % log_every
+        means = [s / n for s in self.sums.tolist()]  # the one sync of a log step, for every member
+        elapsed = time.perf_counter() - self.window_start  # after the sync: GPU work included
+        self.train_s += elapsed
+        ended = {}
+        for k, mean, lr, norm in zip(self.live, means, lrs, norms, strict=True):
+            if why := self.members[k].log(step, mean, lr, norm, self.window_tokens, elapsed):
+                ended[k] = why
+        self.sums.zero_()
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        return ended
+
+    def leave(self, ended: dict[int, tuple[str, str]], start: float) -> None:
+        """Ends the members in ``ended``; the stack shrinks to the others (one copy): an ended member costs nothing."""
+        for k, (status, reason) in ended.items():
+            self.end(k, status, reason, start)
+        keep = [i for i, k in enumerate(self.live) if k not in ended]
+        self.live = [self.live[i] for i in keep]
+        if ended and self.live:
+            self.stack.stack([self.members[k].model for k in self.live])
+            self.sums = self.sums[keep]
 
     def evaluations(self, step: int, trained: float, ended: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str]]:
         """Each member still training evaluates when its schedule says so; the ones that end, with why."""
@@ -302,18 +311,24 @@ class _Group:
         return member.task.batches("train", member.config.train.batch_size, seed=member.config.train.seed,
                                    device=member.device)  # fmt: skip
 
-    def step(self, stack: _Stack, forward: _Forward, batches: list[Any],
-             lrs: list[float]) -> tuple[torch.Tensor, list[torch.Tensor], int]:  # fmt: skip
-        """One optimizer step of every live member: (K,) losses, K gradient norms, the tokens of one member's batch."""
+    def step(self, step: int, forward: _Forward, batches: list[Any], lrs: list[float]) -> list[torch.Tensor]:
+        """Optimizer step ``step`` of every live member, its loss added to its window; their gradient norms."""
         members = [self.members[k] for k in self.live]
         tokens = torch.stack([b.inputs for b in batches])  # (K, B, T)
         targets = torch.stack([b.targets for b in batches])  # (K, B, T) or (K, B)
         mask = None if batches[0].pad_mask is None else torch.stack([b.pad_mask for b in batches])  # (K, B, T)
         with members[0].autocast():
-            logits = forward(stack.params, tokens, mask)
+            logits = forward(self.stack.params, tokens, mask)
         each = _loss(logits, targets, reduction="none").view(len(members), -1)  # (K, B*T)
         losses = each.sum(1) / (targets.view(len(members), -1) != -100).sum(1)  # (K,): each member's mean loss
         losses.sum().backward()  # member k's gradient is its own loss's: the others' do not depend on its weights
-        stack.hand_out_grads()
-        return losses, [m.update(lr) for m, lr in zip(members, lrs, strict=True)], batches[0].inputs.numel()
-
+        self.stack.hand_out_grads()
+        norms = [m.update(lr) for m, lr in zip(members, lrs, strict=True)]
+        self.sums += losses.detach()
+        self.window_tokens += batches[0].inputs.numel()  # each member's own tokens
+        for m in members:
+            m.step = step
+        if step == 1:  # the one extra sync of the run: each member's reference for divergence
+            for m, loss in zip(members, losses.tolist(), strict=True):
+                m.initial = loss
+        return norms

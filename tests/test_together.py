@@ -128,6 +128,16 @@ def test_configs_that_differ_in_more_than_lr_and_seed_are_refused_with_the_field
     assert "\n" not in str(err.value)
 
 
+def test_a_token_budget_sets_every_members_steps_and_a_wall_budget_is_refused() -> None:
+    from ablate.budget import ComputeBudget
+
+    cfgs = configs(MEMBERS[:2])
+    results = train_together(cfgs, [(), ()], ComputeBudget("tokens", cfgs[0], value=3000.0))
+    assert [(r.status, r.steps) for r in results] == [("completed", 24)] * 2  # ceil(3000 / (8 x 16))
+    with pytest.raises(ValueError, match="^a wall budget's seconds would be shared"):
+        train_together(cfgs, [(), ()], ComputeBudget("wall", cfgs[0], value=1.0))
+
+
 def test_only_a_transformer_trains_together_and_every_config_needs_its_callbacks() -> None:
     with pytest.raises(ValueError, match="^model.kind 'lstm': only a transformer"):
         train_together([tiny(**{"model.kind": "lstm"})], [()])
