@@ -32,7 +32,7 @@ from ablate.train import Callback, RunResult, RunStart, _loss, _notify_end, _Tra
 
 FREE = ("train.lr", "train.seed")  # the only fields in which members may differ
 CORE_SCALING = {"learned": "none", "qknorm": "none", "logn": "sqrt"}  # the rest of a scaling once its per-member
-# factors are folded into q and k here (``_fold``): the shared core then only applies a constant scale
+# factors are folded into q and k here (``_Forward.fold``): the shared core then applies a constant scale only
 
 
 def pays(device: torch.device | str) -> bool:
@@ -59,7 +59,8 @@ def check_alike(configs: Sequence[RunConfig]) -> None:
 def train_together(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callback]],
                    budget: ComputeBudget | None = None) -> list[RunResult]:  # fmt: skip
     """Train ``configs`` (``check_alike``) as one stacked model; member k reports to ``callbacks[k]`` exactly as
-    ``train.train`` would and gets the same result (to rounding, without dropout: dropout masks come from one stream).
+    ``train.train`` would and gets the same result: to rounding without dropout; with dropout, only in distribution
+    (the masks come from one random stream, not from each member's own).
 
     A ``budget`` is a step, token or FLOP budget (``ablate.budget``), the same for every member; a wall budget is
     refused. An exception anywhere (a step, a callback, KeyboardInterrupt) ends every member still training as failed or
