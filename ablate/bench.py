@@ -6,6 +6,9 @@ training step's forward and backward (cross-entropy of a language model) of the 
 sequences, so tokens per step grow with the length as in a study. Both after warm-up, as the median of repeats
 taken round-robin over the cases so that load from other processes hits every case alike. torch uses as many
 threads as this process may run on, except for the models on the CPU: one (``kinds_bench`` says why).
+
+``--gpu`` (``gpu_bench``): the device's matmul peak, model FLOP utilisation of one large run, and trials per hour
+of a study, each in a function that takes its device and sizes, so that the tests run the same path on a CPU.
 """
 
 from __future__ import annotations
