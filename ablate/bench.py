@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -320,7 +321,8 @@ def _write(out: Path, stem: str, fields: tuple[str, ...], rows: list[dict], text
 
 @dataclasses.dataclass(frozen=True)
 class GpuPlan:
-    """What ``ablate bench --gpu`` measures, and at which sizes (``TINY_GPU``: the same path in seconds on a CPU)."""
+    """What ``ablate bench --gpu`` measures, and at which sizes (the tests shrink every size to run the same path in
+    seconds on a CPU)."""
 
     matmul_sizes: tuple[int, ...] = (2048, 4096, 8192)
     """n of the n x n x n matmuls timed; the fastest size's rate is the device's peak."""
@@ -398,15 +400,14 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
 
 
 class _Windows:
-    """A train callback that keeps what the trainer reports: its derived values, each log window's
-    ``perf/tokens_per_s``, and the result."""
+    """A train callback that keeps what the trainer reports: its derived values and each log window's
+    ``perf/tokens_per_s``."""
 
     def __init__(self) -> None:
         self.derived: dict = {}
         self.windows: list[tuple[int, float]] = []  # (last step of the window, tokens per second over it)
-        self.result = None
 
-    def on_start(self, start) -> None:
+    def on_start(self, start: Any) -> None:  # train.RunStart
         self.derived = start.derived
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -415,8 +416,8 @@ class _Windows:
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def on_end(self, result) -> None:
-        self.result = result
+    def on_end(self, result: Any) -> None:
+        pass
 
 
 def steady_state(windows: list[tuple[int, float]], tokens_per_step: int) -> tuple[float, float]:
@@ -455,10 +456,9 @@ def mfu_row(config: RunConfig, peaks: dict[str, float]) -> dict:
     return dict(width=config.model.embed_dim, layers=config.model.num_layers, params=seen.derived["params"],
                 compile=config.train.compile, precision=seen.derived["precision"], status=result.status,
                 steps=result.steps, tokens_per_step=tokens_per_step, flops_per_token=int(fpt),
-                step_ms=round(1000 * step_s, 2),
-                tokens_per_s=round(tps), tflops=round(fpt * tps / 1e12, 2), mfu=round(mfu(fpt, tps, peak), 4),
-                warmup_s=round(warmup_s, 2), run_tokens_per_s=round(m[names.TOKENS_PER_S]),
-                peak_mem_mb=round(m[names.PEAK_MEM_MB]))  # fmt: skip
+                step_ms=round(1000 * step_s, 2), tokens_per_s=round(tps), tflops=round(fpt * tps / 1e12, 2),
+                mfu=round(mfu(fpt, tps, peak), 4), warmup_s=round(warmup_s, 2),
+                run_tokens_per_s=round(m[names.TOKENS_PER_S]), peak_mem_mb=round(m[names.PEAK_MEM_MB]))  # fmt: skip
 
 
 def trials_per_hour(spec_path: str | Path, workers: int | str, seconds: float, root: Path,
@@ -538,7 +538,7 @@ def gpu_markdown(matmul: list[dict], runs: list[dict], trials: list[dict], batch
                  plan: GpuPlan) -> str:  # fmt: skip
     lines = [header, "", "## Matmul peak", "", "| dtype | n | ms | TFLOP/s |", "|---|---:|---:|---:|"]
     lines += [f"| {r['dtype']} | {r['n']} | {r['ms']:.4g} | {r['tflops']:.4g} |" for r in matmul]
-    lines += ["", "## Model FLOP utilisation of one large run (bf16 autocast)", "",
+    lines += ["", "## Model FLOP utilisation of one large run", "",
               f"`LARGE_RUN` at width {plan.width} through `train()`; FLOPs per token are the trainer's own count "
               "(`budget.flops_per_sequence`: every matmul, forward and backward, 2 per multiply-add, attention over "
               "the full T x T as PaLM's appendix B counts it, causal or not). Steady state: the median of the "
