@@ -65,7 +65,7 @@ def flops_per_sequence(cfg: ModelConfig, vocab_size: int, seq_len: int, num_clas
     head = vocab_size * C if num_classes is None else 0  # a classifier's head runs once per sequence, below
     if cfg.kind == "transformer":
         HD = cfg.num_heads * cfg.resolved_head_dim
-        hidden = max(1, round(cfg.mlp_ratio * C))
+        hidden = cfg.mlp_hidden
         per_token = 6 * (L * (C * 3 * HD + HD * C + 2 * C * hidden) + head) + 12 * L * seq_len * HD
     else:
         h = rnn_hidden_size(cfg, seq_len if max_len is None else max_len)
@@ -83,7 +83,8 @@ def param_count(cfg: ModelConfig, vocab_size: int, max_len: int, num_classes: in
     """Trainable parameters of ``ablate.model.build_model(cfg, vocab_size, max_len, num_classes)``, the tied head
     counted once (the tests check it against the built model for every kind)."""
     C, b = cfg.embed_dim, int(cfg.bias)
-    shared = vocab_size * C + C + b * C + (0 if num_classes is None else C * num_classes + num_classes)
+    head = C * num_classes + num_classes if num_classes is not None else 0 if cfg.tie_head else vocab_size * C
+    shared = vocab_size * C + C + b * C + head
     if cfg.kind == "transformer":
         return shared + _transformer_body(cfg, max_len)
     return shared + _rnn_body(cfg, rnn_hidden_size(cfg, max_len))
@@ -149,8 +150,9 @@ def _rnn_body(cfg: ModelConfig, h: int) -> int:
 def _transformer_body(cfg: ModelConfig, max_len: int) -> int:
     """Parameters of the blocks and a learned position table: what the Transformer has beside the shared parts."""
     C, L, b = cfg.embed_dim, cfg.num_layers, int(cfg.bias)
-    HD, hidden = cfg.num_heads * cfg.resolved_head_dim, max(1, round(cfg.mlp_ratio * C))
-    per_layer = (2 * (C + b * C) + C * 3 * HD + HD * C + C * 2 * hidden + b * (3 * HD + C + hidden + C)
+    HD, hidden = cfg.num_heads * cfg.resolved_head_dim, cfg.mlp_hidden
+    mlp = 2 * C * hidden + (C + b * C) + b * (hidden + C) if hidden else 0  # its LayerNorm, weights, biases
+    per_layer = (C + b * C + C * 3 * HD + HD * C + b * (3 * HD + C) + mlp
                  + (cfg.num_heads if cfg.scaling in ("learned", "qknorm", "logn") else 0))  # fmt: skip
     return (max_len * C if cfg.position == "learned" else 0) + L * per_layer
 

@@ -23,6 +23,7 @@ SCALINGS = ("sqrt", "inverse", "none", "learned", "qknorm", "logn")
 BACKENDS = ("sdpa", "manual")
 POSITIONS = ("learned", "rope", "none")
 KINDS = ("transformer", "lstm", "gru")
+INITS = ("gpt2", "torch")
 TASKS = ("charlm", "recall", "listops")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -57,6 +58,8 @@ class ModelConfig:
     """Width of one head; ``None`` derives ``embed_dim // num_heads``. Set, it decouples head size from width."""
     num_layers: int = 2
     mlp_ratio: float = 4.0
+    """MLP hidden width over embed_dim; 0: attention-only blocks (no MLP and no LayerNorm before it), the toy
+    models of induction-head and recall studies (Olsson et al. 2022; Zucchet et al. 2025)."""
     attn_dropout: float = 0.0
     """Dropout on the attention weights, as in ``torch.nn.MultiheadAttention``."""
     resid_dropout: float = 0.0
@@ -69,6 +72,11 @@ class ModelConfig:
                                                  "q and k (base 10000, any length); none: NoPE, causal tasks only")
     kind: str = choice("transformer", KINDS, "transformer: self-attention blocks; lstm, gru: torch's recurrent "
                                              "layers of equal parameter count (a baseline)")
+    tie_head: bool = True
+    """A language model's output layer shares the token embedding's weights (Press & Wolf 2017); false: its own."""
+    init: str = choice("gpt2", INITS, "gpt2: N(0, 0.02), residual projections / sqrt(2 layers), zero biases; "
+                                      "torch: each layer's own default (nn.Linear uniform +-1/sqrt(fan_in), "
+                                      "nn.Embedding N(0, 1))")
     rnn_hidden: int | None = None
     """lstm, gru: hidden size of every recurrent layer; ``None`` matches the Transformer's parameter count (the
     closest integer, ``ablate.budget.rnn_hidden_size``). Ignored by a transformer."""
@@ -83,7 +91,7 @@ class ModelConfig:
             f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
             "change one or set head_dim explicitly",
         )
-        _check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        _check(self.mlp_ratio >= 0, "mlp_ratio", f"must be >= 0 (0: no MLP), got {self.mlp_ratio}")
         for key in ("attn_dropout", "resid_dropout"):
             _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
         _check(self.rnn_hidden is None or self.rnn_hidden >= 1, "rnn_hidden", f"must be >= 1, got {self.rnn_hidden}")
@@ -93,6 +101,11 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 0 without an MLP, else at least 1."""
+        return max(1, round(self.mlp_ratio * self.embed_dim)) if self.mlp_ratio else 0
 
 
 @dataclass(frozen=True)

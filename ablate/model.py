@@ -240,15 +240,17 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(cfg.embed_dim, cfg.num_heads, cfg.attn_dropout, head_dim=cfg.head_dim,
                                        scaling=cfg.scaling, causal=causal, bias=cfg.bias, backend=cfg.backend,
                                        position=cfg.position)
-        self.ln_2 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
-        hidden = max(1, round(cfg.mlp_ratio * cfg.embed_dim))
-        self.mlp = nn.Sequential(nn.Linear(cfg.embed_dim, hidden, bias=cfg.bias), nn.GELU(),
-                                 nn.Linear(hidden, cfg.embed_dim, bias=cfg.bias))
+        hidden = cfg.mlp_hidden
+        self.mlp = None  # attention-only (mlp_ratio 0)
+        if hidden:
+            self.ln_2 = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
+            self.mlp = nn.Sequential(nn.Linear(cfg.embed_dim, hidden, bias=cfg.bias), nn.GELU(),
+                                     nn.Linear(hidden, cfg.embed_dim, bias=cfg.bias))
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.resid_dropout(self.attn(self.ln_1(x), mask)[0])
-        return x + self.resid_dropout(self.mlp(self.ln_2(x)))
+        return x if self.mlp is None else x + self.resid_dropout(self.mlp(self.ln_2(x)))
 
 
 class Transformer(nn.Module):
@@ -281,13 +283,15 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.embed_dim, bias=cfg.bias)
         if causal:
             self.head = nn.Linear(cfg.embed_dim, vocab_size, bias=False)
-            self.head.weight = self.tok_emb.weight  # tied (Press & Wolf 2017): fewer parameters, same quality
+            if cfg.tie_head:
+                self.head.weight = self.tok_emb.weight  # tied (Press & Wolf 2017): fewer parameters, same quality
         else:
             self.head = nn.Linear(cfg.embed_dim, num_classes)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith(("attn_out.weight", "mlp.2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_layers))
+        if cfg.init == "gpt2":  # else each layer keeps torch's own default, drawn as it was built
+            self.apply(self._init)
+            for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+                if name.endswith(("attn_out.weight", "mlp.2.weight")):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_layers))
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -131,7 +131,8 @@ def estimate_bytes(s: dict) -> int:
                                           "train.batch_size", "task.seq_len"))  # fmt: skip
     D = int(s["model.head_dim"] or max(1, C // H))
     V = {"charlm": CHARLM_VOCAB, "recall": int(s["task.vocab_size"]) + 1}.get(s["task.name"], 16)
-    hidden = max(1, round(float(s["model.mlp_ratio"]) * C))
+    ratio = float(s["model.mlp_ratio"])
+    hidden = max(1, round(ratio * C)) if ratio else 0  # as ModelConfig.mlp_hidden
     per_layer = 3 * C * H * D + H * D * C + 2 * C * hidden + 8 * C
     params = V * C + T * C + L * per_layer + C * max(V, 10)
     scores = B * H * T * T  # one layer's attention matrix

@@ -51,11 +51,12 @@ class RecurrentNet(nn.Module):
         self.ln_f = nn.LayerNorm(C, bias=cfg.bias)
         if num_classes is None:
             self.head = nn.Linear(C, vocab_size, bias=False)
-            self.head.weight = self.tok_emb.weight  # tied, as in the Transformer
+            if cfg.tie_head:
+                self.head.weight = self.tok_emb.weight  # tied, as in the Transformer
         else:
             self.head = nn.Linear(C, num_classes)
         # torch's own init for the recurrent weights (uniform +-1/sqrt(N)); the Transformer's for the rest
-        for module in (self.tok_emb, self.out_proj, self.head):
+        for module in (self.tok_emb, self.out_proj, self.head) if cfg.init == "gpt2" else ():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:

@@ -167,7 +167,7 @@ def _on_dead_worker(spec: StudySpec, tracking_uri: str) -> Callable[[optuna.Stud
 
 # Config fields added after plan digests were introduced: left out of the digest while at their default, so that a
 # study set up by an earlier version still resumes (its plan is the same).
-LATER_FIELDS = ("model.position", "task.eval_lengths", "model.kind", "model.rnn_hidden")
+LATER_FIELDS = ("model.position", "task.eval_lengths", "model.kind", "model.rnn_hidden", "model.tie_head", "model.init")
 
 
 def _digest_base(base: RunConfig) -> dict:

@@ -434,7 +434,8 @@ def test_bad_position_configurations_raise_clear_errors():
 
 RNN_SHAPES = [{}, {"embed_dim": 16, "num_heads": 2, "num_layers": 1, "bias": False},
               {"embed_dim": 24, "num_heads": 3, "head_dim": 6, "mlp_ratio": 2.7, "num_layers": 3, "scaling": "qknorm",
-               "position": "rope"}]  # fmt: skip
+               "position": "rope"},
+              {"embed_dim": 32, "num_heads": 1, "mlp_ratio": 0, "tie_head": False, "init": "torch"}]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", RNN_SHAPES)
@@ -515,3 +516,25 @@ def test_model_kinds_are_built_by_build_model_and_checked():
     with pytest.raises(ConfigError, match="^model.kind: unknown value 'rnn'; allowed: transformer, lstm, gru"):
         run_config_from({"model": {"kind": "rnn"}})
     assert ModelConfig(kind="lstm", position="none").kind == "lstm"  # attention fields are ignored, not refused
+
+
+def test_attention_only_untied_and_torch_initialised_models_are_what_they_say():
+    """mlp_ratio 0: blocks without MLP (nor its LayerNorm); tie_head false: the head has its own weights; init torch:
+    each layer as torch builds it (nn.Embedding N(0, 1), not GPT-2's N(0, 0.02)). FLOPs drop the MLP's matmuls."""
+    from ablate.budget import flops_per_sequence
+
+    toy = ModelConfig(embed_dim=32, num_heads=1, mlp_ratio=0, tie_head=False, init="torch")
+    torch.manual_seed(0)
+    model = build_model(toy, 33, 16)
+    assert all(block.mlp is None and not hasattr(block, "ln_2") for block in model.blocks)
+    assert model.head.weight is not model.tok_emb.weight
+    assert 0.8 < model.tok_emb.weight.std().item() < 1.2  # torch's N(0, 1), where gpt2 draws std 0.02
+    assert model(torch.randint(0, 33, (2, 16))).shape == (2, 16, 33)
+    gpt2 = build_model(ModelConfig(embed_dim=32, num_heads=1), 33, 16)
+    assert gpt2.head.weight is gpt2.tok_emb.weight and gpt2.tok_emb.weight.std().item() < 0.03
+    with_mlp = dataclasses.replace(toy, mlp_ratio=4.0)
+    assert flops_per_sequence(with_mlp, 33, 16) - flops_per_sequence(toy, 33, 16) == 16 * 6 * 2 * 2 * 32 * 128
+    with pytest.raises(ConfigError, match="^mlp_ratio: must be >= 0"):
+        ModelConfig(mlp_ratio=-1)
+    with pytest.raises(ConfigError, match="^model.init: unknown value 'xavier'; allowed: gpt2, torch"):
+        run_config_from({"model": {"init": "xavier"}})
