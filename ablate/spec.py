@@ -142,14 +142,16 @@ class Claim:
     than: str = "base"
     lr_exponent: dict[str, list[float]] = field(default_factory=dict)
     """Family with a width ladder: variant -> [low, high] expected for b in best lr ∝ width^b."""
+    solves: tuple[str, ...] = ()
+    """Variants ("base" too) whose test accuracy should reach ``names.SOLVED_ACC`` (a generated task: solved)."""
     member: str = ""
     """In a family: the one member (its label, "dk_fixed") whose numbers test the claim; "": every member."""
 
     def __post_init__(self) -> None:
         if not self.source or not self.claim:
             raise ConfigError("", "needs source and claim (who said it, in one sentence)")
-        if not (self.expect or self.less_sensitive or self.lr_exponent):
-            raise ConfigError("", "needs an expectation: expect, less_sensitive or lr_exponent")
+        if not (self.expect or self.less_sensitive or self.lr_exponent or self.solves):
+            raise ConfigError("", "needs an expectation: expect, less_sensitive, lr_exponent or solves")
         for variant, verdict in self.expect.items():
             if verdict not in EXPECTED:
                 raise ConfigError(f"expect.{variant}", f"unknown verdict {verdict!r}; allowed: {', '.join(EXPECTED)}")
@@ -430,6 +432,7 @@ def _check_claims(spec: StudySpec) -> None:
     names = {v.name for v in spec.variants()}
     for key, claim in spec.claims.items():
         named = [("expect", v) for v in claim.expect] + [("lr_exponent", v) for v in claim.lr_exponent]
+        named += [("solves", v) for v in claim.solves]
         named += [(f, v) for f, v in (("less_sensitive", claim.less_sensitive), ("than", claim.than)) if v]
         for where, variant in named:
             if variant not in names:

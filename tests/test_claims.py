@@ -69,6 +69,7 @@ BAD = {
     "unknown_variant": ({**CLAIM, "expect": {"model.num_heads=16": "worse"}}, "claims.c.expect", "not a variant"),
     "bad_range": ({**CLAIM, "lr_exponent": {"base": [0.5, -0.5]}}, "claims.c.lr_exponent.base", "low < high"),
     "unknown_than": ({**CLAIM, "less_sensitive": "base", "than": "nope"}, "claims.c.than", "not a variant"),
+    "unknown_solver": ({**CLAIM, "solves": ["base", "model.num_heads=8"]}, "claims.c.solves", "not a variant"),
 }  # fmt: skip
 
 
@@ -157,3 +158,18 @@ def test_a_claim_can_name_the_one_member_of_a_family_it_is_about():
         family_specs({**TINY_STUDY, "ladder": ladder, "claims": {"c": {**CLAIM, "member": "huge"}}})
     with pytest.raises(ConfigError, match="none \\(no ladder or budgets\\)"):
         family_specs({**TINY_STUDY, "claims": {"c": {**CLAIM, "member": "wide"}}})
+
+
+def test_solved_needs_the_whole_interval_at_or_above_the_threshold_and_a_diverged_seed_solved_nothing():
+    assert claims.judge_solved([1.0, 0.99, 1.0])[0] == claims.REPRODUCED
+    assert claims.judge_solved([1.0, 0.52, 1.0])[0] == claims.INCONCLUSIVE  # one seed stuck on the plateau
+    assert claims.judge_solved([0.52, 0.50, 0.53])[0] == claims.NOT_REPRODUCED
+    assert claims.judge_solved([1.0])[0] == claims.INCONCLUSIVE  # one seed: no interval
+    spec = spec_from_mapping({**TINY_STUDY, "claims": {"c": {**CLAIM, "expect": {}, "solves": ["base"]}}})
+    seeds = pd.DataFrame({"variant": ["base"] * 3, "status": ["completed", "completed", "diverged"],
+                          "test/acc": [1.0, 1.0, math.nan]})  # fmt: skip
+    judged = claims.judge(spec.claims["c"], spec, _table("", 0.0), pd.DataFrame(), seeds=seeds)
+    assert judged["verdict"] == claims.INCONCLUSIVE  # 0.667 ± 1.43: the diverged seed widens the interval
+    assert judged["lines"][0]["text"].startswith("base: expected to solve it (accuracy >= 0.9), measured test "
+                                                 "accuracy 0.667 ± ")
+    assert judged["lines"][0]["text"].endswith("(2 of 3 seeds at or above 0.9)")

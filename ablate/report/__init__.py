@@ -218,9 +218,10 @@ def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None)
     tune = analysis.tune_runs(data)
     out = []
     for key, claim in data.spec.claims.items():
-        if not data.spec.tests(claim) or exponents is None and not (claim.expect or claim.less_sensitive):
+        if not data.spec.tests(claim) or exponents is None and not (claim.expect or claim.less_sensitive
+                                                                       or claim.solves):  # fmt: skip
             continue  # another member's claim, or one about width that only the family page can judge
-        judged = claims.judge(claim, data.spec, table, tune, exponents)
+        judged = claims.judge(claim, data.spec, table, tune, exponents, analysis.seed_runs(data))
         caveats = claims.setting(data.spec) + (f"; {claim.caveat}" if claim.caveat else "")
         if claim.lr_exponent and exponents is None:
             caveats += "; its learning-rate-against-width part is judged on the family page"

@@ -9,6 +9,9 @@ A claim is **reproduced** when every one of its expectations is met, **not repro
   tried, the mean of min(val loss, L0) minus the best, L0 the uniform-guess loss, a diverged run at L0) is lower
   than B's by more than the margin; contradicted when higher by more than the margin. One run per learning rate
   gives no interval, which the verdict says.
+- ``solves: [variant, ...]`` (a generated task scored by accuracy): the variant's seed runs' mean test accuracy,
+  with its t-interval, against ``names.SOLVED_ACC``: met when the interval lies at or above it, contradicted when
+  it lies below; a diverged run counts as accuracy 0 (it solved nothing).
 - ``lr_exponent: {variant: [low, high]}`` (a family with a width ladder): b in best lr ∝ width^b lies in the range;
   contradicted when outside it; inconclusive without two widths whose tuning bracketed the optimum.
 """
@@ -20,6 +23,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from ablate import names
+from ablate.report.analysis import mean_ci
 from ablate.spec import Claim, StudySpec
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -78,8 +83,33 @@ def judge_exponent(bounds: list[float], exponent: float, resolution: float = 0.0
     return NOT_REPRODUCED if hi < bounds[0] or lo > bounds[1] else INCONCLUSIVE
 
 
+def judge_solved(accuracies: list[float], threshold: float = names.SOLVED_ACC) -> tuple[str, float, float]:
+    """Whether seed runs' test accuracies solve a task: (outcome, mean, half-width of the t-interval)."""
+    mean, half = mean_ci(accuracies)
+    if math.isnan(mean):
+        return INCONCLUSIVE, mean, half
+    if math.isnan(half):  # one seed: no interval
+        return INCONCLUSIVE, mean, half
+    if mean - half >= threshold:
+        return REPRODUCED, mean, half
+    return (NOT_REPRODUCED if mean + half < threshold else INCONCLUSIVE), mean, half
+
+
+def _solved_line(variant: str, seeds: pd.DataFrame) -> tuple[str, str]:
+    mine = seeds[seeds["variant"] == variant] if len(seeds) else seeds
+    key = names.test_metric("acc")
+    accuracies = [0.0 if status == "diverged" else float(acc)
+                  for status, acc in zip(mine.get("status", []), mine.get(key, []), strict=True)]  # fmt: skip
+    outcome, mean, half = judge_solved(accuracies)
+    solved = sum(a >= names.SOLVED_ACC for a in accuracies)
+    measured = "no seed runs" if not accuracies else (
+        f"test accuracy {mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
+        + f" ({solved} of {len(accuracies)} seeds at or above {names.SOLVED_ACC:g})")
+    return outcome, f"{variant}: expected to solve it (accuracy >= {names.SOLVED_ACC:g}), measured {measured}"
+
+
 def judge(claim: Claim, spec: StudySpec, table: pd.DataFrame, tune: pd.DataFrame,
-          exponents: Mapping[str, tuple[float, float]] | None = None) -> dict:
+          exponents: Mapping[str, tuple[float, float]] | None = None, seeds: pd.DataFrame | None = None) -> dict:
     """One claim's verdict and a line per expectation (what was expected, what was measured, its outcome).
 
     ``table``: the study's verdict table (``analysis.verdict_table``); ``tune``: its tune runs (variant, the nuisance
@@ -97,6 +127,7 @@ def judge(claim: Claim, spec: StudySpec, table: pd.DataFrame, tune: pd.DataFrame
         lines.append((outcome, f"{variant}: expected {expected}, measured {measured}{detail}"))
     if claim.less_sensitive:
         lines.append(_sensitivity_line(claim, spec, tune))
+    lines += [_solved_line(variant, pd.DataFrame() if seeds is None else seeds) for variant in claim.solves]
     for variant, bounds in claim.lr_exponent.items():
         if exponents is None:
             continue

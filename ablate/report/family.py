@@ -126,10 +126,12 @@ def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
     for key, claim in members[0].spec.claims.items():
         per_member = []
         for m in (m for m in members if m.spec.tests(claim)):
-            part = dataclasses.replace(claim, lr_exponent={}) if claim.expect or claim.less_sensitive else None
+            part = dataclasses.replace(claim, lr_exponent={}) if claim.expect or claim.less_sensitive \
+                or claim.solves else None  # fmt: skip
             if part is not None:
-                per_member.append((m.label, claims.judge(part, m.spec, m.table, analysis.tune_runs(m.data))))
-        width = claims.judge(dataclasses.replace(claim, expect={}, less_sensitive=""), members[0].spec,
+                per_member.append((m.label, claims.judge(part, m.spec, m.table, analysis.tune_runs(m.data),
+                                                         seeds=analysis.seed_runs(m.data))))  # fmt: skip
+        width = claims.judge(dataclasses.replace(claim, expect={}, less_sensitive="", solves=()), members[0].spec,
                              pd.DataFrame(), pd.DataFrame(), exponents) if claim.lr_exponent else None  # fmt: skip
         lines = [{"outcome": j["verdict"], "text": f"{label}: " + "; ".join(x["text"] for x in j["lines"])}
                  for label, j in per_member] + (width["lines"] if width else [])  # fmt: skip
