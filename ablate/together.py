@@ -161,7 +161,8 @@ class _Forward:
             x = self.block(p, f"blocks.{i}.", x, flat_mask)
         x = _layer_norm(x, p["ln_f.weight"], p.get("ln_f.bias"))
         if self.causal:
-            return torch.bmm(x.flatten(1, 2), p["tok_emb.weight"].transpose(1, 2)).view(K, B, T, V)  # tied head
+            head = p["tok_emb.weight"] if self.cfg.tie_head else p["head.weight"]  # (K, V, C)
+            return torch.bmm(x.flatten(1, 2), head.transpose(1, 2)).view(K, B, T, V)
         if mask is None:
             pooled = x.mean(2)  # (K, B, C)
         else:
@@ -172,6 +173,8 @@ class _Forward:
     def block(self, p: dict[str, torch.Tensor], pre: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = _layer_norm(x, p[pre + "ln_1.weight"], p.get(pre + "ln_1.bias"))
         x = x + _dropout(self.attention(p, pre + "attn.", h, mask), self.cfg.resid_dropout)
+        if not self.cfg.mlp_hidden:  # attention-only
+            return x
         h = _layer_norm(x, p[pre + "ln_2.weight"], p.get(pre + "ln_2.bias"))
         h = F.gelu(_linear(h, p[pre + "mlp.0.weight"], p.get(pre + "mlp.0.bias")))
         return x + _dropout(_linear(h, p[pre + "mlp.2.weight"], p.get(pre + "mlp.2.bias")), self.cfg.resid_dropout)

@@ -68,7 +68,8 @@ def assert_same_run(single: tuple[Recorder, RunResult], member: tuple[Recorder, 
     {"model.scaling": "qknorm", "model.position": "rope", "train.checkpoint": True},
     {"model.scaling": "learned", "model.position": "learned"},
     {"model.scaling": "logn", "model.position": "rope", **LISTOPS},  # a classifier, padded: masks fold too
-], ids=["sqrt-rope", "qknorm-rope", "learned", "logn-listops"])  # fmt: skip
+    {"model.mlp_ratio": 0, "model.tie_head": False, "model.init": "torch"},  # the MQAR claim's attention-only model
+], ids=["sqrt-rope", "qknorm-rope", "learned", "logn-listops", "attention-only-untied"])  # fmt: skip
 def test_each_member_trains_exactly_as_its_single_run(float64, values) -> None:
     cfgs = configs(**values)
     singles, members = alone(cfgs), together(cfgs)
