@@ -47,6 +47,7 @@ MAX_NAME = 100  # characters of a study name: it is a folder, a lock file's name
 MAX_POINTS = 1000  # tune points, extra points and seeds per variant: a plan of millions of trials is a typo
 MAX_VARIANTS = 1000
 MAX_WORKERS = 256  # worker processes on one machine
+MAX_TOGETHER = 64  # trials one worker trains as one stacked model (``ablate.together``)
 
 
 def check_name(name: object, key: str = "name") -> str:
@@ -64,6 +65,14 @@ def check_workers(workers: object, key: str) -> int | str:
     if workers == "auto" or isinstance(workers, int) and not isinstance(workers, bool) and 1 <= workers <= MAX_WORKERS:
         return workers
     raise ConfigError(key, f"must be auto or a number in [1, {MAX_WORKERS}], got {workers!r}")
+
+
+def check_together(together: object, key: str) -> int | str:
+    """``together`` if it is ``auto`` or a number of trials in [1, MAX_TOGETHER], else a ConfigError naming ``key``."""
+    number = isinstance(together, int) and not isinstance(together, bool)
+    if together == "auto" or number and 1 <= together <= MAX_TOGETHER:
+        return together
+    raise ConfigError(key, f"must be auto or a number in [1, {MAX_TOGETHER}], got {together!r}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,10 @@ class StudyFile:
     workers: int | str = 1
     """Worker processes on this machine when ``--workers`` is not given, or ``auto``: one per core on a CPU, on a GPU
     machine as many per device as fit its memory (``ablate.devices``); torch threads are split between them."""
+    together: int | str = "auto"
+    """Trials of one architecture (a variant's tune points, its seeds) a worker trains as one stacked model, each
+    still its own trial and run (``ablate.together``): ``auto`` is up to 8 on a CUDA device, as many as fit its
+    memory, and 1 (one run at a time) on a CPU, where it does not pay; a number forces it (1: never)."""
     claims: dict[str, Claim] = field(default_factory=dict)
     """Id -> a published claim this study tests; its verdict (reproduced, not reproduced, inconclusive) is computed
     from the study's own verdicts (``ablate.claims``)."""
@@ -206,6 +219,7 @@ class StudyFile:
     def __post_init__(self) -> None:
         check_name(self.name)
         check_workers(self.workers, "workers")
+        check_together(self.together, "together")
         for key, most in (("points", MAX_POINTS), ("heartbeat", 3600)):
             if not 1 <= getattr(self, key) <= most:
                 raise ConfigError(key, f"must be in [1, {most}], got {getattr(self, key)}")
@@ -278,6 +292,7 @@ class StudySpec:
     tracking_uri: str | None = None
     heartbeat: int = 10
     workers: int | str = 1
+    together: int | str = "auto"
     description: str = ""
     source: str = ""
     text: str = ""  # the study file as written, passwords in URLs masked (logged as an artifact)
@@ -376,6 +391,7 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
         tracking_uri=raw.tracking_uri,
         heartbeat=raw.heartbeat,
         workers=raw.workers,
+        together=raw.together,
         description=redact_text(raw.description),
         source=source,
         text=redact_text(text),
