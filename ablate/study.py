@@ -5,6 +5,11 @@ processes starting together, or a rerun after a set-up killed at any point, conv
 plan. Workers drain the queue one trial at a time and, when it is empty, enqueue what the plan asks for next
 (bracketing tune points, seeds); the same lock makes "is there a waiting trial? plan or take it" atomic across
 machines, so a worker never starts an unplanned (sampled) trial.
+Where it pays (``together``: on CUDA), a worker takes the first waiting trial together with later waiting ones of
+the same architecture (a variant's first tune points, its seeds) and trains them as one stacked model
+(``ablate.together``); each stays its own trial, run and state, told as ``study.optimize`` would tell it. Only
+trials already in the queue are grouped, so the plan is the same: a bracketing step (one per variant at a time)
+and a search's sampled trials run alone.
 Trials that end without a result (an interrupt, a dead worker, an exception) go back in the queue by the rules of
 ``ablate.recovery``; a diverged run is a result: an Optuna FAIL (user attr ``status: diverged``; MLflow FAILED).
 A pruned one is PRUNED (KILLED).
@@ -12,9 +17,11 @@ A pruned one is PRUNED (KILLED).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -29,6 +36,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs for its trial
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import devices, names, plan, recovery
@@ -45,6 +53,7 @@ from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, 
 PLAN_DIGEST = "plan_digest"  # study user attr: what the plan depends on; a resume with another plan is refused
 SETUP_DONE = "setup_done"  # study user attr, set once the parent run and the first trials exist
 POLL_S = 1.0
+AUTO_TOGETHER = 8  # ``together: auto`` on CUDA: at most this many trials trained as one model
 STOP_GRACE_S = 60.0  # after an interrupt, how long workers get to hand their trials back
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
@@ -106,7 +115,8 @@ def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: floa
     storage_url, tracking_uri = member.storage_url, member.tracking_uri
     gpus = [] if spec.base.train.device == "cpu" else devices.gpu_free_bytes()
     need = run_bytes(spec.base) if gpus else 0
-    slots = devices.plan_slots(workers, need, gpus, os.cpu_count() or 1, spec.base.train.threads)
+    together = together_size(spec, gpus, need, 1 if workers == devices.AUTO else int(workers))
+    slots = devices.plan_slots(workers, need * together, gpus, os.cpu_count() or 1, spec.base.train.threads)
     interrupted = False
     STOP_REQUESTED.clear()
     with sigterm_as_interrupt(sigint=True):  # SIGTERM (kill, a scheduler) stops a study as Ctrl-C does
@@ -120,9 +130,9 @@ def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: floa
         try:
             with Monitor(study, total=lambda trials: planned_size(spec, trials)):
                 if len(slots) == 1:  # in this process, on the default device
-                    work(member, trials, deadline, slots[0].threads, 0)
+                    work(member, trials, deadline, slots[0].threads, 0, together)
                 else:
-                    _spawn(member, trials, deadline, slots)
+                    _spawn(member, trials, deadline, slots, together)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -135,6 +145,24 @@ def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: floa
     print_results(spec, study)
     code = _exit_code(study, before)
     return max(code, _report(spec, storage_url, tracking_uri)) if report else code
+
+
+def together_size(spec: StudySpec, gpus: list[int], run_bytes: int, workers: int) -> int:
+    """Trials of one architecture a worker trains as one model (``spec.together``): a number as given; ``auto``: 1
+    where it does not pay (a CPU: ``together.pays``), else up to AUTO_TOGETHER, as many as fit in the memory share
+    (``devices.GPU_MEMORY_SHARE``) of each of ``workers`` on the smallest GPU, by the preflight's estimate of a run."""
+    from ablate.together import pays
+
+    wall = spec.compute is not None and spec.compute.match == "wall"
+    if spec.together != devices.AUTO:
+        if wall and spec.together > 1:
+            raise ConfigError("together", "a wall budget's seconds would be shared by the trials trained together; "
+                              "set together: 1 or auto", spec.source)  # fmt: skip
+        return int(spec.together)
+    if wall or not pays("cuda" if gpus else "cpu"):
+        return 1
+    fit = int(devices.GPU_MEMORY_SHARE * min(gpus)) // max(1, run_bytes * math.ceil(workers / len(gpus)))
+    return max(1, min(AUTO_TOGETHER, fit))
 
 
 def _exit_code(study: optuna.Study, before: set[int]) -> int:
@@ -258,14 +286,15 @@ def _pending(study: optuna.Study) -> bool:
 # Workers
 
 
-def _spawn(member: Member, trials: int | None, deadline: float | None, slots: list[devices.Slot]) -> None:
+def _spawn(member: Member, trials: int | None, deadline: float | None, slots: list[devices.Slot],
+           together: int = 1) -> None:  # fmt: skip
     ctx = multiprocessing.get_context("spawn")  # no forked torch or SQLite state
     pending = []
     for i, slot in enumerate(slots):
         share = None if trials is None else trials // len(slots) + (i < trials % len(slots))
         if share == 0:
             continue
-        args = (member, share, deadline, slot.threads, i)
+        args = (member, share, deadline, slot.threads, i, together)
         pending.append((ctx.Process(target=_worker_process, args=args, name=f"ablate-worker-{i}"), slot))
     for p, slot in pending:
         start_on(p, slot)
@@ -312,10 +341,12 @@ def _worker_process(*args: Any) -> None:
         sys.exit(130)
 
 
-def work(member: Member, trials: int | None, deadline: float | None, threads: int, worker: int) -> int:
+def work(member: Member, trials: int | None, deadline: float | None, threads: int, worker: int,
+         together: int = 1) -> int:  # fmt: skip
     """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run.
+    With ``together`` > 1, up to that many waiting trials of one architecture at a time, trained as one model.
 
-    An interrupt (Ctrl-C, SIGTERM) puts the worker's trial back in the queue, then re-raises."""
+    An interrupt (Ctrl-C, SIGTERM) puts the worker's trials back in the queue, then re-raises."""
     spec = member.spec()  # run_study checked it on this machine
     storage_url, tracking_uri = member.storage_url, member.tracking_uri
     storage = _open(storage_url, spec, tracking_uri)
@@ -340,19 +371,76 @@ def work(member: Member, trials: int | None, deadline: float | None, threads: in
                 lock.release()
                 time.sleep(POLL_S)
                 continue
-            objective.number = None
+            objective.numbers = []
+            size = together if trials is None else min(together, trials - done)
+            group = _take_alike(study, objective, size) if size > 1 else []
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,))
+                if group:
+                    _run_together(study, objective, group)
+                else:  # one trial: the first waiting one, or a search's sampled one
+                    study.optimize(objective, n_trials=1, catch=(Exception,))
             except optuna.exceptions.UpdateFinishedTrialError as err:  # failed as stale while alive (a pause)
                 print(f"ablate study: {err}; its retry will run again", file=sys.stderr)
             except KeyboardInterrupt as err:
                 # A second Ctrl-C must not cut the hand-back short.
                 with handling((signal.SIGINT, signal.SIGTERM), signal.SIG_IGN):
-                    if objective.number is not None:
-                        recovery.stop_trial(study, objective.number, "interrupted", recovery.describe_reason(err))
+                    for number in objective.numbers:
+                        recovery.stop_trial(study, number, "interrupted", recovery.describe_reason(err))
                 raise
-        done += 1
+        done += max(1, len(group))
     return done
+
+
+def _take_alike(study: optuna.Study, objective: Objective, size: int) -> list[optuna.Trial]:
+    """The first waiting trial (the one ``study.ask`` would take) and up to ``size - 1`` later waiting trials that
+    can train together with it (``together.check_alike``: they differ in learning rate and seed only), each now
+    RUNNING and ours; empty when there is no second one (``study.optimize`` takes the first alone)."""
+    from ablate.together import check_alike
+
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if len(waiting) < 2:
+        return []
+
+    def config(t: FrozenTrial) -> RunConfig:  # the planned values, as prepared when it runs
+        return objective.config({**t.system_attrs.get("fixed_params", {}), **t.params}, t.user_attrs)
+
+    group = waiting[:1]
+    with contextlib.suppress(ValueError):  # ConfigError included: the trial's own run will say it
+        head = config(group[0])
+        for t in waiting[1:]:
+            if len(group) == size:
+                break
+            with contextlib.suppress(ValueError):
+                check_alike([head, config(t)])
+                group.append(t)
+    if len(group) < 2:
+        return []
+    taken = []
+    for t in group:  # as study.ask pops a waiting trial (under the plan lock, so no other worker takes it first)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                taken.append(optuna.Trial(study, t._trial_id))
+    return taken
+
+
+def _run_together(study: optuna.Study, objective: Objective, trials: list[optuna.Trial]) -> None:
+    """Train ``trials`` as one model, with a heartbeat for each, then tell each as ``study.optimize`` would: its
+    value (COMPLETE), PRUNED, or FAIL (diverged, an error, an interrupt). An interrupt is re-raised after."""
+    with contextlib.ExitStack() as heartbeats:
+        for trial in trials:
+            heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+        outcomes, error = objective.group(trials)
+    for trial, outcome in zip(trials, outcomes, strict=True):
+        state, value = None, None
+        try:
+            value = outcome()
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except (Exception, KeyboardInterrupt):
+            state = TrialState.FAIL
+        study.tell(trial, value, state=state, skip_if_finished=True)
+    if error is not None and not isinstance(error, Exception):
+        raise error
 
 
 def _has_work(spec: StudySpec, study: optuna.Study) -> bool:
