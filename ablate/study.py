@@ -17,11 +17,9 @@ A pruned one is PRUNED (KILLED).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -36,13 +34,13 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, fail_stale_trials
-from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs for its trial
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import devices, names, plan, recovery
 from ablate.commands import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.config import ConfigError, RunConfig, to_dict
 from ablate.families import load_specs
+from ablate.groups import take_alike, tell_together, together_size
 from ablate.objective import Objective
 from ablate.preflight import run_bytes
 from ablate.spec import StudySpec, check_workers
@@ -53,7 +51,6 @@ from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, 
 PLAN_DIGEST = "plan_digest"  # study user attr: what the plan depends on; a resume with another plan is refused
 SETUP_DONE = "setup_done"  # study user attr, set once the parent run and the first trials exist
 POLL_S = 1.0
-AUTO_TOGETHER = 8  # ``together: auto`` on CUDA: at most this many trials trained as one model
 STOP_GRACE_S = 60.0  # after an interrupt, how long workers get to hand their trials back
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
@@ -145,24 +142,6 @@ def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: floa
     print_results(spec, study)
     code = _exit_code(study, before)
     return max(code, _report(spec, storage_url, tracking_uri)) if report else code
-
-
-def together_size(spec: StudySpec, gpus: list[int], run_bytes: int, workers: int) -> int:
-    """Trials of one architecture a worker trains as one model (``spec.together``): a number as given; ``auto``: 1
-    where it does not pay (a CPU: ``together.pays``), else up to AUTO_TOGETHER, as many as fit in the memory share
-    (``devices.GPU_MEMORY_SHARE``) of each of ``workers`` on the smallest GPU, by the preflight's estimate of a run."""
-    from ablate.together import pays
-
-    wall = spec.compute is not None and spec.compute.match == "wall"
-    if spec.together != devices.AUTO:
-        if wall and spec.together > 1:
-            raise ConfigError("together", "a wall budget's seconds would be shared by the trials trained together; "
-                              "set together: 1 or auto", spec.source)  # fmt: skip
-        return int(spec.together)
-    if wall or not pays("cuda" if gpus else "cpu"):
-        return 1
-    fit = int(devices.GPU_MEMORY_SHARE * min(gpus)) // max(1, run_bytes * math.ceil(workers / len(gpus)))
-    return max(1, min(AUTO_TOGETHER, fit))
 
 
 def _exit_code(study: optuna.Study, before: set[int]) -> int:
@@ -373,10 +352,10 @@ def work(member: Member, trials: int | None, deadline: float | None, threads: in
                 continue
             objective.numbers = []
             size = together if trials is None else min(together, trials - done)
-            group = _take_alike(study, objective, size) if size > 1 else []
+            group = take_alike(study, objective, size) if size > 1 else []
             try:
                 if group:
-                    _run_together(study, objective, group)
+                    tell_together(study, objective, group)
                 else:  # one trial: the first waiting one, or a search's sampled one
                     study.optimize(objective, n_trials=1, catch=(Exception,))
             except optuna.exceptions.UpdateFinishedTrialError as err:  # failed as stale while alive (a pause)
@@ -389,58 +368,6 @@ def work(member: Member, trials: int | None, deadline: float | None, threads: in
                 raise
         done += max(1, len(group))
     return done
-
-
-def _take_alike(study: optuna.Study, objective: Objective, size: int) -> list[optuna.Trial]:
-    """The first waiting trial (the one ``study.ask`` would take) and up to ``size - 1`` later waiting trials that
-    can train together with it (``together.check_alike``: they differ in learning rate and seed only), each now
-    RUNNING and ours; empty when there is no second one (``study.optimize`` takes the first alone)."""
-    from ablate.together import check_alike
-
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    if len(waiting) < 2:
-        return []
-
-    def config(t: FrozenTrial) -> RunConfig:  # the planned values, as prepared when it runs
-        return objective.config({**t.system_attrs.get("fixed_params", {}), **t.params}, t.user_attrs)
-
-    group = waiting[:1]
-    with contextlib.suppress(ValueError):  # ConfigError included: the trial's own run will say it
-        head = config(group[0])
-        for t in waiting[1:]:
-            if len(group) == size:
-                break
-            with contextlib.suppress(ValueError):
-                check_alike([head, config(t)])
-                group.append(t)
-    if len(group) < 2:
-        return []
-    taken = []
-    for t in group:  # as study.ask pops a waiting trial (under the plan lock, so no other worker takes it first)
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                taken.append(optuna.Trial(study, t._trial_id))
-    return taken
-
-
-def _run_together(study: optuna.Study, objective: Objective, trials: list[optuna.Trial]) -> None:
-    """Train ``trials`` as one model, with a heartbeat for each, then tell each as ``study.optimize`` would: its
-    value (COMPLETE), PRUNED, or FAIL (diverged, an error, an interrupt). An interrupt is re-raised after."""
-    with contextlib.ExitStack() as heartbeats:
-        for trial in trials:
-            heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
-        outcomes, error = objective.group(trials)
-    for trial, outcome in zip(trials, outcomes, strict=True):
-        state, value = None, None
-        try:
-            value = outcome()
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except (Exception, KeyboardInterrupt):
-            state = TrialState.FAIL
-        study.tell(trial, value, state=state, skip_if_finished=True)
-    if error is not None and not isinstance(error, Exception):
-        raise error
 
 
 def _has_work(spec: StudySpec, study: optuna.Study) -> bool:

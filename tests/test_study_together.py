@@ -23,8 +23,9 @@ from test_study import (
 from ablate import names, plan, verdicts
 from ablate.budget import ComputeBudget
 from ablate.config import ConfigError
+from ablate.groups import AUTO_TOGETHER, together_size
 from ablate.spec import load_spec, spec_from_mapping
-from ablate.study import AUTO_TOGETHER, plan_digest, run_study, together_size
+from ablate.study import plan_digest, run_study
 
 REL = 1e-4  # fp32: a stacked step sums in another order than a single run (printed to 6 digits they agree)
 NUMBER = r"-?\d[\d.e+-]*|nan|inf"
