@@ -573,3 +573,12 @@ def index_rows(page: str) -> dict[str, list[str]]:
     """The index's rows by study name: each cell's HTML."""
     rows = re.findall(r'<tr class="study" data-study="([^"]*)">(.*?)</tr>', page, re.S)
     return {name: [c.strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", body, re.S)] for name, body in rows}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh directory whose runs/ holds both stores, as on a user's clone."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ABLATE_STORAGE", raising=False)
+    return tmp_path

@@ -33,15 +33,6 @@ def write_spec(path: Path, **changes) -> Path:
     return path
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """A fresh directory whose runs/ holds both stores, as on a user's clone."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("ABLATE_STORAGE", raising=False)
-    return tmp_path
-
-
 def stores(root: Path, name: str) -> tuple[optuna.Study, MlflowClient, list]:
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'runs' / 'optuna.db'}")
     client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")

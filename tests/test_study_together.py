@@ -37,15 +37,6 @@ DIVERGING = {  # one variant; its tune points at lr 0.015, 3.2 and 680: the two 
 }
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """A fresh directory whose runs/ holds both stores (as test_study's)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("ABLATE_STORAGE", raising=False)
-    return tmp_path
-
-
 def run(workdir, together: int, **changes) -> dict:
     """Runs the study ``t<together>`` to the end; its trials by planned key."""
     name = f"t{together}"
