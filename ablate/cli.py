@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few shapes, few repeats")
     p.add_argument("--tracking", metavar="CONFIG", help="instead: MLflow overhead on the run CONFIG describes")
     p.add_argument("--gpu", action="store_true", help="instead, on a CUDA device: matmul peak, MFU of one large bf16 "
-                                                      "run, trials per hour of --study with 1 and auto workers")
+                                                      "run, trials per hour of --study with 1 and auto workers, 8 "
+                                                      "runs of its base one after another and together")
     p.add_argument("--width", type=int, choices=(512, 1024), default=1024, help="--gpu: the large run's width")
     p.add_argument("--window", type=float, default=180.0, metavar="S",
                    help="--gpu: seconds each way of running the study takes new trials")
@@ -97,11 +98,13 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return report_command(args.studies, all_studies=args.all, storage=args.storage, out=args.out)
     if args.command == "bench":
-        from ablate.bench import GpuPlan, gpu_bench, run_bench, tracking_overhead
+        from ablate.bench import run_bench, tracking_overhead
 
         if args.gpu:
             if args.window <= 0:
                 raise ConfigError("--window", f"must be > 0 seconds, got {args.window:g}")
+            from ablate.gpu_bench import GpuPlan, gpu_bench  # optuna, MLflow and the study runner: --gpu only
+
             return gpu_bench(args.out, GpuPlan(width=args.width, window_s=args.window, study=args.study))
         if args.tracking:
             return tracking_overhead(args.tracking, args.out)
