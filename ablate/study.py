@@ -227,6 +227,8 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
             study.set_user_attr(names.ATTR_PARENT_RUN_ID, parent.run_id)
         study.set_user_attr(names.ATTR_KIND, spec.kind)
         study.set_user_attr(names.ATTR_SPEC, json.loads(json.dumps(spec.data, default=str)))
+        if spec.source:  # the index's "study" command names the file (studies/claims/... too)
+            study.set_user_attr(names.ATTR_SOURCE, _relative(spec.source))
         if spec.family:  # the family page finds its members, and the file they came from, by these
             study.set_user_attr(names.ATTR_FAMILY, spec.family)
             study.set_user_attr(names.ATTR_MEMBER, spec.member)
@@ -247,6 +249,12 @@ def enqueue(study: optuna.Study, trials: list[plan.PlannedTrial], failpoint: str
         }
         study.enqueue_trial(planned.params, user_attrs=attrs)
         recovery.failpoint(failpoint)
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it (as a user types it), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
 
 
 def planned_size(spec: StudySpec, trials: list[FrozenTrial]) -> int | None:

@@ -135,7 +135,9 @@ def test_a_ladder_at_two_budgets_gives_one_answer_per_member_and_a_family_page(t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     train = {**TINY_STUDY["train"], "steps": 4, "eval_every": 2, "log_every": 2}
-    path = _write(tmp_path, ladder=LADDER, budget={"match": ["steps", "flops"]}, seeds=2, train=train)
+    (tmp_path / "studies" / "claims").mkdir(parents=True)  # as a claims study lives, not at studies/<name>.yaml
+    path = _write(tmp_path / "studies" / "claims", ladder=LADDER, budget={"match": ["steps", "flops"]}, seeds=2,
+                  train=train)  # fmt: skip
     assert run_study(path, storage=storage) == 0
     out = capsys.readouterr().out
     members = ["fam.w16.steps", "fam.w16.flops", "fam.w32.steps", "fam.w32.flops"]
@@ -161,7 +163,9 @@ def test_a_ladder_at_two_budgets_gives_one_answer_per_member_and_a_family_page(t
     from ablate.report.index import study_row  # a member's study command is its family's file, which runs it
 
     assert study_row("fam.w32.flops", storage, tmp_path / "reports")["commands"]["study"].startswith(
-        "ablate study studies/fam.yaml")
+        "ablate study studies/claims/fam.yaml")
+    member_page = (tmp_path / "reports" / "fam.w32.flops" / "index.html").read_text()
+    assert "ablate study studies/claims/fam.yaml" in member_page  # its "reproduce" command: the file as run
 
     (tmp_path / "reports" / "fam" / "index.html").unlink()  # `ablate report fam` rebuilds the family and its members
     assert report_command(["fam"], storage=storage) == 0

@@ -334,7 +334,7 @@ def _provenance(data: StudyData, counts: dict, statuses: dict) -> dict:
                 if isinstance(k, str) and k.startswith("tag:") and ("version" in k or k.startswith("tag:mlflow.source"))
                 and isinstance(v, str)}
     runs = [r for r in t["run_id"] if r] if not t.empty else []
-    reproduce = commands(data.name, data.storage, data.spec.family)
+    reproduce = commands(data.name, data.storage, data.spec.family, data.study.user_attrs.get(names.ATTR_SOURCE, ""))
     return {
         "spec": yaml.safe_dump(data.spec.data, sort_keys=False) if data.spec.data else "",
         "datasets": dataset_digests(data, runs[:20]) if runs else [],

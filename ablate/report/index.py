@@ -55,11 +55,11 @@ def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> 
     return out / "index.html"
 
 
-def commands(name: str, storage: str, family: str = "") -> dict[str, str]:
-    """The commands that run the study (a family member: its family's file, which runs every member) and write its
-    report (``--storage`` unless it is the default store)."""
+def commands(name: str, storage: str, family: str = "", source: str = "") -> dict[str, str]:
+    """The commands that run the study (its file as run, ``source``; else studies/<name>.yaml, a family member's
+    being its family's file, which runs every member) and write its report (``--storage`` unless the default)."""
     store = "" if storage == default_storage() else f" --storage {shlex.quote(redact(storage))}"
-    return {"study": f"ablate study studies/{family or name}.yaml{store}",
+    return {"study": f"ablate study {shlex.quote(source or f'studies/{family or name}.yaml')}{store}",
             "report": f"ablate report {shlex.quote(name)}{store}"}
 
 
@@ -104,7 +104,8 @@ def study_row(name: str, storage: str, out: Path) -> dict:
         "name": name, "kind": "", "task": "", "base": "", "done": None, "planned": None,
         "status": IN_PROGRESS if running else "", "running": running, "started": min(starts, default=None),
         "last": max(ends, default=None), "active": max(starts + ends, default=None), "wall_s": wall_s(trials),
-        "problem": "", "commands": commands(name, storage, _family_of(study)), **report_of(name, out),
+        "problem": "", **report_of(name, out),
+        "commands": commands(name, storage, _family_of(study), study.user_attrs.get(names.ATTR_SOURCE, "")),
     }  # fmt: skip
     # A report written before the study's last trial ended (or while trials run) answers an earlier question.
     row["stale"] = bool(row["built"]) and (running > 0 or row["last"] is not None and row["built"] < row["last"])
