@@ -165,6 +165,7 @@ def test_solved_needs_the_whole_interval_at_or_above_the_threshold_and_a_diverge
     assert claims.judge_solved([1.0, 0.52, 1.0])[0] == claims.INCONCLUSIVE  # one seed stuck on the plateau
     assert claims.judge_solved([0.52, 0.50, 0.53])[0] == claims.NOT_REPRODUCED
     assert claims.judge_solved([1.0])[0] == claims.INCONCLUSIVE  # one seed: no interval
+    assert claims.judge_solved([])[0] == claims.INCONCLUSIVE
     spec = spec_from_mapping({**TINY_STUDY, "claims": {"c": {**CLAIM, "expect": {}, "solves": ["base"]}}})
     seeds = pd.DataFrame({"variant": ["base"] * 3, "status": ["completed", "completed", "diverged"],
                           "test/acc": [1.0, 1.0, math.nan]})  # fmt: skip

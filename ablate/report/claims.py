@@ -86,9 +86,7 @@ def judge_exponent(bounds: list[float], exponent: float, resolution: float = 0.0
 def judge_solved(accuracies: list[float], threshold: float = names.SOLVED_ACC) -> tuple[str, float, float]:
     """Whether seed runs' test accuracies solve a task: (outcome, mean, half-width of the t-interval)."""
     mean, half = mean_ci(accuracies)
-    if math.isnan(mean):
-        return INCONCLUSIVE, mean, half
-    if math.isnan(half):  # one seed: no interval
+    if math.isnan(half):  # no seed, or one: no interval
         return INCONCLUSIVE, mean, half
     if mean - half >= threshold:
         return REPRODUCED, mean, half
