@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ablate.budget import ComputeBudget
 from ablate.config import ModelConfig, RunConfig, flatten, to_dict
 from ablate.model import Attend, l2_normalize, rotate
-from ablate.train import Callback, RunResult, RunStart, _loss, _notify_end, _Trainer
+from ablate.train import Callback, RunResult, _loss, _notify_end, _Trainer
 
 FREE = ("train.lr", "train.seed")  # the only fields in which members may differ
 CORE_SCALING = {"learned": "none", "qknorm": "none", "logn": "sqrt"}  # the rest of a scaling once its per-member
@@ -244,8 +244,7 @@ class _Group:
         for member in self.members[1:]:
             member.setup(task=lead.task)  # one task: the configs only differ in lr and seed
         for k, member in enumerate(self.members):
-            derived = {**member.derived(), "together": len(self.members)}  # logged: this run shared its steps
-            if member._ask("on_start", RunStart(member.config, member.task, derived)):
+            if member.start(together=len(self.members)):  # logged: this run shared its steps
                 self.end(k, "stopped", "stopped by a callback before the first step", start)
         self.live = self.running()
         if self.live:

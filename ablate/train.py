@@ -280,9 +280,9 @@ class _Trainer:
             return self.result("stopped", "stopped by a callback before the first step", start)
         return self.finish(*self.loop(), start)
 
-    def start(self) -> bool:
-        """Tells callbacks the run starts; True if one asks to stop."""
-        return self._ask("on_start", RunStart(self.config, self.task, self.derived()))
+    def start(self, **derived: Any) -> bool:
+        """Tells callbacks the run starts (``derived``: facts beside ``self.derived()``); True if one asks to stop."""
+        return self._ask("on_start", RunStart(self.config, self.task, {**self.derived(), **derived}))
 
     def finish(self, status: str, reason: str, start: float) -> RunResult:
         if status == "completed":
