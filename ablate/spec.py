@@ -153,6 +153,11 @@ class Claim:
     """Family with a width ladder: variant -> [low, high] expected for b in best lr ∝ width^b."""
     solves: tuple[str, ...] = ()
     """Variants ("base" too) whose test accuracy should reach ``names.SOLVED_ACC`` (a generated task: solved)."""
+
+    @property
+    def in_one_study(self) -> bool:
+        """Whether one study's numbers judge a part of it (all but ``lr_exponent``, which needs a width ladder)."""
+        return bool(self.expect or self.less_sensitive or self.solves)
     member: str = ""
     """In a family: the one member (its label, "dk_fixed") whose numbers test the claim; "": every member."""
 

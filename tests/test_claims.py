@@ -174,3 +174,6 @@ def test_solved_needs_the_whole_interval_at_or_above_the_threshold_and_a_diverge
     assert judged["lines"][0]["text"].startswith("base: expected to solve it (accuracy >= 0.9), measured test "
                                                  "accuracy 0.667 ± ")
     assert judged["lines"][0]["text"].endswith("(2 of 3 seeds at or above 0.9)")
+    text = seeds.drop(columns="test/acc").assign(**{"test/bpc": 1.9})  # a charlm study logs no accuracy
+    judged = claims.judge(spec.claims["c"], spec, _table("", 0.0), pd.DataFrame(), seeds=text)
+    assert judged["verdict"] == claims.INCONCLUSIVE and "log no test/acc" in judged["lines"][0]["text"]

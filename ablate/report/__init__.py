@@ -218,8 +218,7 @@ def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None)
     tune = analysis.tune_runs(data)
     out = []
     for key, claim in data.spec.claims.items():
-        if not data.spec.tests(claim) or exponents is None and not (claim.expect or claim.less_sensitive
-                                                                       or claim.solves):  # fmt: skip
+        if not data.spec.tests(claim) or exponents is None and not claim.in_one_study:
             continue  # another member's claim, or one about width that only the family page can judge
         judged = claims.judge(claim, data.spec, table, tune, exponents, analysis.seed_runs(data))
         caveats = claims.setting(data.spec) + (f"; {claim.caveat}" if claim.caveat else "")

@@ -96,6 +96,8 @@ def judge_solved(accuracies: list[float], threshold: float = names.SOLVED_ACC) -
 def _solved_line(variant: str, seeds: pd.DataFrame) -> tuple[str, str]:
     mine = seeds[seeds["variant"] == variant] if len(seeds) else seeds
     key = names.test_metric("acc")
+    if len(mine) and key not in mine:  # a task scored by loss or bpc (charlm): nothing says "solved"
+        return INCONCLUSIVE, f"{variant}: expected to solve it, but its runs log no {key} (a task scored by accuracy)"
     accuracies = [0.0 if status == "diverged" else float(acc)
                   for status, acc in zip(mine.get("status", []), mine.get(key, []), strict=True)]  # fmt: skip
     outcome, mean, half = judge_solved(accuracies)

@@ -126,8 +126,7 @@ def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
     for key, claim in members[0].spec.claims.items():
         per_member = []
         for m in (m for m in members if m.spec.tests(claim)):
-            part = dataclasses.replace(claim, lr_exponent={}) if claim.expect or claim.less_sensitive \
-                or claim.solves else None  # fmt: skip
+            part = dataclasses.replace(claim, lr_exponent={}) if claim.in_one_study else None
             if part is not None:
                 per_member.append((m.label, claims.judge(part, m.spec, m.table, analysis.tune_runs(m.data),
                                                          seeds=analysis.seed_runs(m.data))))  # fmt: skip
