@@ -2,21 +2,26 @@
 
 Every arm is re-run on seeds 1..n and a seed fixes the data order, so the comparison is paired by seed:
 ``d_s = arm_s - base_s`` over the seeds both ran (lower is better, so ``d < 0`` favours the alternative).
-``margin`` (delta) is the smallest difference that matters. Each alternative ends as one claim, the first that holds:
+``margin`` (delta) is the smallest difference that matters. What is judged is the difference of the two arms as
+tuned well: each arm ran at its chosen learning rate, which can cost it up to its tuning-penalty bound
+(``ablate.tuning``) and never helps it, so the tuned difference lies between ``mean - P_alt`` and ``mean + P_base``
+up to sampling. Each alternative ends as one claim:
 
-- equivalent: within ``[-delta, +delta]``        (TOST: H0 ``mean <= -delta`` and H0 ``mean >= +delta``, both)
-- worse: above 0                                 (one-sided t-test of H0 ``mean <= 0``)
-- better: below ``-delta``                       (H0 ``mean >= -delta``)
+- equivalent: within ``[-delta, +delta]``  (TOST on ``mean - P_alt > -delta`` and ``mean + P_base < +delta``)
+- worse: above 0                           (one-sided t-test on ``mean - P_alt > 0``)
+- better: below ``-delta``                 (on ``mean + P_base < -delta``)
 - undecided: none of the three could be claimed.
 
-The asymmetry is the decision's: switching away from the base must pay for itself (better by more than the
-margin), while staying needs only that the alternative is worse or that the difference does not matter. Read off
-an interval: at one-sided level ``l`` the claim is "equivalent" exactly when the two-sided ``1 - 2l`` t-interval of
-the mean lies inside ``[-delta, +delta]``, else "worse" when it lies above 0, else "better" when below ``-delta``;
-each claim is false only if that interval misses the true mean, which happens with probability ``2l``. That is
-why each look tests at half its alpha per side (``SIDES``): an alternative may claim in either direction, and with
-the full alpha per side the chance of a false claim under no effect and large noise tends to ``2 alpha``
-(the CPMP "switching between superiority and non-inferiority" argument: one two-sided interval, any claim).
+The claim is the one with the smallest p-value (ties: equivalent, worse, better), and that p-value is the one Holm
+ranks and tests, so a claim is never reported on another claim's evidence. The asymmetry is the decision's:
+switching away from the base must pay for itself (better by more than the margin), while staying needs only that
+the alternative is worse or that the difference does not matter. Read off an interval: at one-sided level ``l``
+"equivalent" holds exactly when the two-sided ``1 - 2l`` t-interval, widened by the penalties, lies inside
+``[-delta, +delta]``, "worse" when it lies above 0, "better" when below ``-delta``; each is false only if that
+interval misses the tuned difference. That is why each look tests at half its alpha per side (``SIDES``): an
+alternative may claim in either direction, and with the full alpha per side the chance of a false claim under no
+effect and large noise tends to ``2 alpha`` (the CPMP "switching between superiority and non-inferiority"
+argument: one two-sided interval, any claim).
 
 Within a factor, Holm's step-down runs over its alternatives' claim p-values. Seeds come in two looks: look 1 after
 ``min_seeds`` seeds of every arm, look 2 after ``max_seeds`` for the arms undecided at look 1; alpha is split between
@@ -53,12 +58,17 @@ class ArmResult:
     """Seeds whose run diverged; each must have its uniform-guess loss in ``outcomes``."""
     cost: float = math.nan
     """Parameters, FLOPs per token, ...: lower is cheaper; NaN when unknown."""
+    penalty: float = 0.0
+    """Bound on the loss its learning-rate choice can cost it (``ablate.tuning.penalty_bound``); 0 when it has no
+    tuned nuisance, infinite (or NaN) when it cannot be bounded, e.g. its best point at an unextended edge."""
 
     def __post_init__(self) -> None:
         bad = [s for s, v in self.outcomes.items() if not (_is_seed(s) and math.isfinite(v))]
         if bad:
             raise ValueError(f"{self.name}: outcomes need int seeds >= 1 and finite values (a diverged run gets "
                              f"its uniform-guess loss); bad seeds: {sorted(bad, key=str)}")
+        if not (self.penalty >= 0 or math.isnan(self.penalty)):
+            raise ValueError(f"{self.name}: a tuning penalty is >= 0, got {self.penalty}")
         if not self.diverged <= self.outcomes.keys():
             missing = sorted(self.diverged - self.outcomes.keys())
             raise ValueError(f"{self.name}: diverged seeds {missing} have no outcome (give them the uniform loss)")
@@ -140,16 +150,22 @@ class Comparison:
     """Mean paired difference (alternative - base); NaN without a paired seed."""
     lo: float
     hi: float
-    """The two-sided ``1 - 2 level`` t-interval of ``mean`` (infinite below 2 paired seeds)."""
+    """Where the difference of the arms as tuned well lies: the two-sided ``1 - 2 level`` t-interval of ``mean``,
+    its low end lowered by the alternative's tuning-penalty bound and its high end raised by the base's (infinite
+    below 2 paired seeds)."""
     level: float
     """One-sided level it was tested at: the look's alpha, halved per side, over Holm's divisor at its step (or at
     the step where Holm stopped, when not rejected). The claim holds exactly when ``p <= level``."""
     p: float
-    """Claim p-value: the smallest of its better, worse and equivalence (TOST) p-values; 1 below 2 paired seeds."""
+    """Claim p-value: the smallest of its equivalence (TOST), worse and better p-values, the verdict being the claim
+    it belongs to; 1 below 2 paired seeds."""
     look: int
     """1 or 2: the look at which the verdict was reached (the last look taken, if undecided)."""
     diverged: int
     """Diverged seed runs of this alternative among the ``n`` used."""
+    penalty: float = 0.0
+    base_penalty: float = 0.0
+    """The two arms' tuning-penalty bounds, by which ``lo`` and ``hi`` are widened (``ablate.tuning``)."""
 
 
 @dataclass(frozen=True)
@@ -166,9 +182,11 @@ class Judged:
     look: np.ndarray
 
 
-def judge_arrays(base: np.ndarray, alternatives: np.ndarray, rule: Rule) -> Judged:
+def judge_arrays(base: np.ndarray, alternatives: np.ndarray, rule: Rule, base_penalty: np.ndarray | float = 0.0,
+                 penalties: np.ndarray | float = 0.0) -> Judged:
     """The two-look procedure on arrays: ``base`` ``(..., S)``, ``alternatives`` ``(..., k, S)``, column ``s`` is
-    seed ``s + 1``, NaN where a seed did not run; seeds past ``max_seeds`` are ignored.
+    seed ``s + 1``, NaN where a seed did not run; seeds past ``max_seeds`` are ignored. ``base_penalty`` ``(...)``
+    and ``penalties`` ``(..., k)``: each arm's tuning-penalty bound (NaN or inf: unbounded).
 
     Look 1 uses seeds ``1..min_seeds`` only, whatever else exists, so a late analysis repeats its decisions. Look 2
     runs Holm over all k alternatives on the paired seeds up to ``max_seeds``; an alternative decided at look 1 keeps
@@ -177,15 +195,21 @@ def judge_arrays(base: np.ndarray, alternatives: np.ndarray, rule: Rule) -> Judg
     verdict: that would be a third look, unpaid for.
     """
     diffs = _columns(alternatives, rule.max_seeds) - _columns(base, rule.max_seeds)[..., None, :]
+    shifts = _unbounded(penalties) + 0 * diffs[..., 0], _unbounded(base_penalty)[..., None] + 0 * diffs[..., 0]
     alphas = rule.look_alphas()
-    first = _look(diffs[..., : rule.looks()[0]], alphas[0], rule.margin, tested=np.True_)
+    first = _look(diffs[..., : rule.looks()[0]], alphas[0], rule.margin, np.True_, shifts)
     if len(alphas) == 1:
         return first
     decided = first.verdict != UNDECIDED
     extended = np.sum(~np.isnan(diffs), axis=-1) > first.n
-    second = _look(diffs, alphas[1], rule.margin, tested=decided | extended, look=2)
+    second = _look(diffs, alphas[1], rule.margin, decided | extended, shifts, look=2)
     take = ~decided & extended
     return Judged(**{f.name: np.where(take, getattr(second, f.name), getattr(first, f.name)) for f in fields(Judged)})
+
+
+def _unbounded(penalty: np.ndarray | float) -> np.ndarray:
+    penalty = np.asarray(penalty, dtype=float)
+    return np.where(np.isnan(penalty), np.inf, penalty)
 
 
 def _columns(values: np.ndarray, seeds: int) -> np.ndarray:
@@ -194,25 +218,32 @@ def _columns(values: np.ndarray, seeds: int) -> np.ndarray:
     return np.concatenate([values, np.full((*values.shape[:-1], missing), np.nan)], axis=-1) if missing else values
 
 
-def _look(diffs: np.ndarray, alpha: float, margin: float, tested: np.ndarray, look: int = 1) -> Judged:
-    """One look: the three tests per alternative, then Holm over the last axis but one (the alternatives)."""
+def _look(diffs: np.ndarray, alpha: float, margin: float, tested: np.ndarray,
+          shifts: tuple[np.ndarray, np.ndarray], look: int = 1) -> Judged:
+    """One look: the three tests per alternative, then Holm over the last axis but one (the alternatives).
+
+    The tests are of the difference between the arms as tuned well: the alternative's own mistuning can only have
+    raised its loss (by at most its penalty bound), the base's only raised the base's, so "worse" and the lower
+    equivalence bound test ``mean - alternative's penalty``, "better" and the upper bound ``mean + base's penalty``.
+    """
+    pen_alt, pen_base = shifts
     n = np.sum(~np.isnan(diffs), axis=-1)
     df = np.maximum(n - 1, 1)  # a placeholder below 2 seeds, where p is forced to 1 and the interval is infinite
     mean = np.where(n > 0, np.nansum(diffs, axis=-1) / np.maximum(n, 1), np.nan)
     squares = np.nansum((diffs - mean[..., None]) ** 2, axis=-1)
     se = np.where(n >= 2, np.sqrt(squares / df / np.maximum(n, 1)), np.nan)
-    low = _t(mean + margin, se)  # > t_crit: the mean is above -margin
-    high = _t(mean - margin, se)  # < -t_crit: the mean is below +margin
+    low, high = mean - pen_alt, mean + pen_base  # the tuned difference lies between these, up to sampling
     # stdtr(df, t) is the t distribution's cdf (scipy.stats.t.cdf without its per-call overhead, for simulations)
-    p_better = special.stdtr(df, low)
-    p_worse = special.stdtr(df, -_t(mean, se))
-    p_equivalent = np.maximum(special.stdtr(df, -low), special.stdtr(df, high))
-    p = np.where((n >= 2) & tested, np.minimum(np.minimum(p_better, p_worse), p_equivalent), 1.0)
+    p_better = special.stdtr(df, _t(high + margin, se))
+    p_worse = special.stdtr(df, -_t(low, se))
+    p_equivalent = np.maximum(special.stdtr(df, -_t(low + margin, se)), special.stdtr(df, _t(high - margin, se)))
+    tests = np.stack([p_equivalent, p_worse, p_better])  # ties go to the first: equivalent, then worse, then better
+    p = np.where((n >= 2) & tested, tests.min(axis=0), 1.0)
     rejected, level = _holm(p, alpha / SIDES)
-    # the first claim that holds at the level Holm tested it at: equivalent, then worse, then better
-    claim = np.where(p_equivalent <= level, EQUIVALENT, np.where(p_worse <= level, WORSE, BETTER))
+    # the claim reported is the one whose p-value Holm tested, so the rate Holm controls is the rate of what is said
+    claim = np.array([EQUIVALENT, WORSE, BETTER])[np.argmin(tests, axis=0)]
     half = np.where(n >= 2, -special.stdtrit(df, level) * np.where(n >= 2, se, 0.0), np.inf)
-    return Judged(verdict=np.where(rejected, claim, UNDECIDED), n=n, mean=mean, lo=mean - half, hi=mean + half,
+    return Judged(verdict=np.where(rejected, claim, UNDECIDED), n=n, mean=mean, lo=low - half, hi=high + half,
                   level=level, p=p, look=np.full(n.shape, look))
 
 
@@ -244,7 +275,8 @@ def judge_factor(base: ArmResult, alternatives: list[ArmResult], rule: Rule) -> 
     """Each alternative of one factor against its base, in the order given (see :func:`judge_arrays`)."""
     if not alternatives:
         return []
-    judged = judge_arrays(_row(base, rule), np.stack([_row(a, rule) for a in alternatives]), rule)
+    judged = judge_arrays(_row(base, rule), np.stack([_row(a, rule) for a in alternatives]), rule,
+                          base.penalty, np.array([a.penalty for a in alternatives]))
     out = []
     for j, arm in enumerate(alternatives):
         seeds = range(1, rule.looks()[int(judged.look[j]) - 1] + 1)
@@ -252,7 +284,8 @@ def judge_factor(base: ArmResult, alternatives: list[ArmResult], rule: Rule) -> 
         out.append(Comparison(
             name=arm.name, verdict=VERDICTS[judged.verdict[j]], n=int(judged.n[j]), mean=float(judged.mean[j]),
             lo=float(judged.lo[j]), hi=float(judged.hi[j]), level=float(judged.level[j]), p=float(judged.p[j]),
-            look=int(judged.look[j]), diverged=len(arm.diverged & paired)))
+            look=int(judged.look[j]), diverged=len(arm.diverged & paired), penalty=arm.penalty,
+            base_penalty=base.penalty))
     return out
 
 
