@@ -122,10 +122,7 @@ def penalty_bound(tuned: Tuned, sd: float, level: float = LEVEL, draws: int = DR
         return math.nan
     if len(tuned.points) < 2:
         return 0.0
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    truth = curve(tuned, tuned.points)
-    noisy = truth + rng.standard_normal((draws, len(truth))) * sd / np.sqrt(tuned.seeds)
-    chosen, _ = choose(tuned.points, noisy)
+    chosen = bootstrap_choices(tuned, sd, draws)
     fine = np.linspace(tuned.points[0], tuned.points[-1], 512)
     floor = min(float(curve(tuned, fine).min()), float(curve(tuned, np.array([tuned.u]))[0]))
     penalties = curve(tuned, chosen) - floor
@@ -142,3 +139,12 @@ def pooled_sd(groups: Iterable[Iterable[float]]) -> float:
             squares += float(((y - y.mean()) ** 2).sum())
             df += len(y) - 1
     return math.sqrt(squares / df) if df else math.nan
+
+
+def bootstrap_choices(tuned: Tuned, sd: float, draws: int = DRAWS) -> np.ndarray:
+    """The rule re-run on ``draws`` noisy copies of the arm's curve (see :func:`penalty_bound`): where its choice
+    falls when the seeds come out otherwise, for an interval of the chosen point (quantile units)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    truth = curve(tuned, tuned.points)
+    noisy = truth + rng.standard_normal((draws, len(truth))) * sd / np.sqrt(tuned.seeds)
+    return choose(tuned.points, noisy)[0]

@@ -148,6 +148,8 @@ class Comparison:
     """Paired seeds used."""
     mean: float
     """Mean paired difference (alternative - base); NaN without a paired seed."""
+    se: float
+    """Its standard error (the paired differences' sd over sqrt(n)); NaN below 2 paired seeds."""
     lo: float
     hi: float
     """Where the difference of the arms as tuned well lies: the two-sided ``1 - 2 level`` t-interval of ``mean``,
@@ -175,6 +177,7 @@ class Judged:
     verdict: np.ndarray  # int codes into VERDICTS
     n: np.ndarray
     mean: np.ndarray
+    se: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
     level: np.ndarray
@@ -243,7 +246,7 @@ def _look(diffs: np.ndarray, alpha: float, margin: float, tested: np.ndarray,
     # the claim reported is the one whose p-value Holm tested, so the rate Holm controls is the rate of what is said
     claim = np.array([EQUIVALENT, WORSE, BETTER])[np.argmin(tests, axis=0)]
     half = np.where(n >= 2, -special.stdtrit(df, level) * np.where(n >= 2, se, 0.0), np.inf)
-    return Judged(verdict=np.where(rejected, claim, UNDECIDED), n=n, mean=mean, lo=low - half, hi=high + half,
+    return Judged(verdict=np.where(rejected, claim, UNDECIDED), n=n, mean=mean, se=se, lo=low - half, hi=high + half,
                   level=level, p=p, look=np.full(n.shape, look))
 
 
@@ -283,6 +286,7 @@ def judge_factor(base: ArmResult, alternatives: list[ArmResult], rule: Rule) -> 
         paired = {s for s in seeds if s in arm.outcomes and s in base.outcomes}
         out.append(Comparison(
             name=arm.name, verdict=VERDICTS[judged.verdict[j]], n=int(judged.n[j]), mean=float(judged.mean[j]),
+            se=float(judged.se[j]),
             lo=float(judged.lo[j]), hi=float(judged.hi[j]), level=float(judged.level[j]), p=float(judged.p[j]),
             look=int(judged.look[j]), diverged=len(arm.diverged & paired), penalty=arm.penalty,
             base_penalty=base.penalty))

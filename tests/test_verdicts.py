@@ -109,8 +109,9 @@ def test_holm_differs_from_unadjusted_tests(ps, verdicts, levels):
 
 
 def test_interval_agrees_with_the_verdict_and_with_scipy():
-    """The displayed 1 - 2 level interval lies inside [-margin, margin] exactly when 'equivalent', else above 0 when
-    'worse', else below -margin when 'better'; interval and p-value match scipy's t-test of the same paired seeds."""
+    """A decided verdict is a claim the displayed 1 - 2 level interval supports (inside [-margin, margin]:
+    'equivalent', above 0: 'worse', below -margin: 'better'), the one of those with the smallest p-value (the p Holm
+    tested); interval and p-value match scipy's t-tests of the same paired seeds."""
     rng = np.random.default_rng(1)
     seen = set()
     for _ in range(20):
@@ -120,16 +121,18 @@ def test_interval_agrees_with_the_verdict_and_with_scipy():
         alternatives = [arm(f"a{j}", values + effects[j] + noises[j] * rng.standard_normal(6)) for j in range(3)]
         for a, c in zip(alternatives, judge_factor(base, alternatives, RULE), strict=True):
             inside = -MARGIN <= c.lo <= c.hi <= MARGIN
-            claims = {"equivalent": inside, "worse": c.lo >= 0, "better": c.hi <= -MARGIN}  # the first that holds
-            first = next((v for v, holds in claims.items() if holds), "undecided")
-            assert first == c.verdict
+            holds = {"equivalent": inside, "worse": c.lo >= 0, "better": c.hi <= -MARGIN}
             d = np.array([a.outcomes[s] - base.outcomes[s] for s in range(1, c.n + 1)])
             lo, hi = stats.t.interval(1 - 2 * c.level, c.n - 1, loc=d.mean(), scale=stats.sem(d))
-            p = min(stats.ttest_1samp(d, -MARGIN, alternative="less").pvalue,
-                    stats.ttest_1samp(d, 0.0, alternative="greater").pvalue,
-                    max(stats.ttest_1samp(d, -MARGIN, alternative="greater").pvalue,
-                        stats.ttest_1samp(d, MARGIN, alternative="less").pvalue))
-            assert (c.lo, c.hi, c.p) == pytest.approx((lo, hi, p), rel=1e-6, abs=1e-12)
+            ps = {"better": stats.ttest_1samp(d, -MARGIN, alternative="less").pvalue,
+                  "worse": stats.ttest_1samp(d, 0.0, alternative="greater").pvalue,
+                  "equivalent": max(stats.ttest_1samp(d, -MARGIN, alternative="greater").pvalue,
+                                    stats.ttest_1samp(d, MARGIN, alternative="less").pvalue)}
+            assert (c.lo, c.hi, c.p) == pytest.approx((lo, hi, min(ps.values())), rel=1e-6, abs=1e-12)
+            if c.verdict != "undecided":
+                assert holds[c.verdict] and ps[c.verdict] == pytest.approx(c.p, rel=1e-9)
+            else:
+                assert not any(holds.values()) or c.look == 2 or c.p > c.level
             seen.add((c.verdict, c.look))
     assert {v for v, _ in seen} == {"better", "worse", "equivalent", "undecided"}
     assert {look for _, look in seen} == {1, 2}
@@ -161,7 +164,7 @@ def test_needs_more_seeds_once_look_1_is_complete_and_the_same_after_resume():
 
 
 def comparison(name: str, verdict: str, mean: float, diverged: int = 0) -> Comparison:
-    return Comparison(name, verdict, n=6, mean=mean, lo=mean - 0.01, hi=mean + 0.01, level=0.01, p=0.001, look=2,
+    return Comparison(name, verdict, n=6, mean=mean, se=0.004, lo=mean - 0.01, hi=mean + 0.01, level=0.01, p=0.001, look=2,
                       diverged=diverged)
 
 
