@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from ablate import names, recovery
+from ablate import names, plan, recovery
 from ablate.commands import STOP_REQUESTED
 from ablate.config import RunConfig, fmt, with_values
 from ablate.spec import StudySpec
@@ -118,7 +118,7 @@ class Objective:
             raise
 
     def _seed(self, attrs: dict[str, Any]) -> int:
-        return attrs[names.ATTR_POINT] if attrs.get(names.ATTR_PHASE) == "seed" else self.spec.base.train.seed
+        return plan.seed_of(self.spec, attrs.get(names.ATTR_PHASE, ""), int(attrs.get(names.ATTR_POINT, -1)))
 
     def _tracker(self, trial: optuna.Trial, phase: str, params: dict[str, Any]) -> Any:
         """The trial's MLflow child run (created when training starts); records the trial's attrs first."""

@@ -1,10 +1,12 @@
 """Which trials a study runs: a pure function of the study spec and the results so far.
 
 Ablation, per variant (the same rule for every arm):
-1. Tune: the spec's first points (``StudySpec.first_points``). Then, while the best completed point is the most
-   extreme point tried along a nuisance dimension (diverged points count as tried: divergence above an LR brackets
-   it), one more point one step (a grid cell) beyond it, up to the range's hard limits and ``max_extra_points``.
-2. Seeds: once its tuning is final, seeds 1..min_seeds at the chosen point (the best by validation loss).
+1. Tune: the spec's first points (``StudySpec.first_points``), each on ``tune_seeds`` tune seeds (``tune_seed``:
+   never a verdict seed). Then, while the best point (lowest seed mean of val loss, a diverged run at the
+   uniform-guess loss) is the most extreme point tried along a nuisance dimension, one more point one step (a grid
+   cell) beyond it on every tune seed, up to the range's hard limits and ``max_extra_points``.
+2. Seeds: once its tuning is final, seeds 1..min_seeds at the chosen point (``ablate.tuning``: the vertex of the
+   parabola through the best seed mean and its neighbours, with one nuisance parameter; the best point with more).
 3. More seeds: once every arm of a factor has finished look 1, the arms the verdict rule leaves undecided (and the
    base, which every comparison is paired with) get seeds up to max_seeds (``ablate.verdicts``).
 
@@ -19,7 +21,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ablate import names, recovery, verdicts
+import numpy as np
+
+from ablate import names, recovery, tuning, verdicts
 from ablate.spec import StudySpec, Variant
 
 EPS = 1e-9
@@ -29,7 +33,7 @@ EPS = 1e-9
 class PlannedTrial:
     phase: str  # "tune" or "seed" (ablation), "arm" (search: one per variant first)
     variant: Variant
-    point: int  # tune: the variant's point index; seed: train.seed
+    point: int  # tune: cell * tune_seeds + the tune seed's index (``cell_of``, ``tune_seed``); seed: train.seed
     params: dict[str, Any]  # what is enqueued: scientific values + nuisance values
 
     @property
@@ -77,6 +81,23 @@ def results_of(trials: Iterable[Any]) -> list[Result]:
     return [result_of(t) for t in recovery.current_attempts(list(trials))]
 
 
+def cell_of(spec: StudySpec, point: int) -> int:
+    """The tune cell (nuisance point) of a tune trial's point index; its tune seeds are the cell's other indices."""
+    return point // spec.tune_seeds
+
+
+def tune_seed(spec: StudySpec, point: int) -> int:
+    """train.seed of a tune trial: ``tuning.TUNE_SEED0`` + the index of its tune seed, the same for every arm."""
+    return tuning.TUNE_SEED0 + point % spec.tune_seeds
+
+
+def seed_of(spec: StudySpec, phase: str, point: int) -> int:
+    """train.seed of a planned trial: a seed run's point is its seed; a tune run's is ``tune_seed``."""
+    if phase == "seed":
+        return point
+    return tune_seed(spec, point) if phase == "tune" else spec.base.train.seed
+
+
 def rule(spec: StudySpec) -> verdicts.Rule | None:
     """The study's decision rule; None below 2 seeds per arm, where nothing can be decided."""
     if spec.min_seeds < 2:
@@ -93,8 +114,9 @@ def first_trials(spec: StudySpec) -> list[PlannedTrial]:
         return [PlannedTrial("arm", v, 0, {**v.values, **first}) for v in variants]
     if not spec.nuisance:
         return [PlannedTrial("seed", v, s, dict(v.values)) for s in range(1, spec.min_seeds + 1) for v in variants]
-    return [PlannedTrial("tune", v, i, {**v.values, **spec.at(q)})
-            for i, q in enumerate(spec.first_points()) for v in variants]  # fmt: skip
+    ts = spec.tune_seeds
+    return [PlannedTrial("tune", v, i * ts + r, {**v.values, **spec.at(q)})
+            for i, q in enumerate(spec.first_points()) for r in range(ts) for v in variants]  # fmt: skip
 
 
 def next_trials(spec: StudySpec, results: list[Result]) -> list[PlannedTrial]:
@@ -116,7 +138,9 @@ def _variant_next(spec: StudySpec, variant: Variant, mine: list[Result]) -> list
     if spec.nuisance:
         extra = bracket_step(spec, tune)
         if extra is not None:
-            return [PlannedTrial("tune", variant, max(r.point for r in tune) + 1, {**variant.values, **extra})]
+            cell = max(cell_of(spec, r.point) for r in tune) + 1
+            return [PlannedTrial("tune", variant, cell * spec.tune_seeds + i, {**variant.values, **extra})
+                    for i in range(spec.tune_seeds)]  # fmt: skip
     chosen = chosen_point(spec, tune)
     if spec.nuisance and chosen is None:
         return []  # nothing completed: the report says so
@@ -125,31 +149,82 @@ def _variant_next(spec: StudySpec, variant: Variant, mine: list[Result]) -> list
 
 
 def chosen_point(spec: StudySpec, tune: list[Result]) -> dict[str, Any] | None:
-    """The nuisance values of the best completed tune trial (validation loss), or None."""
-    done = [r for r in tune if r.status == "completed" and r.value is not None]
-    if not done:
+    """The nuisance values an arm's seeds run at (``ablate.tuning``), or None before any tune run completed."""
+    cells = _cells(spec, tune)
+    if not any(c.completed for c in cells):
         return None
-    best = min(done, key=lambda r: (r.value, r.point))
-    return {p.key: best.params[p.key] for p in spec.nuisance}
+    arm = tuned(spec, tune)
+    if arm is not None and arm.interior:
+        p = spec.nuisance[0]
+        return {p.key: p.value_at(arm.u)}
+    return dict(_best(cells).params)  # at an edge (or with several nuisance keys): the best point as tried
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One tried nuisance point of an arm: its values, its quantiles and its tune seeds' results."""
+
+    params: dict[str, Any]
+    quantiles: dict[str, float]
+    losses: list[float]  # final val loss per finished run, NaN for a diverged one
+    completed: int
+
+
+def _cells(spec: StudySpec, tune: list[Result]) -> list[_Cell]:
+    """The arm's tried points: runs that completed or diverged, grouped by their nuisance values."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in tune:
+        if r.status in ("completed", "diverged") and all(p.key in r.params for p in spec.nuisance):
+            groups.setdefault(tuple(round(float(r.params[p.key]), 12) for p in spec.nuisance), []).append(r)
+    out = []
+    for runs in groups.values():
+        params = {p.key: runs[0].params[p.key] for p in spec.nuisance}
+        losses = [r.value if r.status == "completed" and r.value is not None else math.nan for r in runs]
+        out.append(_Cell(params, {p.key: p.quantile(params[p.key]) for p in spec.nuisance}, losses,
+                         sum(math.isfinite(v) for v in losses)))
+    return out
+
+
+def tuned(spec: StudySpec, tune: list[Result]) -> tuning.Tuned | None:
+    """An arm with one nuisance parameter: its tuning (seed means, the choice) in quantile units; else None."""
+    if len(spec.nuisance) != 1:
+        return None
+    key = spec.nuisance[0].key
+    cells = _cells(spec, tune)
+    runs = [(c.quantiles[key], v) for c in cells for v in c.losses]
+    return tuning.tune([u for u, _ in runs], [v for _, v in runs], ceiling=_ceiling(tune)) if runs else None
+
+
+def _ceiling(tune: list[Result]) -> float:
+    """What a diverged tune run scores: the uniform-guess loss (a diverged run's outcome), else above every loss."""
+    known = [r.outcome for r in tune if r.status == "diverged" and r.outcome is not None]
+    losses = [r.value for r in tune if r.value is not None]
+    return max(known) if known else (max(losses) + 1.0 if losses else 1.0)
+
+
+def _best(cells: list[_Cell]) -> _Cell:
+    """The tried point with the lowest seed mean (a diverged run above every loss); the lowest point wins a tie."""
+    ceiling = max((v for c in cells for v in c.losses if math.isfinite(v)), default=0.0) + 1.0
+    return min(cells, key=lambda c: (float(np.mean([v if math.isfinite(v) else ceiling for v in c.losses])),
+                                     tuple(c.quantiles.values())))  # fmt: skip
 
 
 def bracket_step(spec: StudySpec, tune: list[Result]) -> dict[str, Any] | None:
     """The next tune point of a variant whose best point is not yet bracketed, or None when tuning is final."""
-    extra = sum(r.point >= spec.points for r in tune)
+    extra = len({cell_of(spec, r.point) for r in tune if cell_of(spec, r.point) >= spec.points})
     if extra >= spec.max_extra_points:
         return None
-    tried = [r for r in tune if r.status in ("completed", "diverged") and all(p.key in r.params for p in spec.nuisance)]
-    if not tried:
+    cells = _cells(spec, tune)
+    if not cells:
         return None
     step = 1.0 / spec.points
-    q = {p.key: [p.quantile(r.params[p.key]) for r in tried] for p in spec.nuisance}
-    chosen = chosen_point(spec, tune)
-    if chosen is None:  # everything diverged: step down along every dimension from the lowest point tried
+    q = {p.key: [c.quantiles[p.key] for c in cells] for p in spec.nuisance}
+    if not any(c.completed for c in cells):  # everything diverged: step down from the lowest point tried
         low = {p.key: min(q[p.key]) for p in spec.nuisance}
         if all(u <= EPS for u in low.values()):
             return None
         return spec.at({k: max(0.0, u - step) for k, u in low.items()})
-    best = {p.key: p.quantile(chosen[p.key]) for p in spec.nuisance}
+    best = _best(cells).quantiles
     for p in spec.nuisance:
         u = best[p.key]
         if u >= max(q[p.key]) - EPS and u < 1 - EPS:
@@ -160,27 +235,58 @@ def bracket_step(spec: StudySpec, tune: list[Result]) -> dict[str, Any] | None:
 
 
 def edge_of_tried(spec: StudySpec, tune: list[Result]) -> list[tuple[str, str]]:
-    """(key, "low"/"high") for each dimension along which the chosen point is the most extreme point tried: at a hard
+    """(key, "low"/"high") for each dimension along which the best point is the most extreme point tried: at a hard
     limit of the range, or where the extension budget ran out. Empty: the optimum is bracketed."""
-    chosen = chosen_point(spec, tune)
-    if chosen is None:
+    cells = _cells(spec, tune)
+    if not any(c.completed for c in cells):
         return []
-    tried = [r for r in tune if r.status in ("completed", "diverged") and all(p.key in r.params for p in spec.nuisance)]
+    best = _best(cells).quantiles
     out = []
     for p in spec.nuisance:
-        values = [r.params[p.key] for r in tried]
+        values = [c.quantiles[p.key] for c in cells]
         if len(set(values)) < 2:
             out.append((p.key, "only"))
-        elif math.isclose(chosen[p.key], max(values)):
+        elif math.isclose(best[p.key], max(values)):
             out.append((p.key, "high"))
-        elif math.isclose(chosen[p.key], min(values)):
+        elif math.isclose(best[p.key], min(values)):
             out.append((p.key, "low"))
     return out
 
 
+def penalty(spec: StudySpec, tune: list[Result], sd: float) -> float:
+    """The arm's tuning-penalty bound (``tuning.penalty_bound``): 0 without a nuisance parameter; infinite where it
+    cannot be bounded: more than one nuisance parameter, or a best point at an edge of the tried points that is not
+    a hard limit of the range (the optimum may lie beyond it)."""
+    if not spec.nuisance:
+        return 0.0
+    arm = tuned(spec, tune)
+    if arm is None:
+        return math.inf
+    at_limit = {"low": arm.points[0] <= EPS, "high": arm.points[-1] >= 1 - EPS, "only": False}
+    if any(not at_limit[end] for _, end in edge_of_tried(spec, tune)):
+        return math.inf
+    return tuning.penalty_bound(arm, sd)
+
+
+def seed_spread(spec: StudySpec, results: list[Result]) -> float:
+    """The study's seed spread of val loss at a fixed point (``tuning.pooled_sd``): over every arm's tune points and
+    its look-1 seed runs, all final before any verdict is taken, so the bounds the runner used are the report's."""
+    groups: dict[tuple, list[float]] = {}
+    for r in results:
+        if r.status != "completed" or r.value is None or r.phase not in ("tune", "seed"):
+            continue
+        if r.phase == "seed" and r.point > spec.min_seeds:
+            continue
+        where = tuple(round(float(r.params.get(p.key, math.nan)), 12) for p in spec.nuisance)
+        groups.setdefault((r.variant, r.phase, where), []).append(r.value)
+    return tuning.pooled_sd(groups.values())
+
+
 def arm_results(spec: StudySpec, results: list[Result]) -> dict[str, verdicts.ArmResult]:
-    """Per variant, its seed-phase outcomes (diverged runs at the uniform-guess loss) for the verdicts."""
+    """Per variant, its seed-phase outcomes (diverged runs at the uniform-guess loss) and its tuning-penalty bound,
+    for the verdicts."""
     out = {}
+    sd = seed_spread(spec, results) if spec.nuisance else math.nan
     for variant in spec.variants():
         seeds = [r for r in results if r.variant == variant.name and r.phase == "seed" and r.finished
                  and r.outcome is not None and r.status in ("completed", "diverged")]  # fmt: skip
@@ -188,6 +294,7 @@ def arm_results(spec: StudySpec, results: list[Result]) -> dict[str, verdicts.Ar
             name=variant.name,
             outcomes={r.point: r.outcome for r in seeds},
             diverged=frozenset(r.point for r in seeds if r.status == "diverged"),
+            penalty=penalty(spec, [r for r in results if r.variant == variant.name and r.phase == "tune"], sd),
         )
     return out
 

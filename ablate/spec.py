@@ -192,6 +192,9 @@ class StudyFile:
     """Ablation: first tune points per variant; more follow until the best is bracketed (see ``ablate.plan``)."""
     seeds: int | Seeds = 3
     """Seed re-runs per variant: a number, or ``{min, max}`` for sequential seeds. Fewer than 2 decide nothing."""
+    tune_seeds: int = 2
+    """Ablation: tune seeds each tune point runs on (never verdict seeds). Two or more let each arm's learning rate be
+    chosen from seed means, and bound what the choice costs it (``ablate.tuning``); one run per point cannot."""
     margin: float = 0.03
     """The smallest difference of the verdict metric (test loss, nats per token) that matters; differences within
     +-margin count as "equivalent". 0.03 nats is about 2% of a small char-level model's loss (1.7 nats/char): less
@@ -225,7 +228,7 @@ class StudyFile:
         check_name(self.name)
         check_workers(self.workers, "workers")
         check_together(self.together, "together")
-        for key, most in (("points", MAX_POINTS), ("heartbeat", 3600)):
+        for key, most in (("points", MAX_POINTS), ("tune_seeds", MAX_POINTS), ("heartbeat", 3600)):
             if not 1 <= getattr(self, key) <= most:
                 raise ConfigError(key, f"must be in [1, {most}], got {getattr(self, key)}")
         if not 0 <= self.max_extra_points <= MAX_POINTS:
@@ -283,6 +286,7 @@ class StudySpec:
     scientific: dict[str, tuple]  # dotted key -> values to compare, base value first
     nuisance: tuple[Nuisance, ...]
     points: int = 3
+    tune_seeds: int = 2
     min_seeds: int = 3
     max_seeds: int = 3
     margin: float = 0.03
@@ -382,6 +386,7 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
         scientific=scientific,
         nuisance=nuisance,
         points=raw.points,
+        tune_seeds=raw.tune_seeds,
         min_seeds=seeds.min,
         max_seeds=seeds.max,
         margin=raw.margin,

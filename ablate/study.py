@@ -189,8 +189,8 @@ def _digest_base(base: RunConfig) -> dict:
 def plan_digest(spec: StudySpec) -> str:
     """What the plan depends on (not comments or key order): a study resumed with another plan is refused."""
     first = [(p.phase, p.variant.name, p.point, p.params) for p in plan.first_trials(spec)]
-    rules = [spec.points, spec.min_seeds, spec.max_seeds, spec.margin, spec.alpha, spec.max_extra_points,
-             [(p.key, p.low, p.high, p.log) for p in spec.nuisance]]  # fmt: skip
+    rules = [spec.points, spec.tune_seeds, spec.min_seeds, spec.max_seeds, spec.margin, spec.alpha,
+             spec.max_extra_points, [(p.key, p.low, p.high, p.log) for p in spec.nuisance]]  # fmt: skip
     compute = [] if spec.compute is None else [[spec.compute.match, spec.compute.value]]  # none: digest as before
     blob = json.dumps([spec.kind, _digest_base(spec.base), first, rules, *compute], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

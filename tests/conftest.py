@@ -56,6 +56,7 @@ TINY_STUDY = {
     "scientific": {"model.num_heads": [2, 4]},
     "nuisance": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
     "points": 1,
+    "tune_seeds": 1,
     "seeds": 1,
     "max_extra_points": 0,  # a fixed size: 2 variants x (1 tune + 1 seed) trials
 }  # fmt: skip
