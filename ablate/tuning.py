@@ -29,8 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LEVEL = 0.9
-"""Quantile of the bootstrap penalties taken as an arm's bound."""
+LEVEL = 0.75
+"""Quantile of the bootstrap penalties taken as an arm's bound. Not a confidence level of its own: the bound only
+shifts the verdicts' tests, and the rate that matters, false claims against the tuned truth, is what the simulation
+in tests/test_tuning.py checks (0.75 keeps it under alpha there with room; 0.5 came within a point of alpha)."""
 DRAWS = 2000
 BOOTSTRAP_SEED = 0
 TUNE_SEED0 = 10_000
