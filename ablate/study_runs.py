@@ -61,8 +61,9 @@ class ParentRun:
         client.log_text(run_id, spec.text, names.STUDY_ARTIFACT)
         client.log_text(run_id, f"{spec.digest}  {Path(spec.source).name}\n", f"{names.STUDY_ARTIFACT}.sha256")
         client.log_text(run_id, to_yaml(spec.base), names.BASE_CONFIG_ARTIFACT)
-        for key, value in (("kind", spec.kind), ("points", spec.points), ("tune_seeds", spec.tune_seeds), ("min_seeds", spec.min_seeds),
-                           ("max_seeds", spec.max_seeds), ("margin", spec.margin), ("alpha", spec.alpha),
+        for key, value in (("kind", spec.kind), ("points", spec.points), ("tune_seeds", spec.tune_seeds),
+                           ("min_seeds", spec.min_seeds), ("max_seeds", spec.max_seeds), ("margin", spec.margin),
+                           ("alpha", spec.alpha),
                            ("variants", len(spec.variants()))):  # fmt: skip
             client.log_param(run_id, f"study.{key}", value)
         return cls(tracking_uri, spec.name, run_id)
