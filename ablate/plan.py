@@ -253,7 +253,7 @@ def edge_of_tried(spec: StudySpec, tune: list[Result]) -> list[tuple[str, str]]:
     return out
 
 
-def penalty(spec: StudySpec, tune: list[Result], sd: float) -> float:
+def penalty(spec: StudySpec, tune: list[Result], sd: float, level: float = tuning.LEVEL) -> float:
     """The arm's tuning-penalty bound (``tuning.penalty_bound``): 0 without a nuisance parameter; infinite where it
     cannot be bounded: more than one nuisance parameter, or a best point at an edge of the tried points that is not
     a hard limit of the range (the optimum may lie beyond it)."""
@@ -265,7 +265,7 @@ def penalty(spec: StudySpec, tune: list[Result], sd: float) -> float:
     at_limit = {"low": arm.points[0] <= EPS, "high": arm.points[-1] >= 1 - EPS, "only": False}
     if any(not at_limit[end] for _, end in edge_of_tried(spec, tune)):
         return math.inf
-    return tuning.penalty_bound(arm, sd)
+    return tuning.penalty_bound(arm, sd, level)
 
 
 def seed_spread(spec: StudySpec, results: list[Result]) -> float:

@@ -138,6 +138,7 @@ SPEC = {
     "scientific": {"model.num_heads": [2, 1, 4], "model.attn_dropout": [0.0, 0.1], "model.resid_dropout": [0.0, 0.2]},
     "nuisance": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
     "points": 3,
+    "tune_seeds": 1,  # build_ablation writes one tune run per point
     "seeds": 3,
     "margin": 0.03,
 }

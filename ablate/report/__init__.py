@@ -135,11 +135,7 @@ def _ablation(data: StudyData, ctx: dict) -> None:
     ctx["answers"] = analysis.answers(data, table, results)
     ctx["edges"] = analysis.tuning_warnings(data, table)
     decided = sum(a["decided"] for a in ctx["answers"])
-    tuned = table[table["tune_points"] > 0]
-    ctx["fair"] = ("Fair tuning: every variant's chosen learning rate lies strictly inside the values it tried (its "
-                   "optimum is bracketed)." if len(tuned) and tuned["bracketed"].all() else
-                   f"Tuning did not bracket the optimum of {int((~tuned['bracketed']).sum())} of {len(tuned)} "
-                   "variants (warnings below): their comparisons may be unfair." if len(tuned) else "")
+    ctx["fair"] = _fairness(data, table[table["tune_points"] > 0])
     ctx["headline"] = (f"{decided} of {len(ctx['answers'])} scientific parameters decided at a margin of "
                        f"±{data.spec.margin:g} test loss{_budget_phrase(data.spec.compute)}: " + "; ".join(
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
@@ -152,6 +148,38 @@ def _ablation(data: StudyData, ctx: dict) -> None:
     ctx["variants"] = html.table(ctx["variant_df"])
     ctx["figures"]["isolation"] = plots.isolation(data, table)
     ctx["figures"]["lr"] = plots.lr_sensitivity(data, _nuisance_param(data), table)
+
+
+def _fairness(data: StudyData, tuned: pd.DataFrame) -> str:
+    """Whether every arm's tuning is shown to cost it less than the margin (its 95% penalty bound), not merely
+    bracketed; and what the verdicts do about the rest."""
+    if tuned.empty:
+        return ""
+    spec = data.spec
+    how = (f"Each variant's learning rate is chosen from the means of {spec.tune_seeds} tune seed"
+           f"{'s' * (spec.tune_seeds != 1)} per point (never verdict seeds), at the vertex of the parabola through "
+           "the best mean and its neighbours. Its tuning penalty is what that choice can cost it against its best "
+           f"learning rate in the range (bootstrap over the seed spread, {tuned['seed_sd'].iloc[0]:.3g} nats at a "
+           "fixed point); every verdict's interval is widened by both arms' penalty bounds, so a decided verdict "
+           "holds of the arms as tuned well. ")
+    worst = tuned.loc[tuned["penalty_95"].idxmax()]
+    unfair = tuned[~tuned["fair"]]
+    if unfair.empty:
+        return how + (f"Fair: every variant's 95% penalty bound is below the margin ±{spec.margin:g} (largest "
+                      f"{worst['penalty_95']:.3g}, {worst['variant']}).")
+    names_ = ", ".join(f"{r.variant} ({_bound(r.penalty_95)})" for r in unfair.itertuples())
+    return how + (f"Not shown fair for {len(unfair)} of {len(tuned)} variants, whose 95% penalty bound reaches the "
+                  f"margin ±{spec.margin:g}: {names_}. Their verdicts can only be decided by a difference larger "
+                  "than their penalty; more tune seeds or points narrow it.")
+
+
+def _end(value: float) -> str:
+    """An interval's end; infinite where a tuning penalty is unbounded."""
+    return f"{value:+.4f}" if math.isfinite(value) else ("+∞" if value > 0 else "-∞")
+
+
+def _bound(value: float) -> str:
+    return "unbounded: best point at an edge" if not math.isfinite(value) else f"{value:.3g}"
 
 
 def _nuisance_param(data: StudyData) -> str:
@@ -183,7 +211,7 @@ def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
     def delta(r: pd.Series) -> str:
         if r["variant"] == "base" or math.isnan(r["diff"]):
             return "—"
-        ci = "" if not math.isfinite(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]"
+        ci = "" if r["paired"] < 2 else f" [{_end(r['lo'])}, {_end(r['hi'])}]"
         return f"{r['diff']:+.4f}{ci}"
 
     def seeds(r: pd.Series) -> str:
@@ -195,7 +223,10 @@ def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
             return "—"
         where = "bracketed" if r["bracketed"] else f"edge: {r['edge'] or 'none completed'}"
         extra = f" (+{int(r['extra_points'])})" if r["extra_points"] else ""
-        return f"{analysis.fmt(r['lr'])} of {int(r['tune_points'] - r['extra_points'])}{extra} tried, {where}"
+        runs = f" x {round(r['tune_runs'] / r['tune_points'])} seeds" if r["tune_runs"] > r["tune_points"] else ""
+        penalty = "" if math.isnan(r["penalty"]) else f"; penalty ≤ {_bound(r['penalty'])}"
+        return (f"{analysis.fmt(r['lr'])} of {int(r['tune_points'] - r['extra_points'])}{extra} tried{runs}, "
+                f"{where}{penalty}")
 
     out = pd.DataFrame({
         "variant": table["variant"], "changed": table["changed"],

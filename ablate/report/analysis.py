@@ -25,6 +25,9 @@ LEVEL = 0.95
 COST_KEYS = (names.PARAMS, names.FLOPS_PER_TOKEN, names.FLOPS_TOTAL, names.TOKENS_PER_S, names.WALL_S)
 CHOICE_COST = names.PARAMS
 """What "the cheapest" of equivalent values means: fewest parameters (FLOPs per token follow them here)."""
+FAIR_LEVEL = 0.95
+"""The tuning penalty a page calls "fair" against the margin: its 95% bootstrap bound (``ablate.tuning``), stricter
+than the bound the verdicts are widened by."""
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float]:
@@ -113,6 +116,7 @@ def verdict_table(data: StudyData, results: list[plan.Result]) -> pd.DataFrame:
     spec = data.spec
     arms = plan.arm_results(spec, results)
     comparisons = {c.name: c for c in _comparisons(data, arms)}
+    sd = plan.seed_spread(spec, results) if spec.nuisance else math.nan
     runs, t = seed_runs(data), data.trials
     param = spec.nuisance[0].key if spec.nuisance else ""
     rows = []
@@ -125,6 +129,7 @@ def verdict_table(data: StudyData, results: list[plan.Result]) -> pd.DataFrame:
         val = completed(mine[mine["phase"] == "seed"])["value"].to_numpy()
         c = comparisons.get(variant)
         tried = [r for r in results if r.variant == variant and r.phase == "tune"]
+        cells = {plan.cell_of(spec, r.point) for r in tried}
         chosen = plan.chosen_point(spec, tried) if spec.nuisance else None
         lo, hi = basin(tune, param, spec.margin) if param else (math.nan, math.nan)
         row = {
@@ -134,12 +139,16 @@ def verdict_table(data: StudyData, results: list[plan.Result]) -> pd.DataFrame:
             "val_mean": float(val.mean()) if len(val) else math.nan,
             "diff": c.mean if c else math.nan, "lo": c.lo if c else math.nan, "hi": c.hi if c else math.nan,
             "level": c.level if c else math.nan, "look": c.look if c else 0, "verdict": c.verdict if c else "",
-            "lr": chosen[param] if chosen else math.nan, "tune_points": len(tried),
-            "extra_points": sum(r.point >= spec.points for r in tried),
+            "se": c.se if c else math.nan, "paired": c.n if c else 0,
+            "lr": chosen[param] if chosen else math.nan, "tune_points": len(cells),
+            "tune_runs": len(tried), "extra_points": sum(cell >= spec.points for cell in cells),
+            "penalty": arms[variant].penalty if variant in arms else math.nan,
+            "penalty_95": plan.penalty(spec, tried, sd, FAIR_LEVEL) if spec.nuisance else 0.0, "seed_sd": sd,
             "edge": ", ".join(f"{end}" for _, end in plan.edge_of_tried(spec, tried)) if spec.nuisance else "",
             "basin_lo": lo, "basin_hi": hi,
         }
         row["bracketed"] = bool(chosen) and not row["edge"]
+        row["fair"] = bool(chosen) and row["penalty_95"] < spec.margin  # shown to cost less than the margin
         for key in length_metrics(data):
             row[key] = float(seeds[key].mean()) if key in seeds and seeds[key].notna().any() else math.nan
         done = completed(mine)
