@@ -110,7 +110,8 @@ def _markdown(spec: StudySpec, rates: dict[str, list[float]], rows: list[dict]) 
     lines = [f"# Re-tuning check of {spec.name}", "",
              f"Fresh seeds {list(FRESH)}; each arm at its chosen {spec.nuisance[0].key} and the tried points beside "
              "its best one, re-tuned on the fresh seeds' mean test loss, then judged again by the study's rule.", "",
-             "| variant | learning rates | study | re-tuned | Δ test/loss [interval] | outcome |", "|---|---|---|---|---|---|"]
+             "| variant | learning rates | study | re-tuned | Δ test/loss [interval] | outcome |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lrs = ", ".join(f"{x:.3g}" for x in rates[r["variant"]])
         interval = "" if math.isnan(r["diff"]) else f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]"
