@@ -1,7 +1,8 @@
 """The page of a family of studies (``reports/<family>/index.html``): one study file run as several Optuna studies,
 one per rung of a size ladder and/or per budget (``ablate.families``). Each member keeps its own full report; this page
-sets their answers side by side and says, per factor, whether the answer holds, moves or flips (``across``), where
-the arms lie against their training compute, and how each arm's best learning rate moves with width.
+sets their answers side by side and says, per factor, whether the answer holds, changes or flips (``across``: a test
+of change across members), where the arms lie against their training compute, and how each arm's best learning rate
+moves with width.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from ablate import names
+from ablate import names, plan
 from ablate.config import ConfigError
 from ablate.families import family_specs
 from ablate.report import across, analysis, claims, html, plots
@@ -92,11 +93,14 @@ def build_family_report(family: str, *, storage: str | None = None, tracking_uri
 def context(family: str, members: list[Member]) -> dict:
     done = [m for m in members if len(m.table)]
     tables = {m.label: m.table for m in done}
-    compared = across.compare(tables) if tables else pd.DataFrame()
-    factors = across.factors(compared, {m.label: m.answers for m in done})
     first = members[0].spec
+    positions, axis = member_axis(done)
+    compared = across.compare(tables, positions, first.alpha, axis) if tables else pd.DataFrame()
+    factors = across.factors(compared, {m.label: m.answers for m in done})
     widths = {m.label: m.spec.base.model.embed_dim for m in done}
-    lr = across.lr_by_width(tables, widths, grid_step(first)) if len(set(widths.values())) > 1 else pd.DataFrame()
+    lr = pd.DataFrame()
+    if len(first.nuisance) == 1 and len(set(widths.values())) > 1:
+        lr = across.lr_by_width(*plan_tunings(done), widths, first.nuisance[0], first.alpha)
     points = frontier_points(done)
     on = across.frontier(points, names.FLOPS_TOTAL, "test_mean") if len(points) else points
     found = family_claims(done, lr)
@@ -104,12 +108,13 @@ def context(family: str, members: list[Member]) -> dict:
     return {
         "name": family, "description": first.description, "members": [_member_row(m) for m in members],
         "headline": headline(factors, len(done), len(members)) + tally, "factors": factors,
-        "statement": error_statement(first, len(done)),
-        "side_by_side": html.table(_side_by_side(compared, [m.label for m in done])) if len(compared) else None,
+        "statement": error_statement(first, len(done), axis),
+        "side_by_side": html.table(_side_by_side(compared, [m.label for m in done], axis)) if len(compared) else None,
         "frontier": [f"{r.member}: {r.variant} ({r.test_mean:.4f} at {r[names.FLOPS_TOTAL]:.3g} FLOPs)"
                      for _, r in on.iterrows()],  # fmt: skip
         "frontier_figure": plots.frontier(points, on) if len(points) else None,
         "lr": html.table(lr) if len(lr) else None, "lr_text": lr_sentences(lr, first),
+        "level": claims.level(first.alpha),
         "lr_figure": plots.lr_by_width(lr) if len(lr) else None,
         "claims": found,
         "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
@@ -121,7 +126,7 @@ def family_claims(members: list[Member], lr: pd.DataFrame) -> list[dict]:
     which only the family can judge (``claims.judge`` with the exponents of ``across.lr_by_width``)."""
     if not members:
         return []
-    exponents = {r["variant"]: (r["exponent"], r["± (grid)"]) for _, r in lr.iterrows()} if len(lr) else {}
+    exponents = {r["variant"]: (r["exponent"], r["exponent lo"], r["exponent hi"]) for _, r in lr.iterrows()}
     out = []
     for key, claim in members[0].spec.claims.items():
         per_member = []
@@ -159,11 +164,42 @@ def headline(factors: list[dict], done: int, total: int) -> str:
     return f"across {done} members{missing}: " + "; ".join(parts)
 
 
-def error_statement(spec: StudySpec, members: int) -> str:
+def plan_tunings(members: list[Member]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Each member's tuning of every variant and its seed spread, as its plan computed them (``plan.tuned``,
+    ``plan.seed_spread``): the chosen learning rates the page shows are the ones the seeds ran at."""
+    tunings, spreads = {}, {}
+    for m in members:
+        results = analysis.plan_results(m.data)
+        tune = [r for r in results if r.phase == "tune"]
+        tunings[m.label] = {v.name: plan.tuned(m.spec, [r for r in tune if r.variant == v.name])
+                            for v in m.spec.variants()}  # fmt: skip
+        spreads[m.label] = plan.seed_spread(m.spec, results)
+    return tunings, spreads
+
+
+def member_axis(members: list[Member]) -> tuple[dict[str, float], str]:
+    """Where each member sits on the axis its effects are tested for change along, and the axis' words for the label:
+    log2 of its width for a width ladder (a slope per doubling), else its place in the family."""
+    widths = {m.label: m.spec.base.model.embed_dim for m in members}
+    if len(set(widths.values())) > 1:
+        return {label: math.log2(w) for label, w in widths.items()}, "with width"
+    budgets = {m.spec.compute.match if m.spec.compute else "steps" for m in members}
+    return {m.label: float(i) for i, m in enumerate(members)}, ("across budgets" if len(budgets) > 1 else
+                                                                 "across members")
+
+
+def error_statement(spec: StudySpec, members: int, axis: str = "across members") -> str:
+    """The page's error rates, each one the labels keep (``across``'s docstring; its tests simulate them)."""
+    k, a = f"{spec.alpha:g}", spec.alpha
+    along = "log2 width" if axis == "with width" else "the members' order"
     return (f"Each member's verdicts control, per factor, the chance of any false better/worse/equivalent claim at "
-            f"α = {spec.alpha:g} (margin ±{spec.margin:g} test loss). A label that combines {members} members "
-            f"(holds, moves, flips) rests on {members} such verdicts: it is wrong with probability at most "
-            f"{min(1.0, members * spec.alpha):.2g} (Bonferroni).")
+            f"α = {k} (margin ±{spec.margin:g} test loss). '{across.changes(axis)}' and 'flips' rest on a test of "
+            f"change: the slope of each value's paired difference against {along}, least squares over the members "
+            f"with each member's standard error, its interval at 1 − α/v for a factor of v values and widened by the "
+            f"arms' tuning penalties; when each value's effect is the same in every member, a factor is labelled "
+            f"'changes' or 'flips' with probability at most {k}. 'flips' also needs better in one member and worse in "
+            f"another, and 'holds' that every member decided alike: each rests on {members} members' verdicts, "
+            f"wrong with probability at most {min(1.0, members * a):.2g} (Bonferroni).")
 
 
 def frontier_points(members: list[Member]) -> pd.DataFrame:
@@ -178,23 +214,20 @@ def frontier_points(members: list[Member]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).dropna() if frames else pd.DataFrame()
 
 
-def grid_step(spec: StudySpec) -> float:
-    """The ratio of neighbouring tune points of the first nuisance parameter (a grid cell; 1 without one)."""
-    if not spec.nuisance:
-        return 1.0
-    p = spec.nuisance[0]
-    return (p.high / p.low) ** (1 / spec.points) if p.log else 1.0
-
-
 def lr_sentences(lr: pd.DataFrame, spec: StudySpec) -> list[str]:
     """Per variant with two or more bracketed widths: how its best learning rate scales with width."""
     key = spec.nuisance[0].key if spec.nuisance else "lr"
-    return [f"{r['variant']}: best {key} ∝ width^{r['exponent']:+.2f} ± {r['± (grid)']:.2f} (fit over "
-            f"{int(r['bracketed widths'])} widths where its tuning bracketed the optimum; ± is what the tune grid's "
-            f"step of ×{grid_step(spec):.2g} allows)" for _, r in lr.iterrows() if math.isfinite(r["exponent"])]
+    out = []
+    for _, r in lr[lr["exponent"].notna()].iterrows() if len(lr) else ():
+        interval = (f", {claims.level(spec.alpha)} interval [{r['exponent lo']:+.2f}, {r['exponent hi']:+.2f}]"
+                    if math.isfinite(r["exponent lo"]) else ", no interval (one tune seed per point: no seed spread)")
+        out.append(f"{r['variant']}: best {key} ∝ width^{r['exponent']:+.2f}{interval} (over "
+                   f"{int(r['bracketed widths'])} widths where its tuning bracketed the optimum; the interval from a "
+                   f"parametric bootstrap of each width's tuning)")
+    return out
 
 
-def _side_by_side(compared: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+def _side_by_side(compared: pd.DataFrame, labels: list[str], axis: str) -> pd.DataFrame:
     def cell(r: pd.Series, m: str) -> str:
         verdict, diff = r[f"{m}: verdict"], r[f"{m}: diff"]
         if math.isnan(diff):
@@ -205,8 +238,16 @@ def _side_by_side(compared: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     out = pd.DataFrame({"factor": compared["factor"], "value": compared["variant"]})
     for m in labels:
         out[m] = [cell(r, m) for _, r in compared.iterrows()]
+    unit = "per doubling of width" if axis == "with width" else "per member"
+    out[f"change {unit} [interval]"] = [_trend(r) for _, r in compared.iterrows()]
     out["across members"] = compared["label"]
     return out
+
+
+def _trend(r: pd.Series) -> str:
+    if math.isnan(r["trend"]):
+        return "—"
+    return f"{r['trend']:+.3f} [{r['trend lo']:+.3f}, {r['trend hi']:+.3f}]"
 
 
 def _member_row(m: Member) -> dict:
