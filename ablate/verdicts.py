@@ -35,6 +35,9 @@ for the others. Holm's step-down let alternatives at +delta, called "worse" (tru
 a false claim in 6.0-6.9% of factors at 12 seeds and 5.2% at 6 (tests/test_verdicts.py checks the rates by
 simulation).
 
+A study's factors share the base; each judged at ``alpha``, the chance of a false claim somewhere in the study
+reaches about ``F alpha`` for ``F`` factors. :func:`judge_study` judges each at ``alpha / F`` instead.
+
 Decisions are final and a pure function of the results, so a study killed and resumed reaches the same ones.
 """
 
@@ -133,6 +136,21 @@ class Rule:
                 f"claim is at most {_pct(self.alpha)} ({family}, each claim read off a two-sided interval; "
                 f"{self._spending()}).")
 
+    def for_study(self, factors: int) -> Rule:
+        """This rule at ``alpha / factors``: each factor's share of a study-wide alpha (Bonferroni over factors)."""
+        if factors < 1:
+            raise ValueError(f"factors: a study has at least one, got {factors}")
+        return replace(self, alpha=self.alpha / factors)
+
+    def study_statement(self, factors: int, alternatives: int) -> str:
+        """The error-rate sentence for a study judged by :func:`judge_study`: ``factors`` factors sharing one base,
+        ``alternatives`` alternatives over all of them."""
+        share = self.for_study(factors)
+        return (f"Over the study's {_count(factors, 'factor')} ({_count(alternatives, 'alternative')} against one "
+                f"base), the chance of any false 'better', 'worse' or 'equivalent' (within ±{self.margin:g}) claim is "
+                f"at most {_pct(self.alpha)} (each factor at {_pct(self.alpha)} / {factors} = {_pct(share.alpha)}, "
+                f"Bonferroni over its alternatives, each claim read off a two-sided interval; {share._spending()}).")
+
     def _spending(self) -> str:
         looks = self.looks()
         if len(looks) == 1:
@@ -140,6 +158,10 @@ class Rule:
         return f"alpha spent over {len(looks)} looks: " + ", ".join(
             f"{_pct(a)} at {n}" + (" seeds" if j == 0 else "")
             for j, (a, n) in enumerate(zip(self.look_alphas(), looks, strict=True)))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _pct(x: float) -> str:
@@ -287,6 +309,21 @@ def judge_factor(base: ArmResult, alternatives: list[ArmResult], rule: Rule) -> 
             look=int(judged.look[j]), diverged=len(arm.diverged & paired), penalty=arm.penalty,
             base_penalty=base.penalty))
     return out
+
+
+def judge_study(base: ArmResult, factors: dict[str, list[ArmResult]], rule: Rule) -> dict[str, list[Comparison]]:
+    """Every factor of a study against the base they share, at a study-wide ``rule.alpha``: each factor judged by
+    :func:`judge_factor` at ``alpha / F``, ``F`` the factors with an alternative (Bonferroni over factors), so the
+    chance of any false claim in the whole study is at most ``alpha`` (:meth:`Rule.study_statement`).
+
+    The runner should pick look 2's arms at the same share, ``needs_more_seeds(base, alternatives,
+    rule.for_study(F))``. If it picked them at the per-factor ``alpha``, an alternative decided at look 1 there may
+    be undecided at ``alpha / F`` and have no look-2 seeds: it stays undecided. That is valid, because the bound adds
+    up the chances of false claims at the looks that could be taken, and a look not taken only removes claims; and
+    conservative, because such an alternative could have decided at look 2 had it run on.
+    """
+    share = rule.for_study(max(1, sum(1 for alternatives in factors.values() if alternatives)))
+    return {name: judge_factor(base, alternatives, share) for name, alternatives in factors.items()}
 
 
 def _row(arm: ArmResult, rule: Rule) -> np.ndarray:

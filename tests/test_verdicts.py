@@ -22,6 +22,7 @@ from ablate.verdicts import (
     answer_factor,
     judge_arrays,
     judge_factor,
+    judge_study,
     needs_more_seeds,
 )
 
@@ -229,6 +230,39 @@ def test_alpha_is_spent_over_the_looks_and_stated_with_the_numbers():
     assert "10%" in other.statement(2) and f"{100 * sum(other.look_alphas()[:1]):.3g}% at 2 seeds" in other.statement(2)
 
 
+def test_a_study_wide_rule_gives_each_factor_its_share_and_says_so():
+    study = RULE.for_study(6)
+    assert study.alpha == pytest.approx(0.05 / 6) and (study.min_seeds, study.max_seeds) == (3, 6)
+    first, second = (f"{100 * a:.3g}%" for a in study.look_alphas())
+    assert RULE.study_statement(6, 12) == (
+        "Over the study's 6 factors (12 alternatives against one base), the chance of any false 'better', 'worse' or "
+        "'equivalent' (within ±0.02) claim is at most 5% (each factor at 5% / 6 = 0.833%, Bonferroni over its "
+        f"alternatives, each claim read off a two-sided interval; alpha spent over 2 looks: {first} at 3 seeds, "
+        f"{second} at 6).")
+    assert (first, second) == ("0.0191%", "0.814%")  # look 1 at 3 seeds gets almost nothing at a sixth of alpha
+    assert "1 factor (1 alternative against" in ONE_LOOK.study_statement(1, 1)
+    with pytest.raises(ValueError, match="factors"):
+        RULE.for_study(0)
+
+
+def exact(name: str, mean: float, sd: float, seeds: int, base: float = 1.5) -> ArmResult:
+    """An arm whose paired differences from a flat base have exactly this mean and sd."""
+    z = np.random.default_rng(seeds).standard_normal(seeds)
+    return arm(name, base + mean + sd * (z - z.mean()) / z.std(ddof=1))
+
+
+def test_judge_study_judges_each_factor_at_its_share_of_alpha():
+    """An alternative decided at look 1 at the per-factor alpha, and so never run on, is undecided at alpha / 2:
+    with no look-2 seeds it stays undecided at look 1. A factor without alternatives takes no share."""
+    stopped, other = exact("stopped", -0.1, 0.0077, 3), exact("other", 0.0, 0.004, 6)
+    factors = {"a": [stopped], "b": [other], "c": []}
+    assert judge_factor(FLAT, [stopped], RULE)[0].verdict == "better"
+    judged = judge_study(FLAT, factors, RULE)
+    assert judged == {name: judge_factor(FLAT, alts, RULE.for_study(2)) for name, alts in factors.items()}
+    assert (judged["a"][0].verdict, judged["a"][0].look, judged["a"][0].n) == ("undecided", 1, 3)
+    assert judged["b"][0].verdict == "equivalent" and judged["c"] == []
+
+
 @pytest.mark.parametrize(("fields", "word"), [
     ({"margin": 0.0}, "margin"), ({"margin": 0.02, "alpha": 1.0}, "alpha"),
     ({"margin": 0.02, "min_seeds": 1}, "seeds"), ({"margin": 0.02, "min_seeds": 4, "max_seeds": 3}, "seeds"),
@@ -357,6 +391,29 @@ def test_widened_tests_keep_the_rate_against_the_tuned_truth(rule, raised):
     assert rate((0.0, 0.0)) > 4 * rule.alpha
     if raised != "base":
         assert rate(bounds[::-1]) > bound
+
+
+def test_a_study_of_6_factors_at_the_margin_keeps_alpha_only_when_judged_study_wide():
+    """Six factors sharing the base, every alternative at -margin (every claim false) with little noise: judged at
+    alpha each, the study makes some false claim far more often than alpha; judged by judge_study's share, alpha /
+    6 each, at most alpha, whether the runner picked look 2's arms at the share or at the per-factor alpha."""
+    effects, factors = np.full((6, 2), -M), 20_000
+    study = RULE.for_study(6)
+    for rule, runner in [(RULE, RULE), (study, study), (study, RULE)]:
+        false = false_claims(simulate(effects, 0.002, rule, factors, runner=runner).verdict, effects)
+        rate = false.any(axis=(1, 2)).mean()
+        if rule is RULE:
+            assert rate > 0.15  # about 1 - 0.95^6 = 26%, a little less as the factors share the base
+        else:
+            assert rate <= RULE.alpha + allowance(RULE.alpha, factors)
+
+
+def test_a_study_with_mixed_effects_keeps_alpha_study_wide():
+    effects = np.array([MIXED["+m, 0, -m"], (-M, M / 2, -M / 2), (M, M, -M)])
+    judged = simulate(effects, noise_deciding(RULE, 6), RULE.for_study(3), factors=20_000)
+    assert false_claims(judged.verdict, effects).any(axis=(1, 2)).mean() <= RULE.alpha + allowance(RULE.alpha,
+                                                                                                   20_000)
+    assert (judged.verdict != UNDECIDED).mean() >= 0.3
 
 
 def test_an_alternative_without_paired_seeds_is_described_in_words_not_nan():
