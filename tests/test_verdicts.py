@@ -4,6 +4,7 @@ holds in simulation."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from statistics import NormalDist
 
 import numpy as np
@@ -24,6 +25,8 @@ from ablate.verdicts import (
     judge_factor,
     judge_study,
     needs_more_seeds,
+    seeds_to_decide,
+    seeds_to_decide_factor,
 )
 
 MARGIN = 0.02
@@ -261,6 +264,55 @@ def test_judge_study_judges_each_factor_at_its_share_of_alpha():
     assert judged == {name: judge_factor(FLAT, alts, RULE.for_study(2)) for name, alts in factors.items()}
     assert (judged["a"][0].verdict, judged["a"][0].look, judged["a"][0].n) == ("undecided", 1, 3)
     assert judged["b"][0].verdict == "equivalent" and judged["c"] == []
+
+
+def planned(mean: float, sd: float, k: int, level_alpha: float = 0.05) -> int | None:
+    """The seeds :func:`seeds_to_decide` should give, by brute force with scipy's t distribution."""
+    for n in range(3, 65):
+        se, df = sd / math.sqrt(n), n - 1
+        p = min(max(stats.t.sf((mean + MARGIN) / se, df), stats.t.cdf((mean - MARGIN) / se, df)),
+                stats.t.sf(mean / se, df), stats.t.cdf((mean + MARGIN) / se, df))
+        if p <= level_alpha / 2 / k:
+            return n
+    return None
+
+
+@pytest.mark.parametrize(("mean", "sd", "k", "claim"), [(0.005, 0.012, 2, "equivalent"), (0.016, 0.01, 3, "worse"),
+                                                        (-0.04, 0.02, 1, "better"), (0.0, 0.02, 5, "equivalent")])
+def test_seeds_to_decide_are_the_seeds_at_which_the_same_numbers_decide(mean, sd, k, claim):
+    """Undecided on 3 seeds; at the planned n, arms with exactly that mean and sd are decided at one look with k
+    alternatives, and at n - 1 they are not."""
+    (c,) = judge_factor(FLAT, [exact("alt", mean, sd, 3)], RULE)
+    assert c.verdict == "undecided"
+    n = seeds_to_decide(c, RULE, k)
+    assert n == planned(mean, sd, k) and 3 < n <= 64
+    for seeds, verdict in [(n, claim), (n - 1, "undecided")]:
+        flat = arm("base", [1.5] * seeds)
+        alternatives = [exact(f"a{j}", mean, sd, seeds) for j in range(k)]
+        rule = Rule(margin=MARGIN, min_seeds=seeds, max_seeds=seeds)
+        assert {c.verdict for c in judge_factor(flat, alternatives, rule)} == {verdict}
+
+
+def test_seeds_to_decide_grow_with_the_noise_the_family_and_the_penalties_and_stop_at_the_cap():
+    (c,) = judge_factor(FLAT, [exact("alt", 0.004, 0.012, 3)], RULE)
+    n = seeds_to_decide(c, RULE, 1)
+    assert n < seeds_to_decide(c, RULE, 4) < seeds_to_decide(replace(c, se=2 * c.se), RULE, 4)
+    assert n < seeds_to_decide(replace(c, penalty=0.005, base_penalty=0.005), RULE, 1)
+    assert seeds_to_decide(replace(c, se=10 * c.se), RULE, 1) is None  # beyond 64 seeds
+    assert seeds_to_decide(replace(c, se=10 * c.se), RULE, 1, cap=2000) > 64
+    assert seeds_to_decide(replace(c, penalty=math.inf), RULE, 1) is None  # equivalence needs a bounded penalty
+    assert seeds_to_decide(replace(c, mean=-MARGIN), RULE, 1) is None  # on the boundary no claim ever holds
+    assert seeds_to_decide(replace(c, n=1, se=math.nan), RULE, 1) is None  # no sd to plan with
+    assert seeds_to_decide(replace(c, verdict="worse"), RULE, 1) == c.n
+
+
+def test_seeds_to_decide_factor_plans_the_undecided_alternatives_with_the_factors_k():
+    alternatives = [exact("clear", -0.1, 0.005, 6), exact("close", 0.004, 0.012, 6), exact("noisy", 0.0, 0.2, 6)]
+    comparisons = judge_factor(FLAT, alternatives, RULE)
+    assert [c.verdict for c in comparisons] == ["better", "undecided", "undecided"]
+    plan = seeds_to_decide_factor(comparisons, RULE)
+    assert plan == {"close": seeds_to_decide(comparisons[1], RULE, 3), "noisy": None}
+    assert plan["close"] > 6
 
 
 @pytest.mark.parametrize(("fields", "word"), [
