@@ -143,10 +143,11 @@ def pooled_sd(groups: Iterable[Iterable[float]]) -> float:
     return math.sqrt(squares / df) if df else math.nan
 
 
-def bootstrap_choices(tuned: Tuned, sd: float, draws: int = DRAWS) -> np.ndarray:
+def bootstrap_choices(tuned: Tuned, sd: float, draws: int = DRAWS, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
     """The rule re-run on ``draws`` noisy copies of the arm's curve (see :func:`penalty_bound`): where its choice
-    falls when the seeds come out otherwise, for an interval of the chosen point (quantile units)."""
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    falls when the seeds come out otherwise, for an interval of the chosen point (quantile units). Arms whose draws
+    are combined (a slope across widths) need a ``seed`` each, or draw j gives them all the same noise."""
+    rng = np.random.default_rng(seed)
     truth = curve(tuned, tuned.points)
     noisy = truth + rng.standard_normal((draws, len(truth))) * sd / np.sqrt(tuned.seeds)
     return choose(tuned.points, noisy)[0]

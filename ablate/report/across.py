@@ -169,8 +169,8 @@ def exponent_interval(tunings: list[tuning.Tuned], sds: list[float], widths: lis
     """b in best value ∝ width^b over the given members (each its tuning, its seed spread, its width): (b, lo, hi),
     b the least-squares slope of log value on log width through every member's chosen point, [lo, hi] the two-sided
     ``1 - alpha`` percentile interval of that slope over parametric-bootstrap draws of every member's choice
-    (``tuning.bootstrap_choices``). Its draws share one seed, so member k's are shuffled by a permutation seeded k:
-    unshuffled, draw j would give every member the same noise and the slope's spread would be wrong. NaN below two
+    (``tuning.bootstrap_choices``), member k's on a seed of its own: with one seed, draw j would give every member
+    the same noise and the slope's spread would be wrong. NaN below two
     distinct widths; NaN ends when a member's spread is unknown (one tune seed per point)."""
     if len(set(widths)) < 2:
         return math.nan, math.nan, math.nan
@@ -179,7 +179,7 @@ def exponent_interval(tunings: list[tuning.Tuned], sds: list[float], widths: lis
     b = float(xc @ log_values(nuisance, [t.u for t in tunings]) / (xc @ xc))
     if not all(math.isfinite(sd) for sd in sds):
         return b, math.nan, math.nan
-    chosen = np.stack([np.random.default_rng(k).permutation(tuning.bootstrap_choices(t, sd, draws))
+    chosen = np.stack([tuning.bootstrap_choices(t, sd, draws, seed=tuning.BOOTSTRAP_SEED + 1 + k)
                        for k, (t, sd) in enumerate(zip(tunings, sds, strict=True))], axis=-1)  # fmt: skip
     slopes = log_values(nuisance, chosen) @ xc / (xc @ xc)
     lo, hi = np.quantile(slopes, [alpha / 2, 1 - alpha / 2])
