@@ -7,8 +7,9 @@ Ablation, per variant (the same rule for every arm):
    cell) beyond it on every tune seed, up to the range's hard limits and ``max_extra_points``.
 2. Seeds: once its tuning is final, seeds 1..min_seeds at the chosen point (``ablate.tuning``: the vertex of the
    parabola through the best seed mean and its neighbours, with one nuisance parameter; the best point with more).
-3. More seeds: once every arm of a factor has finished look 1, the arms the verdict rule leaves undecided (and the
-   base, which every comparison is paired with) get seeds up to max_seeds (``ablate.verdicts``).
+3. More seeds: once every arm has finished look 1, the arms the verdict rule leaves undecided at the study-wide
+   share of alpha (and the base, which every comparison is paired with) get seeds up to max_seeds
+   (``ablate.verdicts``).
 
 Because every decision is a function of finished trials, a study killed and resumed reaches the same plan.
 Search: one trial per variant first (so no arm is starved by the sampler), then the sampler's own trials.
@@ -317,10 +318,13 @@ def _more_seeds(spec: StudySpec, results: list[Result]) -> list[PlannedTrial]:
     if "base" not in active or not all((v, s) in seeds and seeds[v, s].finished for v in active for s in first):
         return []  # look 1 needs the first seeds of every arm that has a tuned point
     arms, r = arm_results(spec, results), rule(spec)
+    # at the study-wide share (alpha / factors, ``verdicts.judge_study``): it leaves undecided every arm the factor's
+    # own alpha does and more, so both the per-factor and the study-wide verdicts have look 2 wherever they need it
+    share = r.for_study(max(1, sum(1 for alternatives in factors(spec).values() if alternatives)))
     more = set()
     for alternatives in factors(spec).values():
         arms_of = [arms[a] for a in alternatives if a in active]
-        more |= verdicts.needs_more_seeds(arms["base"], arms_of, r)
+        more |= verdicts.needs_more_seeds(arms["base"], arms_of, share)
     if more:
         more.add("base")
     out = []

@@ -91,17 +91,22 @@ def test_numbers_match_the_stores(ablation_report, ablation):
 def test_answer_is_generated_from_the_data(ablation_report):
     _, page = ablation_report
     answers = re.findall(r'<div class="choice">(.*?) <span class="badge ([\w-]+)">', page)
-    assert answers == [("model.num_heads → 4", "better"), ("model.attn_dropout → 0", "keep-base"),
+    # attn_dropout=0.1's lowest tune point was pruned, so its best completed point is an unextended edge: what its
+    # tuning costs it is unbounded, and an equivalence (which needs both ends) cannot be claimed
+    assert answers == [("model.num_heads → 4", "better"), ("model.attn_dropout → 0", "undecided"),
                        ("model.resid_dropout → 0", "keep-base")]
+    variants = read_table(page, "variants-table").set_index("variant")
+    assert "penalty ≤ unbounded: best point at an edge" in variants.loc["model.attn_dropout=0.1"].iloc[1]
     assert "other values undecided" in page  # num_heads=1 diverged on a seed: never silently equivalent
     assert "Diverged seed runs, counted at the uniform-guess loss: model.num_heads=1 1 of 3." in page
-    assert "model.attn_dropout=0.1 equivalent to base within the margin" in page
     assert "Keep base: every alternative is worse." in page
     assert "It costs 1.09× the base&#39;s parameters" in page
-    assert "at most 5% (Holm over the factor&#39;s 2 alternatives" in page  # the error rate each verdict controls
+    assert "at most 5% (Bonferroni over the factor&#39;s 2 alternatives" in page  # the error rate each controls
+    assert "Over the study&#39;s 3 factors (4 alternatives against one base)" in page  # and the whole study
+    assert "Seeds that would decide the undecided at the margin" in page  # num_heads=1: what more seeds would buy
     # num_heads=1 tuned best at lr 9e-3, the highest of the points it tried
     assert "model.num_heads=1: the chosen train.lr = 0.009 is the highest value tried" in page
-    assert "Tuning did not bracket the optimum of 3 of 5 variants" in page and "Fair tuning" not in page
+    assert "Not shown fair for" in page and "Fair: every" not in page
 
 
 def test_run_data_is_html_escaped(ablation_report):
@@ -204,7 +209,8 @@ def test_report_of_a_real_tiny_study(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert run_study(tmp_path / "real.yaml", storage=storage, report=True) == 0
-    assert re.search(r"^real: [01] of 1 scientific parameters decided at a margin of ±0.03 test loss: "
+    assert re.search(r"^real: [01] of 1 scientific parameters decided study-wide \([01] at alpha per factor\) at a "
+                     r"margin of ±0.03 test loss: "
                      r"model.num_heads → \S+ \(", capsys.readouterr().out, re.M)  # the answer, in the terminal too
     page = (tmp_path / "reports" / "real" / "index.html").read_text()
     study = optuna.load_study(study_name="real", storage=storage)
@@ -245,7 +251,8 @@ def test_index_lists_every_study_with_its_answer_and_a_working_link(study_index)
         assert rows[name][0] == f'<a href="{name}/index.html">{name}</a>'
         assert (path.parent / name / "index.html").is_file()  # the link is relative to the index page
         assert str(markupsafe.escape(summary.removeprefix(f"# {name}: "))) == rows[name][2]
-    assert rows["toy"][2].startswith("2 of 3 scientific parameters decided at a margin of ±0.03 test loss")
+    assert re.match(r"\d of 3 scientific parameters decided study-wide \(2 at alpha per factor\) at a margin of "
+                    r"±0.03 test loss", rows["toy"][2])
     # 3 variants' optima are not bracketed yet: the plan asks for a tune point more of each
     assert rows["toy"][1] == '<span class="status stopped">stopped</span>'
     assert rows["toy"][3:7] == ["ablation, 5 variants", "recall, 128 tokens",

@@ -109,7 +109,7 @@ def _context(data: StudyData) -> dict:
     statuses = t["status"].value_counts().to_dict() if not t.empty else {}
     ctx = {
         "name": data.name, "kind": data.kind, "description": data.spec.description,
-        "task_metric": data.task_metric, "edges": [], "fair": "", "margin": data.spec.margin,
+        "task_metric": data.task_metric, "edges": [], "fair": "", "study_statement": "", "margin": data.spec.margin,
         "health": html.table(analysis.health(data)) if not t.empty else None,
         "reruns": data.reruns, "lengths": None, "costs": None, "claims": [], "solved_acc": names.SOLVED_ACC,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
@@ -136,8 +136,11 @@ def _ablation(data: StudyData, ctx: dict) -> None:
     ctx["edges"] = analysis.tuning_warnings(data, table)
     decided = sum(a["decided"] for a in ctx["answers"])
     ctx["fair"] = _fairness(data, table[table["tune_points"] > 0])
-    ctx["headline"] = (f"{decided} of {len(ctx['answers'])} scientific parameters decided at a margin of "
-                       f"±{data.spec.margin:g} test loss{_budget_phrase(data.spec.compute)}: " + "; ".join(
+    wide = sum(a["study_decided"] for a in ctx["answers"])
+    ctx["study_statement"] = analysis.study_statement(data)
+    ctx["headline"] = (f"{wide} of {len(ctx['answers'])} scientific parameters decided study-wide ({decided} at "
+                       f"alpha per factor) at a margin of ±{data.spec.margin:g} test "
+                       f"loss{_budget_phrase(data.spec.compute)}: " + "; ".join(
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
     ctx["variant_df"] = _variant_display(table, data.task_metric)
     ctx["lengths"] = _length_display(data, table)
@@ -162,7 +165,8 @@ def _fairness(data: StudyData, tuned: pd.DataFrame) -> str:
            f"learning rate in the range (bootstrap over the seed spread, {tuned['seed_sd'].iloc[0]:.3g} nats at a "
            "fixed point); every verdict's interval is widened by both arms' penalty bounds, so a decided verdict "
            "holds of the arms as tuned well. ")
-    worst = tuned.loc[tuned["penalty_95"].idxmax()]
+    tuned = tuned.assign(penalty_95=tuned["penalty_95"].fillna(math.inf))  # unknown: not shown to be small
+    worst = tuned.sort_values("penalty_95").iloc[-1]
     unfair = tuned[~tuned["fair"]]
     if unfair.empty:
         return how + (f"Fair: every variant's 95% penalty bound is below the margin ±{spec.margin:g} (largest "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -183,21 +184,26 @@ def _comparisons(data: StudyData, arms: dict[str, verdicts.ArmResult]) -> list[v
 
 
 def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) -> list[dict]:
-    """Per scientific factor: the value to choose, whether that is decided, why, and the error rate it controls."""
+    """Per scientific factor: the value to choose, whether that is decided at the factor's alpha and at the study's
+    share of it (``verdicts.judge_study``), why, the error rate each controls, and the seeds that would decide the
+    alternatives still undecided."""
     rule = plan.rule(data.spec)
-    arms = plan.arm_results(data.spec, results)
     costs = dict(zip(table["variant"], table[CHOICE_COST], strict=True)) if len(table) else {}
-    arms = {k: verdicts.ArmResult(a.name, a.outcomes, a.diverged, costs.get(k, math.nan)) for k, a in arms.items()}
+    arms = {k: replace(a, cost=costs.get(k, math.nan)) for k, a in plan.arm_results(data.spec, results).items()}
+    factors = {f: [arms[a] for a in alternatives] for f, alternatives in plan.factors(data.spec).items()}
+    wide = verdicts.judge_study(arms["base"], factors, rule) if rule else {}
     out = []
-    for factor, alternatives in plan.factors(data.spec).items():
+    for factor, alternatives in factors.items():
         bval = fmt(base_value(factor, data))
         if rule is None:
             out.append({"factor": factor, "choice": bval, "verdict": "undecided", "decided": False, "statement": "",
+                        "study_decided": False, "seeds": "",
                         "text": f"Undecided: this study runs {data.spec.min_seeds} seed per variant; a verdict needs "
                                 "at least 2 (set seeds: 3 or more)."})
             continue
-        comparisons = verdicts.judge_factor(arms["base"], [arms[a] for a in alternatives], rule)
-        answer = verdicts.answer_factor(arms["base"], comparisons, [arms[a] for a in alternatives])
+        comparisons = verdicts.judge_factor(arms["base"], alternatives, rule)
+        answer = verdicts.answer_factor(arms["base"], comparisons, alternatives)
+        study = verdicts.answer_factor(arms["base"], wide[factor], alternatives)
         chosen = next((c for c in comparisons if c.name == answer.choice), None)
         if chosen and (answer.decided or chosen.verdict == "better"):
             label = chosen.verdict
@@ -206,8 +212,27 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
         choice = fmt(variant_value(answer.choice, factor, data)) if chosen else bval
         text = answer.reason + _cost_sentence(table, answer.choice)
         out.append({"factor": factor, "choice": choice, "verdict": label, "decided": answer.decided,
-                    "text": text, "statement": rule.statement(len(alternatives))})
+                    "study_decided": study.decided and study.choice == answer.choice,
+                    "text": text, "statement": rule.statement(len(alternatives)),
+                    "seeds": _seeds_line(verdicts.seeds_to_decide_factor(comparisons, rule), data.spec.max_seeds)})
     return out
+
+
+def study_statement(data: StudyData) -> str:
+    """What the whole study's answers control together (``verdicts.Rule.study_statement``); empty without a rule."""
+    rule, factors = plan.rule(data.spec), [a for a in plan.factors(data.spec).values() if a]
+    return rule.study_statement(len(factors), sum(map(len, factors))) if rule and factors else ""
+
+
+def _seeds_line(needed: dict[str, int | None], seeds: int) -> str:
+    """What more compute would buy: per undecided alternative, the paired seeds that would decide it if its numbers
+    held (``verdicts.seeds_to_decide``)."""
+    if not needed:
+        return ""
+    parts = [f"{name}: {n} seeds" if n else f"{name}: not within 64 seeds (its difference sits at the margin)"
+             for name, n in needed.items()]
+    return (f"Seeds that would decide the undecided at the margin, if their mean and spread held (this study ran at "
+            f"most {seeds}): " + "; ".join(parts) + ".")
 
 
 def _cost_sentence(table: pd.DataFrame, variant: str) -> str:
