@@ -3,7 +3,7 @@
 For every decided alternative and the base, each arm is re-run on fresh seeds (``FRESH``: neither tune nor verdict
 seeds) at its chosen learning rate and at the tried points on either side of its best one. Each arm is then
 re-tuned on those runs' mean test loss (the best of its three learning rates, a search around the study's own
-choice), and the alternative is judged against the base again by the study's rule (one look, Holm within the
+choice), and the alternative is judged against the base again by the study's rule (one look, Bonferroni within the
 factor, no tuning penalty: the re-tuned point is taken as tuned). A verdict is contradicted when the re-tuned
 verdict is decided and different ("worse" against "better", or "equivalent" against either), and questioned when
 the re-tuned verdict is undecided. Writes ``reports/bench/retune.md`` (and prints it).

@@ -72,7 +72,7 @@ def _table() -> pd.DataFrame:
     ]  # fmt: skip
     cols = ["variant", "factor", "value", "seeds", "diverged", "test_mean", "test_ci", "diff", "lo", "hi", "verdict"]
     table = pd.DataFrame(rows, columns=cols)
-    level = [math.nan, 0.0125, 0.025, 0.025]  # one-sided: Holm's first step of two, its second, a lone alternative
+    level = [math.nan, 0.0125, 0.025, 0.025]  # one-sided: each of two alternatives (Bonferroni), a lone alternative
     return table.assign(level=level, lr=5.5e-3, bracketed=True, basin_lo=3.1e-3, basin_hi=9.7e-3)
 
 
@@ -117,7 +117,7 @@ def test_seed_differences_pair_each_alternative_with_the_base_seed_by_seed(data:
 def test_isolation_draws_the_verdict_interval_the_margin_and_every_seed(data: Data, drawn: list) -> None:
     assert _is_png(plots.isolation(data, _table()))
     heads, scaling = drawn[0].axes[:2]
-    assert "the interval the verdict uses (95–97.5%, Holm-adjusted)" in drawn[0].get_suptitle()
+    assert "the interval the verdict uses (95–97.5%, Bonferroni-adjusted)" in drawn[0].get_suptitle()
     heads_ylim = heads.get_ylim()
     labels = [t.get_text() for t in heads.get_xticklabels()]
     assert [label.split("\n")[0] for label in labels] == ["2", "4", "16"]  # numeric, not text, order

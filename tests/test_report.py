@@ -71,7 +71,7 @@ def test_report_has_every_section_and_files(ablation_report, ablation):
 
 def test_numbers_match_the_stores(ablation_report, ablation):
     _, page = ablation_report
-    # num_heads has 2 alternatives: the clearer one is tested first by Holm at alpha / 2 sides / 2 alternatives
+    # num_heads has 2 alternatives: each is tested at alpha / 2 sides / 2 alternatives (Bonferroni)
     diff, lo, hi = _paired_from_store(ablation, "model.num_heads=4", level=0.05 / 2 / 2)
     # widened by each arm's tuning-penalty bound: the alternative's lowers the low end, the base's raises the high.
     # num_heads=4's lowest tune point failed, so its best completed point is an unextended edge: unbounded below
@@ -251,7 +251,7 @@ def test_index_lists_every_study_with_its_answer_and_a_working_link(study_index)
         assert rows[name][0] == f'<a href="{name}/index.html">{name}</a>'
         assert (path.parent / name / "index.html").is_file()  # the link is relative to the index page
         assert str(markupsafe.escape(summary.removeprefix(f"# {name}: "))) == rows[name][2]
-    assert re.match(r"\d of 3 scientific parameters decided study-wide \(2 at alpha per factor\) at a margin of "
+    assert re.match(r"\d of 3 scientific parameters decided study-wide \(1 at alpha per factor\) at a margin of "
                     r"±0.03 test loss", rows["toy"][2])
     # 3 variants' optima are not bracketed yet: the plan asks for a tune point more of each
     assert rows["toy"][1] == '<span class="status stopped">stopped</span>'

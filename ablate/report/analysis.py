@@ -229,7 +229,8 @@ def _seeds_line(needed: dict[str, int | None], seeds: int) -> str:
     held (``verdicts.seeds_to_decide``)."""
     if not needed:
         return ""
-    parts = [f"{name}: {n} seeds" if n else f"{name}: not within 64 seeds (its difference sits at the margin)"
+    parts = [f"{name}: {n} seeds" if n else f"{name}: not within 64 seeds at its mean and spread (or nothing to plan "
+             "with: under 2 seeds, or an unbounded tuning penalty)"
              for name, n in needed.items()]
     return (f"Seeds that would decide the undecided at the margin, if their mean and spread held (this study ran at "
             f"most {seeds}): " + "; ".join(parts) + ".")

@@ -96,11 +96,12 @@ def isolation(data: StudyData, table: pd.DataFrame) -> str | None:
 
 
 def _levels(table: pd.DataFrame) -> str:
-    """The intervals' confidence, which Holm's step and the look set per alternative: ``95%`` or ``97.5-98.3%``."""
+    """The intervals' confidence, which the factor's number of alternatives and the look set: ``95%`` or
+    ``97.5-98.3%``."""
     levels = sorted({round(100 * (1 - 2 * v), 1) for v in table.get("level", pd.Series(dtype=float)).dropna()})
     if not levels:
-        return "Holm-adjusted level"
-    return f"{levels[0]:g}%" if len(levels) == 1 else f"{levels[0]:g}–{levels[-1]:g}%, Holm-adjusted"
+        return "Bonferroni-adjusted level"
+    return f"{levels[0]:g}%" if len(levels) == 1 else f"{levels[0]:g}–{levels[-1]:g}%, Bonferroni-adjusted"
 
 
 def seed_differences(data: StudyData) -> pd.DataFrame:
