@@ -94,6 +94,7 @@ BAD = {
     "bad_seeds": ({"seeds": {"min": 4, "max": 3}}, "seeds.max"),
     "unknown_seeds_key": ({"seeds": {"least": 2}}, "seeds.least"),
     "zero_margin": ({"margin": 0}, "margin"),
+    "no_tune_seed": ({"tune_seeds": 0}, "tune_seeds"),
 }
 
 
@@ -129,6 +130,23 @@ def test_ablation_starts_with_the_same_tune_points_for_every_variant(tmp_path):
     lrs = sorted({p.params["train.lr"] for p in first})
     assert lrs == pytest.approx([1e-3 * 10 ** (q / 6) for q in (1, 3, 5)])  # cell centres of the log range
     assert first == plan.first_trials(load_spec(path))  # deterministic: a resumed study plans the same trials
+
+
+def test_every_tune_point_runs_on_the_tune_seeds_and_an_extension_on_all_of_them(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "a.yaml", points=2, tune_seeds=2, seeds=2, max_extra_points=1,
+                                nuisance={"train.lr": {"low": 1e-4, "high": 0.1, "log": True}}))  # fmt: skip
+    first = [p for p in plan.first_trials(spec) if p.variant.name == "base"]
+    assert [(p.point, plan.seed_of(spec, "tune", p.point)) for p in first] == [
+        (0, 10_000), (1, 10_001), (2, 10_000), (3, 10_001)]  # never a verdict seed (1, 2, ...)
+    assert first[0].params == first[1].params != first[2].params == first[3].params
+    # the best seed mean is the higher point: one cell further, on both tune seeds
+    lrs = [p.params["train.lr"] for p in first]
+    losses = [2.0, 2.1, 1.95, 1.9]
+    results = [plan.Result("tune", "base", p.point, "COMPLETE", "completed", p.params, v)
+               for p, v in zip(first, losses, strict=True)]  # fmt: skip
+    nxt = [p for p in plan.next_trials(spec, results) if p.variant.name == "base"]
+    assert [p.point for p in nxt] == [4, 5] and nxt[0].params == nxt[1].params
+    assert nxt[0].params["train.lr"] > lrs[-1]
 
 
 def _results(spec, variant: str, points: dict[float, float | str], seeds: dict[int, float] = {}) -> list:  # noqa: B006
