@@ -4,9 +4,10 @@ For every decided alternative and the base, each arm is re-run on fresh seeds (`
 seeds) at its chosen learning rate and at the tried points on either side of its best one. Each arm is then
 re-tuned on those runs' mean test loss (the best of its three learning rates, a search around the study's own
 choice), and the alternative is judged against the base again by the study's rule (one look, Bonferroni within the
-factor, no tuning penalty: the re-tuned point is taken as tuned). A verdict is contradicted when the re-tuned
-verdict is decided and different ("worse" against "better", or "equivalent" against either), and questioned when
-the re-tuned verdict is undecided. Writes ``reports/bench/retune.md`` (and prints it).
+factor, no tuning penalty: the re-tuned point is taken as tuned). As a claim's expectation is judged
+(``report.claims.judge_verdict``): the verdict holds when the re-tuned one meets it, is contradicted when the
+re-tuned interval lies wholly outside what the verdict says ("worse" against an interval at or below 0, say), and is
+questioned otherwise. Writes ``reports/bench/retune.md`` (and prints it).
 
 A benchmark, not a test: it trains (three learning rates x fresh seeds per arm), which takes minutes on a CPU.
 """
@@ -24,11 +25,15 @@ import optuna
 
 from ablate import names, plan, verdicts
 from ablate.config import with_values
+from ablate.report import claims
 from ablate.spec import StudySpec, load_spec
 from ablate.stores import default_storage
 
 FRESH = (2001, 2002, 2003, 2004)
 """Seeds of the re-runs: never a verdict seed (1..1000) nor a tune seed (10000...)."""
+
+
+OUTCOMES = {claims.REPRODUCED: "holds", claims.NOT_REPRODUCED: "contradicted", claims.INCONCLUSIVE: "questioned"}
 
 
 def arms_to_check(spec: StudySpec, results: list[plan.Result]) -> tuple[dict[str, str], dict[str, list[float]]]:
@@ -78,7 +83,7 @@ def judge_again(spec: StudySpec, decided: dict[str, str], losses: dict) -> list[
         mine = [a for a in alternatives if a in decided]
         for c in verdicts.judge_factor(arm["base"], [arm[a] for a in mine], rule) if mine else []:
             then = decided[c.name]
-            outcome = "holds" if c.verdict == then else ("questioned" if c.verdict == "undecided" else "contradicted")
+            outcome = OUTCOMES[claims.judge_verdict(then, c.verdict, c.lo, c.hi, spec.margin)]
             rows.append({"factor": factor, "variant": c.name, "study": then, "re-tuned": c.verdict,
                          "diff": c.mean, "lo": c.lo, "hi": c.hi, "outcome": outcome})
     return rows
