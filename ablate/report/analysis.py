@@ -102,12 +102,13 @@ def fmt(value: object) -> str:
 
 
 def basin(tune: pd.DataFrame, param: str, margin: float) -> tuple[float, float]:
-    """The range of ``param`` over the completed tune runs within ``margin`` of the best val/loss: how much the
-    choice tolerates a mistuned learning rate (NaN without two completed points)."""
+    """The range of ``param`` over the tried points whose seed mean of val/loss is within ``margin`` of the best
+    mean: how much the choice tolerates a mistuned learning rate (NaN without two completed points)."""
     done = completed(tune)
-    if len(done) < 2 or param not in done:
+    if param not in done or done[param].nunique() < 2:
         return math.nan, math.nan
-    near = done[done["value"] <= done["value"].min() + margin][param].astype(float)
+    means = done.groupby(param)["value"].mean()
+    near = means[means <= means.min() + margin].index.astype(float)
     return float(near.min()), float(near.max())
 
 

@@ -242,8 +242,11 @@ def lr_sensitivity(data: StudyData, param: str = "train.lr", table: pd.DataFrame
     for ax, factor in zip(axes, factors, strict=False):
         for variant in [v for v in colors if v in set(tune.loc[tune["factor"].isin([factor, ""]), "variant"])]:
             color, label = colors[variant], _value_label(data, variant, factor)
-            sub = done[done["variant"] == variant].sort_values(param)
+            runs = done[done["variant"] == variant]
+            sub = runs.groupby(param, as_index=False)["value"].mean().sort_values(param)  # seed means per point
             ax.plot(sub[param], sub["value"], marker="o", ms=4, color=color, label=label)
+            if len(runs) > len(sub):  # several tune seeds: each run too, faintly
+                ax.scatter(runs[param], runs["value"], s=8, color=color, alpha=0.35, lw=0, zorder=2)
             gone = diverged.loc[diverged["variant"] == variant, param]
             ax.scatter(gone, np.full(len(gone), 0.96), marker="x", s=36, color=color, zorder=3,
                        transform=ax.get_xaxis_transform())  # x: data, y: the axes' top, whatever the losses
@@ -256,8 +259,9 @@ def lr_sensitivity(data: StudyData, param: str = "train.lr", table: pd.DataFrame
         ax.set_xlabel(param)
         ax.set_ylabel("final val/loss (tune runs)")
         ax.legend(fontsize=7, loc="best", title=factor or None, title_fontsize=7)
-    fig.suptitle(f"Sensitivity to {param}: ★ chosen point, bar under it: its basin (within ±{data.spec.margin:g} of "
-                 "its val/loss);\n× along the top: diverged tune runs (no loss); shaded: searched range", fontsize=9)
+    fig.suptitle(f"Sensitivity to {param}: lines: seed means, dots: runs; ★ chosen point, bar under it: its basin "
+                 f"(within ±{data.spec.margin:g} of the best mean);\n× along the top: diverged tune runs (no loss); "
+                 "shaded: searched range", fontsize=9)
     return to_uri(fig)
 
 
@@ -277,13 +281,13 @@ def _value_label(data: StudyData, variant: str, factor: str) -> str:
 
 
 def _star(ax: plt.Axes, fig: plt.Figure, sub: pd.DataFrame, param: str, row: pd.Series | None, color: tuple) -> None:
-    """The chosen point (the table's, else the lowest val/loss as the runner picks it) and its basin under it."""
+    """The chosen point (the table's, on the line of seed means; else the lowest mean) and its basin under it."""
     if sub.empty:
         return
     best = sub.loc[sub["value"].idxmin()]
     if row is not None and pd.notna(row.get("lr")):
-        near = sub[np.isclose(sub[param].astype(float), float(row["lr"]), rtol=1e-6)]
-        best = near.iloc[0] if len(near) else best
+        x = np.log(sub[param].astype(float).to_numpy())
+        best = {param: float(row["lr"]), "value": float(np.interp(np.log(float(row["lr"])), x, sub["value"]))}
     ax.scatter([best[param]], [best["value"]], marker="*", s=170, color=color, edgecolor="k", lw=0.6, zorder=4)
     if row is None or not (pd.notna(row.get("basin_lo")) and pd.notna(row.get("basin_hi"))):
         return
