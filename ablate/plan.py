@@ -158,7 +158,7 @@ def chosen_point(spec: StudySpec, tune: list[Result]) -> dict[str, Any] | None:
     if arm is not None and arm.interior:
         p = spec.nuisance[0]
         return {p.key: p.value_at(arm.u)}
-    return dict(_best(cells).params)  # at an edge (or with several nuisance keys): the best point as tried
+    return dict(_best(cells, _ceiling(tune)).params)  # at an edge (or several nuisance keys): the best as tried
 
 
 @dataclass(frozen=True)
@@ -203,9 +203,9 @@ def _ceiling(tune: list[Result]) -> float:
     return max(known) if known else (max(losses) + 1.0 if losses else 1.0)
 
 
-def _best(cells: list[_Cell]) -> _Cell:
-    """The tried point with the lowest seed mean (a diverged run above every loss); the lowest point wins a tie."""
-    ceiling = max((v for c in cells for v in c.losses if math.isfinite(v)), default=0.0) + 1.0
+def _best(cells: list[_Cell], ceiling: float) -> _Cell:
+    """The tried point with the lowest seed mean (a diverged run at ``ceiling``, as ``tuned`` scores it); the lowest
+    point wins a tie."""
     return min(cells, key=lambda c: (float(np.mean([v if math.isfinite(v) else ceiling for v in c.losses])),
                                      tuple(c.quantiles.values())))  # fmt: skip
 
@@ -225,7 +225,7 @@ def bracket_step(spec: StudySpec, tune: list[Result]) -> dict[str, Any] | None:
         if all(u <= EPS for u in low.values()):
             return None
         return spec.at({k: max(0.0, u - step) for k, u in low.items()})
-    best = _best(cells).quantiles
+    best = _best(cells, _ceiling(tune)).quantiles
     for p in spec.nuisance:
         u = best[p.key]
         if u >= max(q[p.key]) - EPS and u < 1 - EPS:
@@ -241,7 +241,7 @@ def edge_of_tried(spec: StudySpec, tune: list[Result]) -> list[tuple[str, str]]:
     cells = _cells(spec, tune)
     if not any(c.completed for c in cells):
         return []
-    best = _best(cells).quantiles
+    best = _best(cells, _ceiling(tune)).quantiles
     out = []
     for p in spec.nuisance:
         values = [c.quantiles[p.key] for c in cells]
