@@ -49,7 +49,9 @@ dashboard: install
 	$(BIN)/python -c 'import optuna_dashboard' 2>/dev/null || $(BIN)/pip install --quiet -c $(LOCK) -e '.[dashboard]'
 	$(BIN)/ablate dashboard --port $(DASHBOARD_PORT)
 
+# The layer contract in pyproject.toml first: an upward import or a cycle fails in seconds, before the suite.
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q
 
 bench: install

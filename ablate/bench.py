@@ -139,7 +139,7 @@ def tracking_overhead(config_path: str | Path, out_dir: str | Path, repeats: int
     because on a shared machine it is often larger than the overhead itself."""
     import tempfile
 
-    from ablate.config import load_run_config
+    from ablate.preflight import load_run_config
     from ablate.tracking import MLflowTracker
     from ablate.train import train
 

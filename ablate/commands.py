@@ -1,10 +1,5 @@
 """The commands ``ablate`` dispatches to besides a study and a report: train one run, the MLflow UI, Optuna's
-dashboard.
-
-Links into the MLflow UI come from ``runs_url`` only. MLflow 3 opens an experiment on its GenAI overview ("0
-traces") unless the URL asks for the machine-learning workflow; the experiment tag ``mlflow.experimentKind`` does not
-change that (MLflow 3.17's experiment page takes the kind from the workflow type), so the URL carries it.
-"""
+dashboard. Links into the MLflow UI come from ``stores.runs_url`` only."""
 
 from __future__ import annotations
 
@@ -13,30 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode
 
 from ablate import names
-from ablate.stores import redact
+from ablate.interrupts import sigterm_as_interrupt
+from ablate.stores import RUNS_TABLE, UI_HOST, redact, runs_url
 
-UI_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8080  # optuna-dashboard's own default
 STOP_WAIT_S = 10.0  # after SIGTERM, the UI's server gets this long to exit before its group gets SIGKILL
-# The runs table of the machine-learning workflow, best validation loss first: a sort other than by start time
-# lists trials flat instead of folded under their (collapsed) study run.
-RUNS_TABLE = {"workflowType": "machine_learning", "orderByKey": f"metrics.`{names.VAL_LOSS}`", "orderByAsc": "true"}
-
-
-def runs_url(experiment_id: str, run_id: str | None = None, port: int = 5000) -> str:
-    """The MLflow UI's runs table of ``experiment_id`` (or the page of ``run_id`` in it), served by ``ablate ui``."""
-    if run_id is None:
-        return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs?{urlencode(RUNS_TABLE)}"
-    workflow = urlencode({"workflowType": RUNS_TABLE["workflowType"]})
-    return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs/{run_id}?{workflow}"
 
 
 def latest_experiment_id(tracking_uri: str) -> str | None:
@@ -49,41 +29,9 @@ def latest_experiment_id(tracking_uri: str) -> str | None:
     return found[0].experiment_id if found else None
 
 
-STOP_REQUESTED = threading.Event()  # set by a stop signal: seen even where its KeyboardInterrupt was swallowed
-
-
-@contextmanager
-def handling(signals: tuple[signal.Signals, ...], handler: Any) -> Iterator[None]:
-    """Inside, ``signals`` go to ``handler``; the previous handlers come back after. Main thread only; elsewhere
-    (where Python cannot handle signals) a no-op."""
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in signals}
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def sigterm_as_interrupt(sigint: bool = False) -> contextlib.AbstractContextManager[None]:
-    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler), and SIGINT too with ``sigint``, raises KeyboardInterrupt,
-    so the trainer's cleanup runs and the MLflow run ends KILLED instead of staying RUNNING forever. The signal also
-    sets ``STOP_REQUESTED``: an interrupt raised inside a ``__del__`` is swallowed by Python, and a loop that checks
-    the flag stops anyway."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        STOP_REQUESTED.set()
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    return handling((signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,), interrupt)
-
-
 def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
     """``ablate train CONFIG``: one tracked run; prints one line. Exit 0 when it completed, 1 otherwise."""
-    from ablate.config import load_run_config
+    from ablate.preflight import load_run_config
 
     config = load_run_config(path, overrides)  # a bad config fails before torch and MLflow are imported
     from ablate.storage import check_tracking

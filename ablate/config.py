@@ -12,12 +12,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ablate.inputs import ConfigError, parse_yaml, read_yaml, short
+from ablate.inputs import ConfigError, parse_yaml, short
 
 SCALINGS = ("sqrt", "inverse", "none", "learned", "qknorm", "logn")
 BACKENDS = ("sdpa", "manual")
@@ -341,20 +340,6 @@ def run_config_from(data: dict, overrides: list[str] = (), source: str = "") -> 
         return from_dict(RunConfig, data)
     except ConfigError as err:
         raise err.at(source) from None
-
-
-def load_run_config(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> RunConfig:
-    """A run config file, or a study file whose base configuration is trained; with ``preflight`` also checked
-    against this machine (the data source, the memory) before anything is written."""
-    config = run_config_from(read_yaml(path), overrides, str(path))
-    if preflight:
-        from ablate.preflight import check_run  # preflight builds on this module
-
-        try:
-            check_run(config)
-        except ConfigError as err:
-            raise err.at(str(path)) from None
-    return config
 
 
 def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:

@@ -34,6 +34,20 @@ def load_specs(path: str | Path, overrides: list[str] = (), *, preflight: bool =
         raise err.at(source) from None
 
 
+def load_spec(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> StudySpec:
+    """The study file at ``path``, validated; every problem is a one-line ConfigError naming the file and key.
+
+    With ``preflight`` (a study about to run), also what can be checked on this machine before any store exists:
+    every variant's data source and memory (``ablate.preflight``). The report reads a finished study without it.
+    A file with a ladder or several budgets is a family of studies: :func:`load_specs`.
+    """
+    specs = load_specs(path, overrides, preflight=preflight)
+    if len(specs) > 1:
+        raise ConfigError("ladder", f"this file runs {len(specs)} studies ({', '.join(s.name for s in specs)}); "
+                                    "name one of them", str(path))  # fmt: skip
+    return specs[0]
+
+
 def family_specs(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> list[StudySpec]:
     """The specs of a study file's mapping: one for a plain study, else one per member, each a plain study of its
     own (``spec_from_mapping`` reads a member's stored mapping back), marked with its family and label."""

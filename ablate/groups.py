@@ -8,10 +8,9 @@ import contextlib
 import math
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs for its trial
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import devices
+from ablate import devices, optuna_private
 from ablate.config import ConfigError, RunConfig
 from ablate.objective import Objective
 from ablate.spec import StudySpec
@@ -48,7 +47,7 @@ def take_alike(study: optuna.Study, objective: Objective, size: int) -> list[opt
         return []
 
     def config(t: FrozenTrial) -> RunConfig:  # the planned values, as prepared when it runs
-        return objective.config({**t.system_attrs.get("fixed_params", {}), **t.params}, t.user_attrs)
+        return objective.config(optuna_private.planned_params(t), t.user_attrs)
 
     group = waiting[:1]
     with contextlib.suppress(ValueError):  # ConfigError included: the trial's own run will say it
@@ -61,12 +60,8 @@ def take_alike(study: optuna.Study, objective: Objective, size: int) -> list[opt
                 group.append(t)
     if len(group) < 2:
         return []
-    taken = []
-    for t in group:  # as study.ask pops a waiting trial (under the plan lock, so no other worker takes it first)
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                taken.append(optuna.Trial(study, t._trial_id))
-    return taken
+    # as study.ask pops a waiting trial (under the plan lock, so no other worker takes it first)
+    return [trial for trial in (optuna_private.take(study, t) for t in group) if trial is not None]
 
 
 def tell_together(study: optuna.Study, objective: Objective, trials: list[optuna.Trial]) -> None:
@@ -74,7 +69,7 @@ def tell_together(study: optuna.Study, objective: Objective, trials: list[optuna
     value (COMPLETE), PRUNED, or FAIL (diverged, an error, an interrupt). An interrupt is re-raised after."""
     with contextlib.ExitStack() as heartbeats:
         for trial in trials:
-            heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+            heartbeats.enter_context(optuna_private.heartbeat(study, trial))
         outcomes, error = objective.group(trials)
     for trial, outcome in zip(trials, outcomes, strict=True):
         state, value = None, None

@@ -51,17 +51,40 @@ ATTR_OUTCOME = "outcome"  # on a seed trial: the verdict metric (test loss; a di
 # Statuses: the trainer's status of a run, and how Optuna and MLflow record it. One table, following
 # mlflow.optuna.MlflowStorage (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED). A diverged run is an
 # Optuna FAIL (told from a failed one by ATTR_STATUS) and a FAILED MLflow run.
+COMPLETED, STOPPED, DIVERGED, FAILED, INTERRUPTED = "completed", "stopped", "diverged", "failed", "interrupted"
 STATUSES = {  # trainer status -> (Optuna state, MLflow run status)
-    "completed": ("COMPLETE", "FINISHED"),
-    "stopped": ("PRUNED", "KILLED"),
-    "diverged": ("FAIL", "FAILED"),
-    "failed": ("FAIL", "FAILED"),
-    "interrupted": ("FAIL", "KILLED"),  # Ctrl-C or SIGTERM: a stop, not a result; the trial goes back in the queue
+    COMPLETED: ("COMPLETE", "FINISHED"),
+    STOPPED: ("PRUNED", "KILLED"),
+    DIVERGED: ("FAIL", "FAILED"),
+    FAILED: ("FAIL", "FAILED"),
+    INTERRUPTED: ("FAIL", "KILLED"),  # Ctrl-C or SIGTERM: a stop, not a result; the trial goes back in the queue
 }
+OUTCOMES = (COMPLETED, DIVERGED)  # the statuses that are results: a diverged run counts, at the uniform-guess loss
 MLFLOW_STATUS = {status: run for status, (_, run) in STATUSES.items()}
-STATUS_OF_STATE = {"COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed", "RUNNING": "running",
+STATUS_OF_STATE = {"COMPLETE": COMPLETED, "PRUNED": STOPPED, "FAIL": FAILED, "RUNNING": "running",
                    "WAITING": "waiting"}  # an Optuna state's status when a trial carries no ATTR_STATUS
 MLFLOW_OF_STATE = {state: MLFLOW_STATUS[status] for state, status in STATUS_OF_STATE.items() if status in MLFLOW_STATUS}
+
+
+def status_of(recorded: str | None, state: str) -> str:
+    """A trial's status, for the plan and the report alike: the trainer's as recorded (ATTR_STATUS, else the run's
+    TAG_STATUS) or, without one, what its Optuna state (a name, ``"COMPLETE"``) stands for. A pruned trial is
+    stopped whatever its run said last: the pruner stopped it after its last log."""
+    if state == "PRUNED":
+        return STOPPED
+    return recorded or STATUS_OF_STATE.get(state, "")
+
+
+def trial_run_name(number: int, phase: str, variant: str) -> str:
+    """A trial's MLflow run name, the same whether its worker created the run or a recovery did."""
+    return f"{number}-{phase}-{variant}"
+
+
+def trial_tags(study: str, kind: str, number: int, phase: str, variant: str, factor: str) -> dict[str, str]:
+    """The tags that identify a trial's MLflow run (besides ``mlflow.parentRunId``)."""
+    return {TAG_STUDY: study, TAG_ROLE: "trial", TAG_TRIAL: str(number), TAG_KIND: kind, TAG_PHASE: phase,
+            TAG_VARIANT: variant, TAG_FACTOR: factor}
+
 
 # Artifacts -------------------------------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.yaml"  # on every run: the resolved config

@@ -15,8 +15,8 @@ from typing import Any
 import optuna
 
 from ablate import names, plan, recovery
-from ablate.commands import STOP_REQUESTED
 from ablate.config import RunConfig, fmt, with_values
+from ablate.interrupts import STOP_REQUESTED
 from ablate.spec import StudySpec
 from ablate.stores import redact_text
 
@@ -128,11 +128,9 @@ class Objective:
         for key, value in ((names.ATTR_PHASE, phase), (names.ATTR_VARIANT, variant), (names.ATTR_FACTOR, factor),
                            (names.ATTR_SEED, self._seed(trial.user_attrs))):  # fmt: skip
             trial.set_user_attr(key, value)
-        tags = {names.TAG_STUDY: self.spec.name, names.TAG_ROLE: "trial", names.TAG_TRIAL: trial.number,
-                names.TAG_KIND: self.spec.kind, names.TAG_PHASE: phase, names.TAG_VARIANT: variant,
-                names.TAG_FACTOR: factor}  # fmt: skip
+        tags = names.trial_tags(self.spec.name, self.spec.kind, trial.number, phase, variant, factor)
         return MLflowTracker(self.tracking_uri, self.spec.name, parent_run_id=self.parent_run_id,
-                             run_name=f"{trial.number}-{phase}-{variant}", tags=tags)  # fmt: skip
+                             run_name=names.trial_run_name(trial.number, phase, variant), tags=tags)  # fmt: skip
 
     def _nuisance(self, trial: optuna.Trial) -> dict[str, Any]:
         out = {}

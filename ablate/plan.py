@@ -69,7 +69,7 @@ def result_of(trial: Any) -> Result:
         variant=attrs.get(names.ATTR_VARIANT, ""),
         point=int(attrs.get(names.ATTR_POINT, -1)),
         state=trial.state.name,
-        status=attrs.get(names.ATTR_STATUS, "") or names.STATUS_OF_STATE.get(trial.state.name, ""),
+        status=names.status_of(attrs.get(names.ATTR_STATUS), trial.state.name),
         params=dict(trial.params),
         value=trial.value if trial.state.name == "COMPLETE" else None,
         outcome=float(outcome) if outcome is not None else None,
@@ -175,7 +175,7 @@ def _cells(spec: StudySpec, tune: list[Result]) -> list[_Cell]:
     """The arm's tried points: runs that completed or diverged, grouped by their nuisance values."""
     groups: dict[tuple, list[Result]] = {}
     for r in tune:
-        if r.status in ("completed", "diverged") and all(p.key in r.params for p in spec.nuisance):
+        if r.status in names.OUTCOMES and all(p.key in r.params for p in spec.nuisance):
             groups.setdefault(tuple(round(float(r.params[p.key]), 12) for p in spec.nuisance), []).append(r)
     out = []
     for runs in groups.values():
@@ -290,7 +290,7 @@ def arm_results(spec: StudySpec, results: list[Result]) -> dict[str, verdicts.Ar
     sd = seed_spread(spec, results) if spec.nuisance else math.nan
     for variant in spec.variants():
         seeds = [r for r in results if r.variant == variant.name and r.phase == "seed" and r.finished
-                 and r.outcome is not None and r.status in ("completed", "diverged")]  # fmt: skip
+                 and r.outcome is not None and r.status in names.OUTCOMES]  # fmt: skip
         out[variant.name] = verdicts.ArmResult(
             name=variant.name,
             outcomes={r.point: r.outcome for r in seeds},

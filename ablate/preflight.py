@@ -1,5 +1,5 @@
-"""Checks that need neither training nor a store: run by ``ablate study`` (through ``spec.load_spec``) and
-``ablate train`` (``config.load_run_config``) before anything is written, so a run that cannot work fails in a
+"""Checks that need neither training nor a store: run by ``ablate study`` (through ``families.load_specs``) and
+``ablate train`` (``load_run_config``, here) before anything is written, so a run that cannot work fails in a
 second with one line naming the key, not in every trial after the stores exist.
 
 - the task's data (``ablate.tasks.checks``): the source exists and is text, generated tasks can be generated;
@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ablate import budget
-from ablate.config import ConfigError, ModelConfig, RunConfig, TaskConfig, TrainConfig, fmt, with_values
+from ablate.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    TrainConfig,
+    fmt,
+    run_config_from,
+    with_values,
+)
+from ablate.inputs import read_yaml
 from ablate.tasks.checks import check_task
 
 if TYPE_CHECKING:
@@ -44,6 +54,18 @@ SIZE_KEYS = {
     "task.eval_lengths": TaskConfig.eval_lengths,
 }
 CLASSIFIERS = ("listops",)  # tasks whose model is a bidirectional classifier (``Task.num_classes`` set)
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> RunConfig:
+    """A run config file, or a study file whose base configuration is trained; with ``preflight`` also checked
+    against this machine (the data source, the memory) before anything is written."""
+    config = run_config_from(read_yaml(path), overrides, str(path))
+    if preflight:
+        try:
+            check_run(config)
+        except ConfigError as err:
+            raise err.at(str(path)) from None
+    return config
 
 
 def check_run(cfg: RunConfig, where: str = "") -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import names
+from ablate import names, optuna_private
 
 MAX_RETRY = 2  # attempts after the first for a key whose trials die or raise
 PLAN_ATTRS = (names.ATTR_PHASE, names.ATTR_VARIANT, names.ATTR_FACTOR, names.ATTR_POINT)
@@ -57,8 +57,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     attrs[names.ATTR_RETRY_OF] = trial.number
     attrs[names.ATTR_ATTEMPT] = int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) + 1
     # The planned values: what was enqueued (a trial that died before suggesting them has no params yet).
-    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-    study.enqueue_trial(params, user_attrs=attrs)
+    study.enqueue_trial(optuna_private.planned_params(trial), user_attrs=attrs)
     print(f"ablate study: trial {trial.number} ({reason}) goes back in the queue", flush=True)
 
 
@@ -98,12 +97,11 @@ def retry_failed(study: optuna.Study) -> list[int]:
 def stop_trial(study: optuna.Study, number: int, status: str, reason: str) -> bool:
     """Mark this worker's trial ``number`` as ended by ``status`` (unless it already ended with a result) and
     re-queue it. True when it was re-queued."""
-    trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+    trial = optuna_private.trial_by_number(study, number)
     if trial.state == TrialState.RUNNING:
-        study._storage.set_trial_user_attr(trial._trial_id, names.ATTR_STATUS, status)
-        study._storage.set_trial_user_attr(trial._trial_id, names.ATTR_REASON, reason)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        trial = study._storage.get_trial(trial._trial_id)
+        if not optuna_private.fail(study, trial, {names.ATTR_STATUS: status, names.ATTR_REASON: reason}):
+            return False  # it ended with a result while the stop was on its way
+        trial = optuna_private.trial_by_number(study, number)
     elif trial.state != TrialState.FAIL or trial.user_attrs.get(names.ATTR_STATUS) not in (status, None):
         return False  # it ended with a result (complete, pruned, diverged) before the stop reached it
     if status == "interrupted" or int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) <= MAX_RETRY:
@@ -127,16 +125,12 @@ def dead_trials(study: optuna.Study, no_worker_s: float) -> list[FrozenTrial]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         unnamed = names.ATTR_WORKER not in t.user_attrs
         late = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > no_worker_s
-        if (worker_gone(t) or unnamed and late) and _fail(study, t):
+        if (worker_gone(t) or unnamed and late) and optuna_private.fail(study, t):
             dead.append(t)
     return dead
 
 
-def _fail(study: optuna.Study, trial: FrozenTrial) -> bool:
-    try:
-        return study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
-        return False
+
 
 
 def _alive(pid: int) -> bool:

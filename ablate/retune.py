@@ -25,8 +25,9 @@ import optuna
 
 from ablate import names, plan, verdicts
 from ablate.config import with_values
+from ablate.families import load_spec
 from ablate.report import claims
-from ablate.spec import StudySpec, load_spec
+from ablate.spec import StudySpec
 from ablate.stores import default_storage
 
 FRESH = (2001, 2002, 2003, 2004)

@@ -13,7 +13,6 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from scipy.stats import qmc
@@ -349,22 +348,6 @@ class StudySpec:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading and validating
-
-
-def load_spec(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> StudySpec:
-    """The study file at ``path``, validated; every problem is a one-line ConfigError naming the file and key.
-
-    With ``preflight`` (a study about to run), also what can be checked on this machine before any store exists:
-    every variant's data source and memory (``ablate.preflight``). The report reads a finished study without it.
-    A file with a ladder or several budgets is a family of studies: :func:`load_specs`.
-    """
-    from ablate.families import load_specs  # families are built from this module's specs
-
-    specs = load_specs(path, overrides, preflight=preflight)
-    if len(specs) > 1:
-        raise ConfigError("ladder", f"this file runs {len(specs)} studies ({', '.join(s.name for s in specs)}); "
-                                    "name one of them", str(path))  # fmt: skip
-    return specs[0]
 
 
 def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> StudySpec:

@@ -35,8 +35,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
 from ablate.config import ConfigError
-from ablate.stores import redact, sqlite_path
-from ablate.tracking import is_database
+from ablate.stores import is_database, redact, sqlite_path
 
 T = TypeVar("T")
 SCHEMA_RETRIES = 5

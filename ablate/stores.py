@@ -1,5 +1,10 @@
-"""Where results live unless told otherwise: one rule for the trainer, the study runner and the report; and how a
-store's URL is shown (``redact``: never with its password).
+"""Where results live unless told otherwise: one rule for the trainer, the study runner and the report; how a
+store's URL is shown (``redact``: never with its password); what kind of store a URL names; and the MLflow UI's
+address of an experiment's runs (``runs_url``).
+
+Links into the MLflow UI come from ``runs_url`` only. MLflow 3 opens an experiment on its GenAI overview ("0
+traces") unless the URL asks for the machine-learning workflow; the experiment tag ``mlflow.experimentKind`` does not
+change that (MLflow 3.17's experiment page takes the kind from the workflow type), so the URL carries it.
 
 Standard library only at import (SQLAlchemy is imported when a URL needs parsing), so the report can use it without
 importing torch.
@@ -12,12 +17,32 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ablate import names
+
 MASK = "***"
 # query parameters that carry credentials (libpq's password and sslpassword, tokens, keys)
 SECRET_QUERY = re.compile(r"(ssl)?pass(word|wd)?|pwd|secret|(access_|api_?|auth_?)?token|api_?key", re.IGNORECASE)
 # "scheme://user:x...@" where x is not the mask and not a port (digits up to the path): a password left in the URL
 LEFT_PASSWORD = re.compile(rf"^[^:/]+://[^:/@]*:(?!{re.escape(MASK)}@)(?!\d*(?:[/?#]|$))[^@]*@", re.S)
+DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # tracking URI schemes MLflow reads as a database
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")  # a URL inside free text (a study file, a message)
+UI_HOST = "127.0.0.1"
+# The runs table of the machine-learning workflow, best validation loss first: a sort other than by start time
+# lists trials flat instead of folded under their (collapsed) study run.
+RUNS_TABLE = {"workflowType": "machine_learning", "orderByKey": f"metrics.`{names.VAL_LOSS}`", "orderByAsc": "true"}
+
+
+def runs_url(experiment_id: str, run_id: str | None = None, port: int = 5000) -> str:
+    """The MLflow UI's runs table of ``experiment_id`` (or the page of ``run_id`` in it), served by ``ablate ui``."""
+    if run_id is None:
+        return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs?{urlencode(RUNS_TABLE)}"
+    workflow = urlencode({"workflowType": RUNS_TABLE["workflowType"]})
+    return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs/{run_id}?{workflow}"
+
+
+def is_database(uri: str) -> bool:
+    """Whether MLflow reads ``uri`` as a database (SQLite, PostgreSQL, MySQL, SQL Server), not a server or folder."""
+    return uri.split("://", 1)[0].split("+", 1)[0] in DATABASES
 
 
 def default_tracking_uri() -> str:

@@ -37,10 +37,10 @@ from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import devices, names, plan, recovery
-from ablate.commands import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.config import ConfigError, RunConfig, to_dict
 from ablate.families import load_specs
 from ablate.groups import take_alike, tell_together, together_size
+from ablate.interrupts import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.objective import Objective
 from ablate.preflight import run_bytes
 from ablate.spec import StudySpec, check_workers
@@ -408,10 +408,12 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 def _family_report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
     """The family's page, comparing its members' answers; like ``_report``, a failure here says how to retry."""
+    from ablate.report import build_index
     from ablate.report.family import build_family_report
 
     try:
         path = build_family_report(spec.family, storage=storage_url, tracking_uri=tracking_uri)
+        build_index([storage_url])
     except Exception as err:
         print(f"ablate study: the family report failed ({type(err).__name__}: {err}); retry: ablate report "
               f"{spec.family}", file=sys.stderr)  # fmt: skip
@@ -425,8 +427,8 @@ def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
     """Write the report; the study's data stays valid when this fails, so say how to retry instead of raising."""
     from mlflow import MlflowClient
 
-    from ablate.commands import runs_url
     from ablate.report import build_report
+    from ablate.stores import runs_url
 
     try:
         path = build_report(spec.name, storage=storage_url, tracking_uri=tracking_uri)

@@ -125,18 +125,19 @@ def _settle(parent: ParentRun, trial: FrozenTrial, runs: list[Any], status: str,
     client = parent.client
     for run in runs:
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, names.TAG_STATUS, trial.user_attrs.get(names.ATTR_STATUS, "failed"))
+            client.set_tag(run.info.run_id, names.TAG_STATUS, trial.user_attrs.get(names.ATTR_STATUS, names.FAILED))
             client.set_tag(run.info.run_id, names.TAG_REASON, reason)
             client.set_terminated(run.info.run_id, status)
     if runs:
         return
     a = trial.user_attrs
-    tags = {names.TAG_ROLE: "trial", names.TAG_TRIAL: str(trial.number), names.TAG_STUDY: parent.study_name,
-            names.TAG_PHASE: a.get(names.ATTR_PHASE, ""), names.TAG_VARIANT: a.get(names.ATTR_VARIANT, ""),
-            names.TAG_FACTOR: a.get(names.ATTR_FACTOR, ""), names.TAG_STATUS: a.get(names.ATTR_STATUS, "failed"),
-            names.TAG_REASON: reason, "mlflow.parentRunId": parent.run_id}  # fmt: skip
-    name = f"{trial.number}-{a.get(names.ATTR_PHASE, '')}-{a.get(names.ATTR_VARIANT, '')}"
-    run = client.create_run(parent.experiment_id, run_name=name, tags=tags)
+    phase, variant = a.get(names.ATTR_PHASE, ""), a.get(names.ATTR_VARIANT, "")
+    kind = client.get_run(parent.run_id).data.tags.get(names.TAG_KIND, "")
+    tags = {**names.trial_tags(parent.study_name, kind, trial.number, phase, variant, a.get(names.ATTR_FACTOR, "")),
+            names.TAG_STATUS: a.get(names.ATTR_STATUS, names.FAILED), names.TAG_REASON: reason,
+            "mlflow.parentRunId": parent.run_id}  # fmt: skip
+    run = client.create_run(parent.experiment_id, run_name=names.trial_run_name(trial.number, phase, variant),
+                            tags=tags)
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in trial.params.items()])
     client.set_terminated(run.info.run_id, status)
 

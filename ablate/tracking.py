@@ -28,7 +28,7 @@ import ablate
 from ablate import names
 from ablate.config import flatten, to_dict, to_yaml
 from ablate.figures import save_attention_maps
-from ablate.stores import default_tracking_uri, sqlite_path
+from ablate.stores import default_tracking_uri, is_database, sqlite_path
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not by `ablate ui` reading the store
     from ablate.train import RunResult, RunStart
@@ -40,7 +40,6 @@ TAG_TORCH_VERSION = "torch.version"
 TAG_CUDA_VERSION = "cuda.version"
 TAG_TRACKING_ERROR = "ablate.tracking_error"  # a background write failed: the record may be incomplete
 SCHEMA_SAMPLE_ROWS = 16
-DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # tracking URI schemes MLflow reads as a database
 FLUSH_EVERY_S = 10.0  # buffered metrics reach the store at the first evaluation this long after the last write
 
 
@@ -48,11 +47,6 @@ def artifact_root(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store live beside it (``runs/artifacts``); other stores keep their server's default."""
     path = sqlite_path(tracking_uri)
     return str(path.parent / "artifacts") if path else None
-
-
-def is_database(uri: str) -> bool:
-    """Whether MLflow reads ``uri`` as a database (SQLite, PostgreSQL, MySQL, SQL Server), not a server or folder."""
-    return uri.split("://", 1)[0].split("+", 1)[0] in DATABASES
 
 
 def prepare_store(tracking_uri: str) -> None:

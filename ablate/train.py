@@ -19,7 +19,6 @@ from ablate import names
 from ablate.budget import ComputeBudget
 from ablate.config import RunConfig, TrainConfig, to_yaml
 
-STATUSES = ("completed", "diverged", "stopped", "failed", "interrupted")
 SOLVED_ACC = names.SOLVED_ACC
 """recall counts as solved at a length where test accuracy (over every query) is at least this (``names.SOLVED_X``)."""
 
@@ -37,7 +36,7 @@ class RunStart:
 
 @dataclass
 class RunResult:
-    status: str  # one of STATUSES
+    status: str  # one of names.STATUSES
     reason: str = ""  # why a run diverged, stopped or failed
     steps: int = 0  # optimizer steps done
     metrics: dict[str, float] = field(default_factory=dict)

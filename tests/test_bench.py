@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import EMPTY, TINY_STUDY, _empty_stores
+from support.runs import TINY_STUDY
+from support.stores import EMPTY, empty_stores
 
 from ablate import gpu_bench
 from ablate.budget import flops_per_sequence
@@ -26,7 +27,7 @@ def tiny_plan(tmp_path: Path, device: str = "cpu", compile: tuple[bool, ...] = (
     study = tmp_path / "tiny.yaml"
     data = {**TINY_STUDY, "train": {**TINY_STUDY["train"], "device": device}}
     study.write_text(yaml.safe_dump(data, sort_keys=False))
-    _empty_stores()
+    empty_stores()
     (tmp_path / "scratch" / "0").mkdir(parents=True)
     for db in ("optuna.db", "mlflow.db"):  # migrating fresh stores takes seconds: the bench's first way uses these
         shutil.copy(EMPTY / db, tmp_path / "scratch" / "0" / db)

@@ -12,13 +12,14 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import TINY_STUDY, Recorder, tiny
 from mlflow import MlflowClient
+from support.runs import TINY_STUDY, Recorder, tiny
 
 from ablate import budget, names
 from ablate.budget import ComputeBudget, step_cost, stretched
 from ablate.config import ConfigError, with_values
-from ablate.spec import load_spec, spec_from_mapping
+from ablate.families import load_spec
+from ablate.spec import spec_from_mapping
 from ablate.study import plan_digest, run_study
 from ablate.train import Schedule, lr_at, lr_at_share, train
 

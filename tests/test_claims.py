@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY_STUDY
 from scipy import stats
+from support.runs import TINY_STUDY
 
 from ablate import verdicts
 from ablate.config import ConfigError
@@ -198,7 +198,7 @@ def test_judge_reads_the_verdict_table_and_says_what_it_measured():
 
 
 def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(tmp_path, monkeypatch):
-    from conftest import read_table
+    from support.stores import read_table
 
     from ablate.study import run_study
 

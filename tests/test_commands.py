@@ -16,11 +16,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
-from conftest import TINY_RUN, Recorder, free_port, tiny
 from mlflow import MlflowClient
+from support.runs import TINY_RUN, Recorder, tiny
+from support.servers import free_port
 
 from ablate import names
-from ablate.commands import latest_experiment_id, runs_url, sigterm_as_interrupt, stop_group, train_from_file
+from ablate.commands import latest_experiment_id, stop_group, train_from_file
+from ablate.interrupts import sigterm_as_interrupt
+from ablate.stores import runs_url
 
 
 @pytest.fixture

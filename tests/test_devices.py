@@ -7,7 +7,7 @@ import os
 
 import pytest
 import yaml
-from conftest import TINY_STUDY
+from support.runs import TINY_STUDY
 
 from ablate.config import ConfigError
 from ablate.devices import MAX_PER_GPU, Slot, plan_slots

@@ -11,23 +11,17 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import yaml
-from conftest import TINY_STUDY, index_rows, read_table
 from scipy import stats
+from support.runs import TINY_STUDY, write_study
+from support.stores import index_rows, read_table
 
 from ablate import names, tuning, verdicts
 from ablate.config import ConfigError
-from ablate.families import load_specs
+from ablate.families import load_spec, load_specs
 from ablate.report import across
-from ablate.spec import Nuisance, load_spec
+from ablate.spec import Nuisance
 
 LADDER = {"w16": {"model.embed_dim": 16}, "w32": {"model.embed_dim": 32, "model.num_layers": 2}}
-
-
-def _write(tmp_path, **changes) -> str:
-    path = tmp_path / "fam.yaml"
-    path.write_text(yaml.safe_dump({**TINY_STUDY, "name": "fam", **changes}, sort_keys=False))
-    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,7 +29,8 @@ def _write(tmp_path, **changes) -> str:
 
 
 def test_a_ladder_times_budgets_is_one_plain_study_per_member(tmp_path):
-    specs = load_specs(_write(tmp_path, ladder=LADDER, budget={"match": ["steps", "flops"]}), preflight=False)
+    path = write_study(tmp_path / "fam.yaml", name="fam", ladder=LADDER, budget={"match": ["steps", "flops"]})
+    specs = load_specs(path, preflight=False)
     assert [s.name for s in specs] == ["fam.w16.steps", "fam.w16.flops", "fam.w32.steps", "fam.w32.flops"]
     assert [(s.base.model.embed_dim, s.base.model.num_layers) for s in specs] == [(16, 1), (16, 1), (32, 2), (32, 2)]
     assert [s.compute.match if s.compute else "steps" for s in specs] == ["steps", "flops"] * 2
@@ -45,7 +40,7 @@ def test_a_ladder_times_budgets_is_one_plain_study_per_member(tmp_path):
 
 
 def test_a_plain_study_is_a_family_of_one_without_a_family(tmp_path):
-    (spec,) = load_specs(_write(tmp_path), preflight=False)
+    (spec,) = load_specs(write_study(tmp_path / "fam.yaml", name="fam"), preflight=False)
     assert spec.name == "fam" and spec.family == "" and spec.member == ""
 
 
@@ -64,7 +59,7 @@ BAD = {
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_families_are_one_line_naming_the_file_and_key(case, tmp_path):
     changes, key, problem = BAD[case]
-    path = _write(tmp_path, **changes)
+    path = write_study(tmp_path / "fam.yaml", name="fam", **changes)
     with pytest.raises(ConfigError) as err:
         load_specs(path, preflight=False)
     assert err.value.key.startswith(key) and problem in str(err.value), str(err.value)
@@ -73,7 +68,7 @@ def test_bad_families_are_one_line_naming_the_file_and_key(case, tmp_path):
 
 def test_loading_one_spec_from_a_family_file_names_its_members(tmp_path):
     with pytest.raises(ConfigError, match="runs 2 studies \\(fam.w16, fam.w32\\)"):
-        load_spec(_write(tmp_path, ladder=LADDER), preflight=False)
+        load_spec(write_study(tmp_path / "fam.yaml", name="fam", ladder=LADDER), preflight=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,9 +217,9 @@ def test_the_exponents_bootstrap_draws_are_independent_across_widths():
     through them would be exactly 0 in every draw. Shuffled per width, the interval has the width it should."""
     tuned, sd = _ladder(np.random.default_rng(7), 0.0, [64], 0.03)[0]
     b, lo, hi = across.exponent_interval([tuned, tuned], [sd, sd], [64, 128], NU, 0.05)
-    assert b == 0.0 and lo < -0.1 and hi > 0.1
+    assert b == pytest.approx(0.0, abs=1e-12) and lo < -0.1 and hi > 0.1  # equal optima: no slope, up to rounding
     b, lo, hi = across.exponent_interval([tuned, tuned], [math.nan, sd], [64, 128], NU, 0.05)
-    assert b == 0.0 and math.isnan(lo) and math.isnan(hi)  # a width without a seed spread: no interval
+    assert b == pytest.approx(0.0, abs=1e-12) and math.isnan(lo) and math.isnan(hi)  # no seed spread: no interval
 
 
 def _tuned(rng: np.random.Generator, best: float, seeds: int = 2) -> tuning.Tuned:
@@ -269,8 +264,8 @@ def test_a_ladder_at_two_budgets_gives_one_answer_per_member_and_a_family_page(t
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     train = {**TINY_STUDY["train"], "steps": 4, "eval_every": 2, "log_every": 2}
     (tmp_path / "studies" / "claims").mkdir(parents=True)  # as a claims study lives, not at studies/<name>.yaml
-    path = _write(tmp_path / "studies" / "claims", ladder=LADDER, budget={"match": ["steps", "flops"]}, seeds=2,
-                  train=train)  # fmt: skip
+    path = write_study(tmp_path / "studies" / "claims" / "fam.yaml", name="fam", ladder=LADDER, seeds=2, train=train,
+                       budget={"match": ["steps", "flops"]})  # fmt: skip
     assert run_study(path, storage=storage) == 0
     out = capsys.readouterr().out
     members = ["fam.w16.steps", "fam.w16.flops", "fam.w32.steps", "fam.w32.flops"]

@@ -16,15 +16,17 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, SPEC, TINY_RUN, StoreBuilder
-from conftest import TINY_STUDY as TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.runs import ROOT, TINY_RUN
+from support.runs import TINY_STUDY as TINY
+from support.stores import SPEC, StoreBuilder
 
 from ablate import cli
 from ablate.config import ConfigError, to_dict
+from ablate.families import load_spec
 from ablate.inputs import MAX_FILE_BYTES, parse_yaml, read_yaml
-from ablate.spec import StudySpec, check_name, load_spec, spec_from_mapping
+from ablate.spec import StudySpec, check_name, spec_from_mapping
 from ablate.stores import redact, redact_text
 
 PASSWORD = "S3cretPw"
@@ -242,7 +244,7 @@ def test_the_table_covers_at_least_25_cases():
 def test_the_checks_before_a_study_do_not_import_torch():
     """The report loads study files with the same code: spec, preflight and the task checks stay torch-free."""
     default, gpu = (str(ROOT / "studies" / f"{name}.yaml") for name in ("default", "gpu"))
-    code = ("import sys; from ablate.spec import load_spec; from ablate.config import load_run_config; "
+    code = ("import sys; from ablate.families import load_spec; from ablate.preflight import load_run_config; "
             f"load_spec({default!r}); load_run_config({gpu!r}); print('torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

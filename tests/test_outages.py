@@ -7,53 +7,25 @@ The outages are real: a PostgreSQL instance of the test's own (``private_postgre
 
 from __future__ import annotations
 
-import collections
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy
-import yaml
-from conftest import TINY_STUDY, TcpRelay, free_port, pg_database
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from support.runs import TINY_STUDY, write_study
+from support.servers import TcpRelay, free_port, pg_database
+from support.studies import StudyProcess, drained
 
 from ablate import names
 from ablate.config import ConfigError
 from ablate.storage import CONNECT_TIMEOUT_S, MAX_BACKOFF_S, PlanLock, check_stores, is_outage, open_storage
 
 SQLITE = "sqlite:////nonexistent-folder/optuna.db"  # a store that would be written, were anything written
-
-
-def study_file(tmp_path: Path, name: str, **changes: object) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**TINY_STUDY, "name": name, **changes}))
-    return path
-
-
-class Study:
-    """``ablate study`` in a process of its own, its output in a file (a pipe nobody reads would fill and stall it)."""
-
-    def __init__(self, tmp_path: Path, spec: Path, storage: str, *args: str, **env: str) -> None:
-        self.log = tmp_path / f"{spec.stem}.log"
-        cmd = [sys.executable, "-m", "ablate.cli", "study", str(spec), "--storage", storage, "--no-report", *args]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **env}, stdout=out,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
-
-    def wait(self, timeout: float = 300) -> tuple[int, str]:
-        try:
-            code = self.proc.wait(timeout)
-        finally:
-            self.proc.kill()
-        return code, self.log.read_text(errors="replace")
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -69,29 +41,6 @@ def finished(storage: str, name: str) -> int:
     except Exception:  # not created yet
         return 0
     return sum(t.state == TrialState.COMPLETE for t in trials)
-
-
-def key_of(trial: optuna.trial.FrozenTrial) -> tuple:
-    return tuple(trial.user_attrs.get(k) for k in (names.ATTR_PHASE, names.ATTR_VARIANT, names.ATTR_POINT))
-
-
-def after_recovery(storage: str, tracking_uri: str, name: str, planned: int) -> dict[str, int]:
-    """The counts an outage must leave at zero: planned trials without a result, trials beyond one per key, FAILs,
-    MLflow runs left RUNNING, trials without exactly one FINISHED run."""
-    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
-    keys = collections.Counter(key_of(t) for t in trials)
-    done = {key_of(t) for t in trials if t.state == TrialState.COMPLETE}
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
-    trial_runs = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == "trial"]
-    return {
-        "lost": planned - len(done),
-        "duplicated": sum(n - 1 for n in keys.values()),
-        "failed": sum(t.state != TrialState.COMPLETE for t in trials),
-        "running": sum(r.info.status == "RUNNING" for r in runs),
-        "runs_not_finished": sum(r.info.status != "FINISHED" for r in trial_runs),
-        "runs_missing": len(trials) - len(trial_runs),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,9 +129,9 @@ def test_a_tracking_server_that_never_answers_fails_within_the_connect_timeout()
 
 
 def test_an_unreachable_tracking_server_stops_the_study_before_any_store_is_written(tmp_path):
-    spec = study_file(tmp_path, "nowhere", tracking_uri=f"http://127.0.0.1:{closed_port()}")
+    spec = write_study(tmp_path / "nowhere.yaml", name="nowhere", tracking_uri=f"http://127.0.0.1:{closed_port()}")
     start = time.monotonic()
-    code, out = Study(tmp_path, spec, f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}").wait(120)
+    code, out = StudyProcess(spec, tmp_path, "--storage", f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}").wait(120)
     took = time.monotonic() - start
     print(f"\nunreachable tracking server: exit {code}, one line after {took:.1f} s (with process start)")
     assert code == 2 and out.strip().count("\n") == 0, out
@@ -205,6 +154,33 @@ def test_every_storage_call_a_study_makes_waits_out_an_outage():
     no_database = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
     assert called - no_database - {"_get_stale_trial_ids"} <= set(RETRIED), called - set(RETRIED)
     assert "_get_stale_trial_ids" in vars(OutageTolerantStorage)
+
+
+def test_optunas_private_parts_are_where_the_runner_reaches_for_them():
+    """The runner reaches into Optuna in one module (planned values of an enqueued trial, storage ids, the heartbeat
+    thread): an Optuna release that moves any of it fails here, naming the version, not in a user's study."""
+    from ablate import optuna_private
+
+    assert not optuna_private.missing(), f"Optuna {optuna.__version__} moved {optuna_private.missing()}"
+
+
+def test_a_stop_leaves_a_trial_that_finished_on_its_way_alone(monkeypatch):
+    """A stop reads the trial RUNNING, and it completes before the stop can end it: it keeps its result and is not
+    queued again (this raised UpdateFinishedTrialError into the worker's stop handling)."""
+    from ablate import recovery
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    study.enqueue_trial({"x": 1.0}, user_attrs={names.ATTR_PHASE: "tune", names.ATTR_VARIANT: "base",
+                                                names.ATTR_POINT: 0})
+    trial = study.ask()
+    trial.suggest_float("x", 0, 2)
+    running = study.trials[0]  # what the stop reads ...
+    study.tell(trial, 0.5)  # ... just before the trial completes
+    reads, storage = iter([running]), study._storage
+    real = storage.get_trial
+    monkeypatch.setattr(storage, "get_trial", lambda trial_id: next(reads, None) or real(trial_id))
+    assert not recovery.stop_trial(study, trial.number, names.INTERRUPTED, "signal SIGTERM")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,9 +243,10 @@ def test_a_study_storage_outage_is_waited_out(private_postgres, tmp_path):
     outage_s = 20
     with pg_database(private_postgres.url) as storage:
         tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        spec = study_file(tmp_path, "outage", tracking_uri=tracking_uri, heartbeat=2, points=2, seeds=2,
-                          train={**TINY_STUDY["train"], "steps": 30})  # fmt: skip
-        study = Study(tmp_path, spec, storage, "--workers", "2", ABLATE_STORAGE_WAIT_S="120")
+        spec = write_study(tmp_path / "outage.yaml", name="outage", tracking_uri=tracking_uri, heartbeat=2, points=2,
+                           seeds=2, train={**TINY_STUDY["train"], "steps": 30})  # fmt: skip
+        study = StudyProcess(spec, tmp_path, "--storage", storage, "--workers", "2",
+                             env={"ABLATE_STORAGE_WAIT_S": "120"})
         try:
             wait_for(lambda: finished(storage, "outage") >= 1, 240, "a finished trial")
             private_postgres.stop()
@@ -278,7 +255,7 @@ def test_a_study_storage_outage_is_waited_out(private_postgres, tmp_path):
         finally:
             code, out = study.wait()
         waits = [int(s) for s in re.findall(r"study storage reachable again after (\d+) s", out)]
-        counts = after_recovery(storage, tracking_uri, "outage", planned=8)
+        counts = drained(storage, tracking_uri, "outage", planned=8)
     print(f"\nstudy storage down {outage_s} s: {len(waits)} processes waited (longest {max(waits, default=0)} s); "
           f"exit {code}; {counts}")  # fmt: skip
     assert code == 0, out[-3000:]
@@ -293,9 +270,9 @@ def test_a_tracking_server_cut_off_mid_study_loses_nothing(mlflow_server, tmp_pa
     outage_s = 15
     relay = TcpRelay(mlflow_server.port)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    spec = study_file(tmp_path, "served", tracking_uri=f"http://127.0.0.1:{relay.port}")
+    spec = write_study(tmp_path / "served.yaml", name="served", tracking_uri=f"http://127.0.0.1:{relay.port}")
     start = time.monotonic()
-    study = Study(tmp_path, spec, storage)
+    study = StudyProcess(spec, tmp_path, "--storage", storage)
     try:
         wait_for(lambda: finished(storage, "served") >= 1, 240, "a finished trial")
         relay.cut()
@@ -309,7 +286,7 @@ def test_a_tracking_server_cut_off_mid_study_loses_nothing(mlflow_server, tmp_pa
           f"({time.monotonic() - start:.0f} s in all), exit {code}")  # fmt: skip
     assert code == 0, out[-3000:]
     assert after_cut > outage_s  # it was still running when the link came back: every later write went through
-    counts = after_recovery(storage, mlflow_server.uri, "served", planned=4)
+    counts = drained(storage, mlflow_server.uri, "served", planned=4)
     print(counts)
     assert counts == dict.fromkeys(counts, 0), counts
     client = MlflowClient(mlflow_server.uri)

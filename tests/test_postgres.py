@@ -3,7 +3,6 @@ and dropped (``pg_url``), so the races of a first use (Optuna's and MLflow's sch
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import subprocess
@@ -14,12 +13,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from conftest import TINY_STUDY, pg_database
-from mlflow import MlflowClient
-from optuna.trial import TrialState
+from support.runs import write_study
+from support.servers import pg_database
+from support.studies import StudyProcess, drained
 
-from ablate import names
 from ablate.storage import PlanLock
 
 pytestmark = pytest.mark.postgres
@@ -27,52 +24,21 @@ pytestmark = pytest.mark.postgres
 FORTY = {"scientific": {"model.num_heads": [2, 4, 1], "model.attn_dropout": [0.0, 0.1]}, "points": 5, "seeds": 5}
 
 
-def write_spec(tmp_path: Path, name: str, **changes: object) -> Path:
-    spec = {**TINY_STUDY, "name": name, **changes}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def machines(n: int, tmp_path: Path, spec: Path, storage: str, *args: str) -> list[tuple[subprocess.Popen, Path]]:
-    """``n`` ``ablate study`` processes, each with a temp folder of its own, as on ``n`` machines; output in files
-    (a pipe read only at the end fills up and stalls its process)."""
+def machines(n: int, tmp_path: Path, spec: Path, storage: str, *args: str) -> list[StudyProcess]:
+    """``n`` ``ablate study`` processes, each with a temp folder of its own, as on ``n`` machines."""
     procs = []
     for i in range(n):
         tmp = tmp_path / f"machine{i}"
         tmp.mkdir()
-        env = {**os.environ, "TMPDIR": str(tmp)}
-        cmd = [sys.executable, "-m", "ablate.cli", "study", str(spec), "--storage", storage, "--no-report", *args]
-        with open(tmp / "out.log", "w") as out:
-            procs.append((subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT),
-                          tmp / "out.log"))  # fmt: skip
+        procs.append(StudyProcess(spec, tmp_path, "--storage", storage, *args, env={"TMPDIR": str(tmp)},
+                                  log=tmp / "out.log"))  # fmt: skip
     return procs
 
 
-def finish(procs: list[tuple[subprocess.Popen, Path]], timeout: float = 300) -> list[str]:
-    try:
-        codes = [p.wait(timeout) for p, _ in procs]
-    finally:
-        for p, _ in procs:
-            p.kill()
-    outs = [log.read_text(errors="replace") for _, log in procs]
-    assert codes == [0] * len(procs), "\n".join(o[-2000:] for o in outs)
-    return outs
-
-
-def check_drained(storage: str, tracking_uri: str, name: str, planned: int) -> list:
-    """Every planned (phase, variant, point) ran once and completed; no sampled trial; one FINISHED run each."""
-    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
-    keys = collections.Counter((t.user_attrs.get(names.ATTR_PHASE), t.user_attrs.get(names.ATTR_VARIANT),
-                                t.user_attrs.get(names.ATTR_POINT)) for t in trials)  # fmt: skip
-    unplanned = [t.number for t in trials if t.user_attrs.get(names.ATTR_PHASE) not in ("tune", "seed")]
-    assert unplanned == [] and len(keys) == planned and set(keys.values()) == {1}, (unplanned, keys)
-    assert {t.state for t in trials} == {TrialState.COMPLETE}
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
-    assert sorted(r.data.tags[names.TAG_ROLE] for r in runs) == ["study"] + ["trial"] * planned
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    return trials
+def finish(procs: list[StudyProcess], timeout: float = 300) -> list[str]:
+    codes, outs = zip(*(p.wait(timeout) for p in procs), strict=True)
+    assert list(codes) == [0] * len(procs), "\n".join(o[-2000:] for o in outs)
+    return list(outs)
 
 
 def test_four_machines_share_a_study_and_its_tracking_store_on_fresh_databases(pg_url, tmp_path):
@@ -80,7 +46,7 @@ def test_four_machines_share_a_study_and_its_tracking_store_on_fresh_databases(p
     on two empty databases (the study storage and MLflow's backend store): they race to create both schemas, then
     drain a plan of 40 trials with no unplanned and no repeated trial. Prints the throughput."""
     with pg_database() as tracking_uri:
-        spec = write_spec(tmp_path, "forty", tracking_uri=tracking_uri, **FORTY)
+        spec = write_study(tmp_path / "forty.yaml", name="forty", tracking_uri=tracking_uri, **FORTY)
         start = time.monotonic()
         outs = finish(machines(4, tmp_path, spec, pg_url))
         took = time.monotonic() - start
@@ -91,7 +57,8 @@ def test_four_machines_share_a_study_and_its_tracking_store_on_fresh_databases(p
         print(f"\n4 machines x 1 worker, 40 planned trials: {len(trials)} trials, {took:.0f} s in all, "
               f"{len(trials) / busy * 60:.0f} trials/min from the first trial's start to the last one's end "
               f"({busy:.0f} s); retries {len(trials) - 40}, storage waits {waits}")  # fmt: skip
-        check_drained(pg_url, tracking_uri, "forty", planned=40)  # so no retry either
+        counts = drained(pg_url, tracking_uri, "forty", planned=40)
+        assert counts == dict.fromkeys(counts, 0), counts  # so no retry either
     assert waits == 0
 
 

@@ -16,10 +16,11 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import EVIL, ROOT, SPEC, UNIFORM_LOSS, StoreBuilder, build_search, index_rows, read_table, study_site
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from scipy import stats
+from support.runs import ROOT
+from support.stores import EVIL, SPEC, UNIFORM_LOSS, StoreBuilder, build_search, index_rows, read_table, study_site
 
 from ablate import names, plan
 from ablate.spec import spec_from_mapping
@@ -303,7 +304,7 @@ def test_an_equal_compute_study_says_so_in_its_answer(tmp_path):
 def test_a_recall_study_reports_each_arm_beyond_its_training_length(tmp_path, monkeypatch):
     """Scored at 2x and 4x (task.eval_lengths): a column per length and the solved multiple; an arm with learned
     positions cannot run longer inputs and says so instead of showing a blank."""
-    from conftest import TINY_STUDY
+    from support.runs import TINY_STUDY
 
     from ablate.study import run_study
 
@@ -330,10 +331,10 @@ def test_a_study_of_model_kinds_reports_cost_against_length_and_the_crossover(tm
     the same as budget.crossover_length counts from the configs."""
     import dataclasses
 
-    from conftest import TINY_STUDY
+    from support.runs import TINY_STUDY
 
     from ablate import budget
-    from ablate.spec import load_spec
+    from ablate.families import load_spec
     from ablate.study import run_study
     from ablate.tasks import build_task
 
@@ -355,3 +356,23 @@ def test_a_study_of_model_kinds_reports_cost_against_length_and_the_crossover(tm
     vocab = build_task(load_spec(tmp_path / "kinds.yaml").base.task, seed=0).vocab_size
     at = budget.crossover_length(dataclasses.replace(model, kind="lstm"), vocab, 16)
     assert f"lstm: attention costs more FLOPs per token than the lstm from {at:,} tokens of context on" in page
+
+
+def test_a_rebuilt_report_replaces_links_planted_at_its_files_instead_of_writing_through_them(built_ablation, tmp_path):
+    """Someone with write access to reports/ plants links where the report writes (the page, results.csv,
+    summary.md): the rebuilt report replaces each link with its own file and never writes through it."""
+    from ablate.report import build_report
+
+    builder, _, page = built_ablation
+    out, victim = tmp_path / "reports", tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / "toy").mkdir(parents=True)
+    for file in ("index.html", "results.csv", "summary.md"):
+        (out / "toy" / file).symlink_to(victim)
+    build_report("toy", storage=builder.storage, tracking_uri=builder.tracking_uri, out=out, log_artifacts=False,
+                 index=False)
+    assert victim.read_text() == "keep me"
+    for file in ("index.html", "results.csv", "summary.md"):
+        assert not (out / "toy" / file).is_symlink() and (out / "toy" / file).stat().st_size > 0
+    assert (out / "toy" / "index.html").read_text() == page
+    assert not list((out / "toy").glob(".*"))  # no temporary file left behind

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import yaml
-from conftest import TINY_STUDY
+from support.runs import TINY_STUDY
 
 from ablate import plan, retune
-from ablate.spec import load_spec
+from ablate.families import load_spec
 
 
 def _spec(tmp_path):

@@ -13,60 +13,17 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from conftest import TINY_STUDY as TINY
-from mlflow import MlflowClient
 from optuna.trial import TrialState
+from support.runs import TINY_STUDY as TINY
+from support.runs import write_study
+from support.studies import LONG_TRAIN, StudyProcess, assert_consistent, stores, wait_for_training
 
 from ablate import cli, names, plan, recovery
 from ablate.config import ConfigError, with_values
-from ablate.families import load_specs
-from ablate.spec import load_spec
+from ablate.families import load_spec, load_specs
 from ablate.study import run_study
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("**/*.yaml"))  # claims/ too
-MLFLOW_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
-
-
-def write_spec(path: Path, **changes) -> Path:
-    data = {**TINY, **changes}
-    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False))
-    return path
-
-
-def stores(root: Path, name: str) -> tuple[optuna.Study, MlflowClient, list]:
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'runs' / 'optuna.db'}")
-    client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
-    return study, client, runs
-
-
-def assert_consistent(root: Path, name: str, planned: int) -> list:
-    """Every planned trial ran once; each trial is one child run with the matching state; nothing left RUNNING."""
-    study, _, runs = stores(root, name)
-    trials = study.get_trials()
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    keys = collections.Counter(
-        (t.user_attrs[names.ATTR_PHASE], t.user_attrs[names.ATTR_VARIANT], t.user_attrs[names.ATTR_POINT])
-        for t in trials
-        if t.state == TrialState.COMPLETE
-    )
-    assert len(keys) == planned and set(keys.values()) == {1}, keys
-    children = {r.info.run_id: r for r in runs if r.data.tags.get(names.TAG_ROLE) == "trial"}
-    parents = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == "study"]
-    assert len(parents) == 1 and parents[0].data.tags[names.TAG_SPEC_SHA256]
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    for t in trials:
-        [run] = [r for r in children.values() if r.data.tags[names.TAG_TRIAL] == str(t.number)]
-        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        status = t.user_attrs.get(names.ATTR_STATUS)
-        if t.state == TrialState.FAIL and status == "completed":
-            continue  # trained to the end, killed before Optuna recorded it: its run FINISHED, the trial re-ran
-        expected = names.MLFLOW_STATUS[status] if status in names.MLFLOW_STATUS else MLFLOW_OF[t.state]
-        assert run.info.status == expected, (t.number, t.state, status, run.info.status)
-    return trials
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Study files
 
@@ -101,7 +58,7 @@ BAD = {
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_malformed_study_exits_2_with_one_line_before_any_store(case, workdir, capsys):
     changes, key = BAD[case]
-    path = write_spec(workdir / "bad.yaml", **changes)
+    path = write_study(workdir / "bad.yaml", **changes)
     assert cli.main(["study", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and f": {key}:" in err, err
@@ -109,14 +66,14 @@ def test_malformed_study_exits_2_with_one_line_before_any_store(case, workdir, c
 
 
 def test_search_rejects_any_invalid_combination(tmp_path):
-    path = write_spec(tmp_path / "s.yaml", kind="search", sampler="tpe", budget={"trials": 4},
+    path = write_study(tmp_path / "s.yaml", kind="search", sampler="tpe", budget={"trials": 4},
                       scientific={"model.num_heads": [2, 4], "model.embed_dim": [16, 18]})  # fmt: skip
     with pytest.raises(ConfigError, match="scientific.model.num_heads.*combination"):
         load_spec(path)
 
 
 def test_ablation_starts_with_the_same_tune_points_for_every_variant(tmp_path):
-    path = write_spec(tmp_path / "a.yaml", points=3, seeds=2,
+    path = write_study(tmp_path / "a.yaml", points=3, seeds=2,
                       scientific={"num_heads": [2, 4, 8], "model.attn_dropout": [0.0, 0.1]})  # fmt: skip
     spec = load_spec(path)
     first = plan.first_trials(spec)
@@ -133,7 +90,7 @@ def test_ablation_starts_with_the_same_tune_points_for_every_variant(tmp_path):
 
 
 def test_every_tune_point_runs_on_the_tune_seeds_and_an_extension_on_all_of_them(tmp_path):
-    spec = load_spec(write_spec(tmp_path / "a.yaml", points=2, tune_seeds=2, seeds=2, max_extra_points=1,
+    spec = load_spec(write_study(tmp_path / "a.yaml", points=2, tune_seeds=2, seeds=2, max_extra_points=1,
                                 nuisance={"train.lr": {"low": 1e-4, "high": 0.1, "log": True}}))  # fmt: skip
     first = [p for p in plan.first_trials(spec) if p.variant.name == "base"]
     assert [(p.point, plan.seed_of(spec, "tune", p.point)) for p in first] == [
@@ -174,7 +131,7 @@ BRACKETING = {  # tune results (lr -> val loss) in [1e-4, 0.1] -> the next lr tr
 @pytest.mark.parametrize("case", BRACKETING, ids=list(BRACKETING))
 def test_tuning_extends_until_the_best_point_is_bracketed_or_at_a_hard_limit(case, tmp_path):
     points, expected = BRACKETING[case]
-    path = write_spec(tmp_path / "a.yaml", points=3, max_extra_points=3, seeds=2,
+    path = write_study(tmp_path / "a.yaml", points=3, max_extra_points=3, seeds=2,
                       nuisance={"train.lr": {"low": 1e-4, "high": 0.1, "log": True}})  # fmt: skip
     spec = load_spec(path)
     nxt = plan.next_trials(spec, _results(spec, "base", points))
@@ -202,7 +159,7 @@ def _loss(value: float | str) -> float:
 
 
 def test_tuning_stops_after_max_extra_points(tmp_path):
-    spec = load_spec(write_spec(tmp_path / "a.yaml", points=3, max_extra_points=1, seeds=2,
+    spec = load_spec(write_study(tmp_path / "a.yaml", points=3, max_extra_points=1, seeds=2,
                                 nuisance={"train.lr": {"low": 1e-4, "high": 0.1, "log": True}}))  # fmt: skip
     points = {3.16e-4: 2.0, 3.16e-3: 1.9, 0.0316: 1.8, 0.05: 1.7}  # point 3 was the one extra point
     nxt = [p for p in plan.next_trials(spec, _results(spec, "base", points)) if p.variant.name == "base"]
@@ -211,7 +168,7 @@ def test_tuning_stops_after_max_extra_points(tmp_path):
 
 
 def test_more_seeds_go_only_to_undecided_arms_and_the_base(tmp_path):
-    spec = load_spec(write_spec(tmp_path / "a.yaml", points=1, seeds={"min": 3, "max": 5}, margin=0.05, nuisance=None,
+    spec = load_spec(write_study(tmp_path / "a.yaml", points=1, seeds={"min": 3, "max": 5}, margin=0.05, nuisance=None,
                                 scientific={"model.num_heads": [2, 4, 1]}))  # fmt: skip
     lr = {}  # no nuisance: nothing tuned, so no tuning penalty widens the verdicts
     results = (_results(spec, "base", lr, {1: 2.00, 2: 2.01, 3: 1.99})
@@ -223,7 +180,7 @@ def test_more_seeds_go_only_to_undecided_arms_and_the_base(tmp_path):
     waiting = plan.next_trials(spec, results[:-1])  # look 1 waits for every arm's first seeds
     assert [(p.variant.name, p.point) for p in waiting] == [("model.num_heads=1", 3)]
     # an arm whose every tune run diverged has no seeds: look 1 goes ahead without it
-    tuned = load_spec(write_spec(tmp_path / "b.yaml", points=1, seeds={"min": 3, "max": 5}, margin=0.05,
+    tuned = load_spec(write_study(tmp_path / "b.yaml", points=1, seeds={"min": 3, "max": 5}, margin=0.05,
                                  scientific={"model.num_heads": [2, 4, 1]}))  # fmt: skip
     lr = {0.00316: 2.0}
     base = _results(tuned, "base", lr, {1: 2.00, 2: 2.01, 3: 1.99})
@@ -239,7 +196,7 @@ def test_more_seeds_go_only_to_undecided_arms_and_the_base(tmp_path):
 
 
 def test_smoke_study_end_to_end_then_resume_runs_nothing(workdir, capsys):
-    path = write_spec(workdir / "tiny.yaml")
+    path = write_study(workdir / "tiny.yaml")
     assert run_study(path, report=False) == 0
     trials = assert_consistent(workdir, "tiny", planned=4)
     study, client, _ = stores(workdir, "tiny")
@@ -264,15 +221,15 @@ def test_smoke_study_end_to_end_then_resume_runs_nothing(workdir, capsys):
 
 
 def test_changed_plan_is_refused_on_resume(workdir):
-    path = write_spec(workdir / "tiny.yaml", seeds=None, points=1, scientific={"model.num_heads": [2]})
+    path = write_study(workdir / "tiny.yaml", seeds=None, points=1, scientific={"model.num_heads": [2]})
     run_study(path, report=False, trials=1)
-    write_spec(path, points=2)
+    write_study(path, points=2)
     with pytest.raises(ConfigError, match="another plan"):
         run_study(path, report=False)
 
 
 def test_killed_study_resumes_without_duplicates_or_running_leftovers(workdir):
-    path = write_spec(workdir / "tiny.yaml", heartbeat=2)
+    path = write_study(workdir / "tiny.yaml", heartbeat=2)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
     cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--no-report"]
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -306,14 +263,14 @@ def _running_after_complete(url: str) -> bool:
 
 
 def test_two_workers_drain_one_sqlite_study(workdir):
-    path = write_spec(workdir / "tiny.yaml")
+    path = write_study(workdir / "tiny.yaml")
     assert run_study(path, workers=2, report=False) == 0
     trials = assert_consistent(workdir, "tiny", planned=4)
     assert len(trials) == 4  # no sampled extra trial, no duplicate
 
 
 def test_search_enqueues_every_arm_first_and_prunes_into_killed_runs(workdir):
-    path = write_spec(workdir / "search.yaml", name="search", kind="search", sampler="tpe", pruner="median",
+    path = write_study(workdir / "search.yaml", name="search", kind="search", sampler="tpe", pruner="median",
                       budget={"trials": 5}, points=None, seeds=None)  # fmt: skip
     assert run_study(path, report=False) == 0
     study, _, runs = stores(workdir, "search")
@@ -321,13 +278,13 @@ def test_search_enqueues_every_arm_first_and_prunes_into_killed_runs(workdir):
     assert len(trials) == 5 and study.user_attrs[names.ATTR_KIND] == "search"
     assert [t.params["model.num_heads"] for t in trials[:2]] == [2, 4]  # no arm starved by the sampler
     children = {r.info.run_id: r.info.status for r in runs if r.data.tags.get(names.TAG_ROLE) == "trial"}
-    assert sorted(children.values()) == sorted(MLFLOW_OF[t.state] for t in trials)
+    assert sorted(children.values()) == sorted(names.MLFLOW_OF_STATE[t.state.name] for t in trials)
     assert all(len(t.intermediate_values) >= 1 for t in trials)  # every evaluation reported to the pruner
 
 
 def test_diverged_tune_trials_step_down_and_no_seed_runs_without_a_tuned_point(workdir, capsys):
     train = {**TINY["train"], "diverge_factor": 1.5, "grad_clip": 0.0}
-    path = write_spec(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]}, max_extra_points=1,
+    path = write_study(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]}, max_extra_points=1,
                       nuisance={"train.lr": {"low": 3.0, "high": 30.0, "log": True}})  # fmt: skip
     assert run_study(path, report=False) == 0  # diverging is a result, not an error
     study, client, runs = stores(workdir, "tiny")
@@ -341,7 +298,7 @@ def test_diverged_tune_trials_step_down_and_no_seed_runs_without_a_tuned_point(w
 
 
 def test_without_nuisance_parameters_variants_go_straight_to_seeds(tmp_path):
-    spec = load_spec(write_spec(tmp_path / "a.yaml", nuisance=None, seeds=2))
+    spec = load_spec(write_study(tmp_path / "a.yaml", nuisance=None, seeds=2))
     first = plan.first_trials(spec)
     assert {(p.phase, p.point) for p in first} == {("seed", 1), ("seed", 2)}  # no identical "tune" trials
     assert len(first) == 2 * len(spec.variants())
@@ -351,49 +308,14 @@ def test_without_nuisance_parameters_variants_go_straight_to_seeds(tmp_path):
 # Faults: interrupts, kills at exact moments (ABLATE_FAILPOINT), errors; the rerun heals them with no manual step
 
 
-def _cli(path: Path, workdir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
-    cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--no-report", *extra]
-    return subprocess.Popen(cmd, cwd=workdir, env={**base, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
-
-def _wait_for_training(workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until a trial is mid-training: RUNNING, with its MLflow run recorded."""
-    url = f"sqlite:///{workdir / 'runs' / 'optuna.db'}"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            trials = optuna.load_study(study_name="tiny", storage=url).get_trials(deepcopy=False)
-        except Exception:  # not created yet, or the file is busy
-            trials = []
-        if any(t.state == TrialState.RUNNING and names.ATTR_RUN_ID in t.user_attrs for t in trials):
-            return
-        time.sleep(0.2)
-    out = proc.communicate()[0].decode() if proc.poll() is not None else ""
-    raise AssertionError(f"no trial started training: exit {proc.poll()}\n{out[-3000:]}")
-
-
-def assert_one_run_per_trial(workdir: Path, name: str = "tiny") -> None:
-    """Every Optuna trial has exactly one MLflow child run, none RUNNING, with the status of its trial."""
-    study, _, runs = stores(workdir, name)
-    children = collections.Counter(int(r.data.tags[names.TAG_TRIAL]) for r in runs
-                                   if r.data.tags.get(names.TAG_ROLE) == "trial")  # fmt: skip
-    assert children == collections.Counter(t.number for t in study.get_trials()), children
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-
-
-LONG_TRAIN = {**TINY["train"], "steps": 1200, "eval_every": 400, "log_every": 200}  # a few seconds a trial
-
-
 @pytest.mark.parametrize("sig,workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")], ids=["ctrl-c", "sigterm-2"])
 def test_an_interrupted_study_hands_its_trials_back_and_resumes(workdir, sig, workers):
-    path = write_spec(workdir / "tiny.yaml", train=LONG_TRAIN)
-    proc = _cli(path, workdir, "--workers", workers)
-    _wait_for_training(workdir, proc)
-    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)  # Ctrl-C reaches the group
-    out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130, out[-3000:]
+    path = write_study(workdir / "tiny.yaml", train=LONG_TRAIN)
+    run = StudyProcess(path, workdir, "--workers", workers)
+    wait_for_training(workdir, run)
+    os.killpg(run.pid, sig) if sig == signal.SIGINT else run.proc.send_signal(sig)  # Ctrl-C reaches the group
+    code, out = run.wait(120)
+    assert code == 130, out[-3000:]
     assert "back in the queue" in out and "Traceback" not in out, out[-3000:]
     study, _, runs = stores(workdir, "tiny")
     stopped = [t for t in study.get_trials() if t.user_attrs.get(names.ATTR_STATUS) == "interrupted"]
@@ -404,43 +326,39 @@ def test_an_interrupted_study_hands_its_trials_back_and_resumes(workdir, sig, wo
     assert {r.info.status for r in runs if int(r.data.tags.get(names.TAG_TRIAL, -1)) in
             {t.number for t in stopped}} == {"KILLED"}  # fmt: skip
     for _ in range(50):  # no worker left (multiprocessing's resource tracker takes a moment to see its end)
-        if subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b"":
+        if subprocess.run(["pgrep", "-g", str(run.pid)], capture_output=True).stdout == b"":
             break
         time.sleep(0.2)
     else:
-        raise AssertionError(subprocess.run(["ps", "-f", "-g", str(proc.pid)], capture_output=True, text=True).stdout)
+        raise AssertionError(subprocess.run(["ps", "-f", "-g", str(run.pid)], capture_output=True, text=True).stdout)
     assert run_study(path, report=False) == 0
     assert_consistent(workdir, "tiny", planned=4)
-    assert_one_run_per_trial(workdir)
 
 
 @pytest.mark.parametrize("point", ["setup:created", "setup:parent", "setup:enqueue", "trial:start", "trial:run",
                                    "trial:end"])  # fmt: skip
 def test_a_kill_at_any_moment_is_healed_by_the_rerun(workdir, point):
-    path = write_spec(workdir / "tiny.yaml", heartbeat=1)
-    proc = _cli(path, workdir, env={"ABLATE_FAILPOINT": point})
-    out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    path = write_study(workdir / "tiny.yaml", heartbeat=1)
+    code, out = StudyProcess(path, workdir, env={"ABLATE_FAILPOINT": point}).wait(120)
+    assert code == -signal.SIGKILL, out[-3000:]
     assert run_study(path, report=False) == 0  # no "delete it", no manual step
     trials = assert_consistent(workdir, "tiny", planned=4)
-    assert_one_run_per_trial(workdir)
     if point.startswith("trial:"):
         dead = [t for t in trials if t.state == TrialState.FAIL]
         assert len(dead) == 1 and [t.user_attrs.get(names.ATTR_RETRY_OF) for t in trials].count(dead[0].number) == 1
 
 
 def test_processes_starting_one_study_together_share_one_parent_run_and_one_plan(workdir):
-    path = write_spec(workdir / "tiny.yaml")
-    procs = [_cli(path, workdir) for _ in range(3)]
-    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-1500:] for o in outs)
+    path = write_study(workdir / "tiny.yaml")
+    runs = [StudyProcess(path, workdir) for _ in range(3)]
+    codes, outs = zip(*(r.wait(180) for r in runs), strict=True)
+    assert list(codes) == [0, 0, 0], "\n".join(o[-1500:] for o in outs)
     trials = assert_consistent(workdir, "tiny", planned=4)
     assert len(trials) == 4
-    assert_one_run_per_trial(workdir)
 
 
 def test_a_rerun_retries_trials_that_failed_with_an_error_a_bounded_number_of_times(workdir, monkeypatch, capsys):
-    path = write_spec(workdir / "tiny.yaml", scientific={"model.num_heads": [2]})  # 1 tune trial, then a seed
+    path = write_study(workdir / "tiny.yaml", scientific={"model.num_heads": [2]})  # 1 tune trial, then a seed
     monkeypatch.setenv("ABLATE_FAILPOINT", "trial:start=raise")
     for attempt in range(1, recovery.MAX_RETRY + 2):
         assert run_study(path, report=False) == 1  # an error is an exit 1, and its reason stays on the trial
@@ -453,7 +371,7 @@ def test_a_rerun_retries_trials_that_failed_with_an_error_a_bounded_number_of_ti
     assert len(stores(workdir, "tiny")[0].get_trials()) == recovery.MAX_RETRY + 1
 
     monkeypatch.delenv("ABLATE_FAILPOINT")  # the cause fixed, a new study name: a rerun retries once and completes
-    path = write_spec(workdir / "tiny.yaml", name="fixed", scientific={"model.num_heads": [2]})
+    path = write_study(workdir / "tiny.yaml", name="fixed", scientific={"model.num_heads": [2]})
     monkeypatch.setenv("ABLATE_FAILPOINT", "trial:start=raise")
     assert run_study(path, report=False) == 1
     monkeypatch.delenv("ABLATE_FAILPOINT")
@@ -462,7 +380,6 @@ def test_a_rerun_retries_trials_that_failed_with_an_error_a_bounded_number_of_ti
     assert [t.state for t in (first, retry, seed)] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert retry.user_attrs[names.ATTR_RETRY_OF] == first.number  # the planned values, not sampled ones:
     assert retry.params == first.system_attrs["fixed_params"]  # the first attempt died before suggesting them
-    assert_one_run_per_trial(workdir, "fixed")
     from ablate.report import build_report
 
     page = build_report("fixed", out=str(workdir / "reports")).read_text(encoding="utf-8")
@@ -471,7 +388,7 @@ def test_a_rerun_retries_trials_that_failed_with_an_error_a_bounded_number_of_ti
 
 def test_diverged_trials_are_results_and_never_retried(workdir):
     train = {**TINY["train"], "diverge_factor": 1.5, "grad_clip": 0.0}
-    path = write_spec(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]}, seeds=None,
+    path = write_study(workdir / "tiny.yaml", train=train, scientific={"model.num_heads": [2]}, seeds=None,
                       nuisance={"train.lr": {"low": 50.0, "high": 100.0, "log": True}})  # fmt: skip
     run_study(path, report=False)
     before = stores(workdir, "tiny")[0].get_trials()

@@ -8,23 +8,17 @@ import re
 import signal
 
 import pytest
-from conftest import TINY_STUDY as TINY
 from optuna.trial import TrialState
-from test_study import (
-    LONG_TRAIN,
-    _cli,
-    _wait_for_training,
-    assert_consistent,
-    assert_one_run_per_trial,
-    stores,
-    write_spec,
-)
+from support.runs import TINY_STUDY as TINY
+from support.runs import write_study
+from support.studies import LONG_TRAIN, StudyProcess, assert_consistent, stores, wait_for_training
 
 from ablate import names, plan, verdicts
 from ablate.budget import ComputeBudget
 from ablate.config import ConfigError
+from ablate.families import load_spec
 from ablate.groups import AUTO_TOGETHER, together_size
-from ablate.spec import load_spec, spec_from_mapping
+from ablate.spec import spec_from_mapping
 from ablate.study import plan_digest, run_study
 
 REL = 1e-4  # fp32: a stacked step sums in another order than a single run (printed to 6 digits they agree)
@@ -40,7 +34,7 @@ DIVERGING = {  # one variant; its tune points at lr 0.015, 3.2 and 680: the two 
 def run(workdir, together: int, **changes) -> dict:
     """Runs the study ``t<together>`` to the end; its trials by planned key."""
     name = f"t{together}"
-    assert run_study(write_spec(workdir / f"{name}.yaml", name=name, together=together, **changes), report=False) == 0
+    assert run_study(write_study(workdir / f"{name}.yaml", name=name, together=together, **changes), report=False) == 0
     study, client, _ = stores(workdir, name)
     return {(t.user_attrs[names.ATTR_PHASE], t.user_attrs[names.ATTR_VARIANT], t.user_attrs[names.ATTR_POINT]): t
             for t in study.get_trials()}  # fmt: skip
@@ -108,14 +102,14 @@ def test_a_diverging_member_is_recorded_as_a_single_diverged_run_while_its_group
 
 
 def test_an_interrupted_group_hands_every_member_back_and_the_study_resumes(workdir):
-    path = write_spec(
+    path = write_study(
         workdir / "tiny.yaml", train=LONG_TRAIN, points=2, together=2, scientific={"model.num_heads": [2]}
     )
-    proc = _cli(path, workdir)
-    _wait_for_training(workdir, proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130, out[-3000:]
+    run = StudyProcess(path, workdir)
+    wait_for_training(workdir, run)
+    os.killpg(run.pid, signal.SIGINT)
+    code, out = run.wait(120)
+    assert code == 130, out[-3000:]
     assert "back in the queue" in out and "Traceback" not in out, out[-3000:]
     study, _, runs = stores(workdir, "tiny")
     stopped = [t for t in study.get_trials() if t.user_attrs.get(names.ATTR_STATUS) == "interrupted"]
@@ -126,7 +120,6 @@ def test_an_interrupted_group_hands_every_member_back_and_the_study_resumes(work
             {t.number for t in stopped}} == {"KILLED"}  # fmt: skip
     assert run_study(path, report=False) == 0
     assert_consistent(workdir, "tiny", planned=3)  # 2 tune points, 1 seed
-    assert_one_run_per_trial(workdir)
 
 
 def test_together_is_auto_by_default_validated_and_out_of_the_plan_digest(tmp_path):
@@ -134,8 +127,8 @@ def test_together_is_auto_by_default_validated_and_out_of_the_plan_digest(tmp_pa
     for bad in (0, "all", 65, 2.5):
         with pytest.raises(ConfigError, match="^together: must be "):
             spec_from_mapping({**TINY, "together": bad})
-    one, three = (load_spec(write_spec(tmp_path / f"{k}.yaml", together=k)) for k in ("auto", 3))
-    assert plan_digest(three) == plan_digest(one) == plan_digest(load_spec(write_spec(tmp_path / "n.yaml")))
+    one, three = (load_spec(write_study(tmp_path / f"{k}.yaml", together=k)) for k in ("auto", 3))
+    assert plan_digest(three) == plan_digest(one) == plan_digest(load_spec(write_study(tmp_path / "n.yaml")))
 
 
 def test_together_size_is_one_on_a_cpu_and_fits_the_gpu_memory_on_cuda():

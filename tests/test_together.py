@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import Recorder, tiny
+from support.runs import Recorder, tiny
 
 from ablate import names
 from ablate.config import RunConfig

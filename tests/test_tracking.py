@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_RUN as TINY
-from conftest import Recorder, tiny
 from mlflow import MlflowClient
+from support.runs import TINY_RUN as TINY
+from support.runs import Recorder, tiny
 
 from ablate import names
 from ablate.tracking import MLflowTracker, ensure_experiment, git_state

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Recorder, tiny
+from support.runs import Recorder, tiny
 
 from ablate import names
 from ablate.train import DATA_SEED, SOLVED_ACC, lr_at, make_optimizer, solved_multiple, train

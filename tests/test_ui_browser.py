@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_STUDY, free_port
 from mlflow import MlflowClient
+from support.runs import TINY_STUDY
+from support.servers import free_port
 
 from ablate import names
-from ablate.commands import runs_url
+from ablate.stores import runs_url
 from ablate.study import run_study
 from ablate.tracking import ensure_experiment
 

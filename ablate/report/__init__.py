@@ -59,7 +59,7 @@ def report_command(studies: list[str], *, all_studies: bool = False, storage: st
         path = build_report(name, storage=store, tracking_uri=uri, out=out, index=False)
         print(f"ablate report: {name}: {path}")
     for name, store, uri in dict.fromkeys(family_targets):
-        path = build_family_report(name, storage=store, tracking_uri=uri, out=out, index=False)
+        path = build_family_report(name, storage=store, tracking_uri=uri, out=out)
         print(f"ablate report: {name}: {path}")
     if targets:  # a store holding only unsafe names gets nothing written
         print(f"ablate report: every study: {build_index([store for _, store, _ in targets], out)}")
@@ -79,14 +79,11 @@ def build_report(name: str, *, storage: str | None = None, tracking_uri: str | N
     ctx = _context(data)
     # Passwords in URLs are masked where they enter the page (stores, commands, the study file), and once more
     # over each file as written: run data (a failure's reason, a tag) can quote a URL too.
-    (folder / "index.html").write_text(redact_text(html.render(ctx)), encoding="utf-8")
-    table = results_table(data)
-    for col in table.select_dtypes(include="object").columns:
-        table[col] = table[col].map(redact_text)
-    table.to_csv(folder / "results.csv", index=False)
+    html.write_page(folder / "index.html", html.render(ctx))
+    html.write_page(folder / "results.csv", results_table(data).to_csv(index=False))
     notes = [w["text"] for w in ctx["edges"]]
-    summary = html.markdown(f"{name}: {ctx['headline']}", ctx["answers"], ctx["variant_df"], notes)
-    (folder / "summary.md").write_text(redact_text(summary), encoding="utf-8")
+    html.write_page(folder / "summary.md", html.markdown(f"{name}: {ctx['headline']}", ctx["answers"],
+                                                         ctx["variant_df"], notes))  # fmt: skip
     if log_artifacts and data.parent.get("run_id"):
         for file in ("index.html", "results.csv", "summary.md"):
             data.client.log_artifact(data.parent["run_id"], str(folder / file), names.REPORT_DIR)

@@ -47,7 +47,7 @@ def seed_runs(data: StudyData) -> pd.DataFrame:
     t = data.trials
     if t.empty or "phase" not in t or "outcome" not in t:
         return t.iloc[0:0]
-    return t[(t["phase"] == "seed") & t["outcome"].notna() & t["status"].isin(["completed", "diverged"])]
+    return t[(t["phase"] == "seed") & t["outcome"].notna() & t["status"].isin(names.OUTCOMES)]
 
 
 def tune_runs(data: StudyData) -> pd.DataFrame:
@@ -55,7 +55,7 @@ def tune_runs(data: StudyData) -> pd.DataFrame:
     t = data.trials
     if t.empty or "phase" not in t:
         return t.iloc[0:0]
-    return t[(t["phase"] == "tune") & t["status"].isin(["completed", "diverged"])]
+    return t[(t["phase"] == "tune") & t["status"].isin(names.OUTCOMES)]
 
 
 def plan_results(data: StudyData) -> list[plan.Result]:

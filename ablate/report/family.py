@@ -69,9 +69,9 @@ def load_members(family: str, storage: str | None, tracking_uri: str | None) -> 
 
 
 def build_family_report(family: str, *, storage: str | None = None, tracking_uri: str | None = None,
-                        out: str | Path = "reports", index: bool = True) -> Path:
-    """Write ``<out>/<family>/index.html`` and ``summary.md`` (and, with ``index``, refresh ``<out>/index.html``);
-    returns the page's path."""
+                        out: str | Path = "reports") -> Path:
+    """Write ``<out>/<family>/index.html`` and ``summary.md``; returns the page's path. The index of every study
+    (``report.index.build_index``, which lists families) is its caller's to refresh."""
     folder = Path(out) / check_name(family)
     members = load_members(family, storage, tracking_uri)
     plots.theme()
@@ -83,10 +83,6 @@ def build_family_report(family: str, *, storage: str | None = None, tracking_uri
     lines = [f"# {family}: {ctx['headline']}", ""] + [f"- **{f['factor']}** ({f['label']}): " + "; ".join(
         f"{m} → {c}" for m, c in f["choices"].items()) for f in ctx["factors"]]  # fmt: skip
     html.write_page(folder / SUMMARY, "\n".join(lines) + "\n")
-    if index:
-        from ablate.report.index import build_index  # the index lists families: imported here, not at the top
-
-        build_index([storage], out)
     return folder / "index.html"
 
 

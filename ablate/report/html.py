@@ -56,9 +56,13 @@ def duration(seconds: float | None) -> str:
 
 def write_page(path: Path, text: str) -> None:
     """Write ``text`` (passwords in URLs masked) whole, then rename it over ``path``: a reader never sees half a page,
-    and a link planted at ``path`` is replaced rather than followed."""
+    and a link planted at ``path`` (or at the temporary name) is replaced rather than followed. Every file a report
+    writes goes through here: pages, ``results.csv``, ``summary.md``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(redact_text(text), encoding="utf-8")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(redact_text(text))
     os.replace(tmp, path)
 
 

@@ -170,7 +170,7 @@ def _join(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     if trials.empty:
         return trials
     if runs.empty:
-        trials["status"] = trials["attr_status"].fillna(trials["state"].map(names.STATUS_OF_STATE))
+        trials["status"] = _status(trials["attr_status"], trials["state"])
         return trials.drop(columns=["attr_status"])
     by_tag = runs.dropna(subset=["_trial_tag"]).set_index("_trial_tag")["run_id"]
     missing = trials["run_id"].isin(["", None])
@@ -183,11 +183,8 @@ def _join(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     for col, tag in (("phase", names.TAG_PHASE), ("variant", names.TAG_VARIANT), ("factor", names.TAG_FACTOR)):
         if f"tag:{tag}" in merged:
             merged[col] = merged[col].where(merged[col].astype(bool), merged[f"tag:{tag}"].fillna(""))
-    status = merged.get(f"tag:{names.TAG_STATUS}", pd.Series(index=merged.index, dtype=object))
-    status = status.where(status.notna(), merged["attr_status"])
-    merged["status"] = status.where(status.notna(), merged["state"].map(names.STATUS_OF_STATE))
-    # A run that says "completed" while Optuna pruned it was stopped by the pruner after its last log.
-    merged.loc[merged["state"].eq("PRUNED"), "status"] = "stopped"
+    tag = merged.get(f"tag:{names.TAG_STATUS}", pd.Series(index=merged.index, dtype=object))
+    merged["status"] = _status(merged["attr_status"].where(merged["attr_status"].notna(), tag), merged["state"])
     if "seed" in merged and "train.seed" in merged:
         merged["seed"] = merged["seed"].combine_first(merged["train.seed"])
     return merged.drop(columns=[c for c in merged.columns if c.startswith("optuna:")] + ["attr_status"])
@@ -250,3 +247,10 @@ def safe_study_names(storage: str | None = None) -> tuple[list[str], list[str]]:
         except ConfigError as err:
             skipped.append(str(err.at(f"{redact(url)}: study {name[:40]!r}")))
     return safe, skipped
+
+
+def _status(recorded: pd.Series, state: pd.Series) -> pd.Series:
+    """``names.status_of`` per trial: the plan's rule, so the report counts what the plan decided on."""
+    pairs = zip(recorded, state, strict=True)
+    return pd.Series([names.status_of(r if isinstance(r, str) else None, s) for r, s in pairs], index=state.index,
+                     dtype=object)

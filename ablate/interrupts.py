@@ -1,0 +1,43 @@
+"""Process-wide stop signals: how ``ablate train`` and the study runner turn SIGTERM (``kill``, ``timeout``, a
+scheduler) and Ctrl-C into a clean stop, and the flag a loop checks when an interrupt was swallowed."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+STOP_REQUESTED = threading.Event()  # set by a stop signal: seen even where its KeyboardInterrupt was swallowed
+
+
+@contextmanager
+def handling(signals: tuple[signal.Signals, ...], handler: Any) -> Iterator[None]:
+    """Inside, ``signals`` go to ``handler``; the previous handlers come back after. Main thread only; elsewhere
+    (where Python cannot handle signals) a no-op."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def sigterm_as_interrupt(sigint: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler), and SIGINT too with ``sigint``, raises KeyboardInterrupt,
+    so the trainer's cleanup runs and the MLflow run ends KILLED instead of staying RUNNING forever. The signal also
+    sets ``STOP_REQUESTED``: an interrupt raised inside a ``__del__`` is swallowed by Python, and a loop that checks
+    the flag stops anyway."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        STOP_REQUESTED.set()
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    return handling((signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,), interrupt)
+
