@@ -2,8 +2,8 @@
 
 Read top to bottom: rotary positions, the attention core (scale, mask, dropout, backend; sees only q, k, v), the
 projections around it (heads, widths, rotary q and k), the block, the transformer with its two heads,
-``build_model`` (the transformer, or the recurrent baseline of ``ablate.rnn``), then measurement helpers. Imports
-torch only.
+``build_model`` (the transformer, or the recurrent baseline of ``ablate.rnn``), then measurement helpers. Knows
+nothing of Optuna or MLflow (the layer contract in ``pyproject.toml`` checks it).
 Shapes: B batch, T length, C embed_dim, H num_heads, D head_dim.
 """
 

@@ -133,7 +133,7 @@ def max_logit_metric(layer: int) -> str:
 SOLVED_ACC = 0.9  # recall: the test accuracy that counts as solving it (SOLVED_X)
 SOLVED_X = "test/solved_x"
 """recall: the largest multiple of the training length (1, 2, 4, ...) up to which test accuracy stays at or above
-``train.SOLVED_ACC``; 0 when not even at 1x. Logged only beside the longer-length metrics (``at_length``)."""
+``SOLVED_ACC``; 0 when not even at 1x. Logged only beside the longer-length metrics (``at_length``)."""
 
 
 def at_length(metric: str, times: int) -> str:

@@ -133,7 +133,7 @@ EXPECTED = ("better", "worse", "equivalent", "not worse", "not better")
 
 @dataclass(frozen=True)
 class Claim:
-    """A published claim this study puts to the test (``ablate.claims`` judges it from the data)."""
+    """A published claim this study puts to the test (``ablate.report.claims`` judges it from the data)."""
 
     source: str = ""
     """Who claimed it, where: "Vaswani et al. 2017, Table 3 rows (A)"."""
@@ -218,7 +218,7 @@ class StudyFile:
     memory, and 1 (one run at a time) on a CPU, where it does not pay; a number forces it (1: never)."""
     claims: dict[str, Claim] = field(default_factory=dict)
     """Id -> a published claim this study tests; its verdict (reproduced, not reproduced, inconclusive) is computed
-    from the study's own verdicts (``ablate.claims``)."""
+    from the study's own verdicts (``ablate.report.claims``)."""
     ladder: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Label -> changes to the base (``{model.embed_dim: 128, model.num_layers: 3}``): the whole study is run once
     per rung, each its own Optuna study ``<name>.<label>`` (see :func:`expand`); the report compares their answers."""

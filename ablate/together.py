@@ -1,6 +1,6 @@
 """Trials of one architecture trained together: K runs that differ only in learning rate and seed, as one stacked model.
 
-Each member is an ordinary run (``train._Trainer``): its own model built under its own seed, its own batch stream,
+Each member is an ordinary run (``train.Trainer``): its own model built under its own seed, its own batch stream,
 optimizer, schedule, gradient clipping, divergence check, callbacks, evaluation and result. Only the training step is
 shared: every parameter is stacked on a leading member dim K, the matmuls are batched over it (``baddbmm``) and
 attention sees the members folded into its batch, (K*B, H, T, D), so it stays on the ``scaled_dot_product_attention``
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ablate.budget import ComputeBudget
 from ablate.config import ModelConfig, RunConfig, flatten, to_dict
 from ablate.model import Attend, l2_normalize, rotate
-from ablate.train import Callback, RunResult, _loss, _notify_end, _Trainer
+from ablate.train import Callback, RunResult, Trainer, notify_end, token_loss
 
 FREE = ("train.lr", "train.seed")  # the only fields in which members may differ
 CORE_SCALING = {"learned": "none", "qknorm": "none", "logn": "sqrt"}  # the rest of a scaling once its per-member
@@ -72,13 +72,13 @@ def train_together(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Ca
                          "alone): train its runs one by one")  # fmt: skip
     if len(callbacks) != len(configs):
         raise ValueError(f"{len(configs)} configs but {len(callbacks)} callback tuples; give one per config")
-    group = _Group([_Trainer(c, tuple(cbs), budget) for c, cbs in zip(configs, callbacks, strict=True)])
+    group = _Group([Trainer(c, tuple(cbs), budget) for c, cbs in zip(configs, callbacks, strict=True)])
     try:
         group.run()
     except BaseException as err:
         for k in group.running():
             group.results[k] = failed = group.members[k].failed(err)
-            _notify_end(group.members[k].callbacks, failed, quiet=True)
+            notify_end(group.members[k].callbacks, failed, quiet=True)
         raise
     return [r for r in group.results if r is not None]
 
@@ -214,11 +214,11 @@ class _Forward:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop: one shared step, each member's bookkeeping through its own _Trainer
+# The loop: one shared step, each member's bookkeeping through its own Trainer
 
 
 class _Group:
-    def __init__(self, members: list[_Trainer]) -> None:
+    def __init__(self, members: list[Trainer]) -> None:
         self.members = members
         self.results: list[RunResult | None] = [None] * len(members)
         self.live: list[int] = []  # the members in the stack, in its order
@@ -235,7 +235,7 @@ class _Group:
         member = self.members[k]
         _Stack.release(member.model)
         self.results[k] = result = member.finish(status, reason, start)
-        _notify_end(member.callbacks, result, quiet=False)
+        notify_end(member.callbacks, result, quiet=False)
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -277,7 +277,7 @@ class _Group:
             self.window_start += time.perf_counter() - paused  # evaluations and endings are not training time
 
     def log(self, step: int, lrs: list[float], norms: list[torch.Tensor]) -> dict[int, tuple[str, str]]:
-        """A log step of every live member (``_Trainer.log``); the ones that end, with why."""
+        """A log step of every live member (``Trainer.log``); the ones that end, with why."""
         log_every = self.members[self.live[0]].config.train.log_every
         n = log_every if step % log_every == 0 else step % log_every
         means = [s / n for s in self.sums.tolist()]  # the one sync of a log step, for every member
@@ -322,7 +322,7 @@ class _Group:
         mask = None if batches[0].pad_mask is None else torch.stack([b.pad_mask for b in batches])  # (K, B, T)
         with members[0].autocast():
             logits = forward(self.stack.params, tokens, mask)
-        each = _loss(logits, targets, reduction="none").view(len(members), -1)  # (K, B*T)
+        each = token_loss(logits, targets, reduction="none").view(len(members), -1)  # (K, B*T)
         losses = each.sum(1) / (targets.view(len(members), -1) != -100).sum(1)  # (K,): each member's mean loss
         losses.sum().backward()  # member k's gradient is its own loss's: the others' do not depend on its weights
         self.stack.hand_out_grads()

@@ -19,9 +19,6 @@ from ablate import names
 from ablate.budget import ComputeBudget
 from ablate.config import RunConfig, TrainConfig, to_yaml
 
-SOLVED_ACC = names.SOLVED_ACC
-"""recall counts as solved at a length where test accuracy (over every query) is at least this (``names.SOLVED_X``)."""
-
 
 @dataclass
 class RunStart:
@@ -83,17 +80,17 @@ def train(config: RunConfig, callbacks: tuple[Callback, ...] | list[Callback] = 
     instead of leaving it running.
     """
     callbacks = tuple(callbacks)
-    trainer = _Trainer(config, callbacks, budget)
+    trainer = Trainer(config, callbacks, budget)
     try:
         result = trainer.run()
     except BaseException as err:
-        _notify_end(callbacks, trainer.failed(err), quiet=True)
+        notify_end(callbacks, trainer.failed(err), quiet=True)
         raise
-    _notify_end(callbacks, result, quiet=False)
+    notify_end(callbacks, result, quiet=False)
     return result
 
 
-def _notify_end(callbacks: tuple[Callback, ...], result: RunResult, quiet: bool) -> None:
+def notify_end(callbacks: tuple[Callback, ...], result: RunResult, quiet: bool) -> None:
     """Every callback hears the end even if an earlier one raises; the first error is raised unless ``quiet``."""
     first: BaseException | None = None
     for cb in callbacks:
@@ -106,7 +103,7 @@ def _notify_end(callbacks: tuple[Callback, ...], result: RunResult, quiet: bool)
         raise first
 
 
-def solved_multiple(accuracy: dict[int, float], threshold: float = SOLVED_ACC) -> int:
+def solved_multiple(accuracy: dict[int, float], threshold: float = names.SOLVED_ACC) -> int:
     """The largest multiple of the training length up to which every scored multiple has accuracy >= ``threshold``
     (``{1: 0.99, 2: 0.95, 4: 0.3}`` -> 2): where a configuration stops solving the task; 0 if not even at 1x."""
     solved = 0
@@ -192,13 +189,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
-def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     # at least float32 (bf16 logits are promoted), float64 kept: the float64 tests compare runs to 1e-9
     logits = logits.reshape(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
-class _Trainer:
+class Trainer:
     """The state of one run; ``step`` is readable after a crash to report how far it got."""
 
     def __init__(self, config: RunConfig, callbacks: tuple[Callback, ...], budget: ComputeBudget | None) -> None:
@@ -353,7 +350,7 @@ class _Trainer:
     def train_step(self, batch: Any, lr: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
         with self.autocast():
             logits = self.forward(batch.inputs, batch.pad_mask)
-        loss = _loss(logits, batch.targets)
+        loss = token_loss(logits, batch.targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss, self.update(lr), lr, batch.inputs.numel()
@@ -386,7 +383,7 @@ class _Trainer:
             with self.autocast():
                 logits = self.model(batch.inputs, batch.pad_mask)
             scored = batch.targets != -100
-            loss_sum += _loss(logits, batch.targets, reduction="sum")
+            loss_sum += token_loss(logits, batch.targets, reduction="sum")
             correct += ((logits.argmax(-1) == batch.targets) & scored).sum()
             count += scored.sum()
         loss = (loss_sum / count.clamp(min=1)).item()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from support.runs import Recorder, tiny
 
 from ablate import names
-from ablate.train import DATA_SEED, SOLVED_ACC, lr_at, make_optimizer, solved_multiple, train
+from ablate.train import DATA_SEED, lr_at, make_optimizer, solved_multiple, train
 
 RECALL_UNIFORM_LOSS = math.log(9)  # TINY's recall: 8 key/value tokens and the filler
 
@@ -152,7 +152,7 @@ def test_learned_positions_skip_the_longer_lengths_and_log_nothing_for_them() ->
 
 
 def test_solved_multiple_is_where_accuracy_first_drops_below_the_threshold() -> None:
-    assert SOLVED_ACC == 0.9
+    assert names.SOLVED_ACC == 0.9
     assert solved_multiple({1: 0.99, 2: 0.95, 4: 0.3}) == 2
     assert solved_multiple({1: 0.99, 2: 0.95, 4: 0.9}) == 4  # at the threshold counts as solved
     assert solved_multiple({1: 0.5, 2: 0.95, 4: 0.99}) == 0  # not even at 1x

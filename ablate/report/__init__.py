@@ -226,13 +226,13 @@ def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
         extra = f" (+{int(r['extra_points'])})" if r["extra_points"] else ""
         runs = f" x {round(r['tune_runs'] / r['tune_points'])} seeds" if r["tune_runs"] > r["tune_points"] else ""
         penalty = "" if math.isnan(r["penalty"]) else f"; penalty ≤ {_bound(r['penalty'])}"
-        return (f"{analysis.fmt(r['lr'])} of {int(r['tune_points'] - r['extra_points'])}{extra} tried{runs}, "
+        return (f"{analysis.display(r['lr'])} of {int(r['tune_points'] - r['extra_points'])}{extra} tried{runs}, "
                 f"{where}{penalty}")
 
     out = pd.DataFrame({
         "variant": table["variant"], "changed": table["changed"],
         "chosen lr (points tried)": [tuning(r) for _, r in table.iterrows()],
-        "lr basin (within margin)": [("" if math.isnan(lo) else f"{analysis.fmt(lo)}–{analysis.fmt(hi)}")
+        "lr basin (within margin)": [("" if math.isnan(lo) else f"{analysis.display(lo)}–{analysis.display(hi)}")
                                      for lo, hi in zip(table["basin_lo"], table["basin_hi"], strict=True)],
         "seeds": [seeds(r) for _, r in table.iterrows()],
         "val/loss (mean)": table["val_mean"],

@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from ablate import names, plan, verdicts
-from ablate.config import fmt as _fmt
+from ablate.config import fmt
 from ablate.report.load import StudyData, completed
 
 LEVEL = 0.95
@@ -93,12 +93,12 @@ def _factor(variant: str, data: StudyData) -> str:
 def _changed(variant: str, factor: str, data: StudyData) -> str:
     if variant == "base" or not factor:
         return "—"
-    return f"{factor}: {fmt(base_value(factor, data))} → {fmt(variant_value(variant, factor, data))}"
+    return f"{factor}: {display(base_value(factor, data))} → {display(variant_value(variant, factor, data))}"
 
 
-def fmt(value: object) -> str:
+def display(value: object) -> str:
     """Short, stable text for a config value or number in a table (``null`` as a study file writes it)."""
-    return _fmt(value, digits=4)
+    return fmt(value, digits=4)
 
 
 def basin(tune: pd.DataFrame, param: str, margin: float) -> tuple[float, float]:
@@ -195,7 +195,7 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
     wide = verdicts.judge_study(arms["base"], factors, rule) if rule else {}
     out = []
     for factor, alternatives in factors.items():
-        bval = fmt(base_value(factor, data))
+        bval = display(base_value(factor, data))
         if rule is None:
             out.append({"factor": factor, "choice": bval, "verdict": "undecided", "decided": False, "statement": "",
                         "study_decided": False, "seeds": "",
@@ -210,7 +210,7 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
             label = chosen.verdict
         else:
             label = "keep base" if answer.decided else "undecided"  # a best guess is not labelled by its verdict
-        choice = fmt(variant_value(answer.choice, factor, data)) if chosen else bval
+        choice = display(variant_value(answer.choice, factor, data)) if chosen else bval
         text = answer.reason + _cost_sentence(table, answer.choice)
         out.append({"factor": factor, "choice": choice, "verdict": label, "decided": answer.decided,
                     "study_decided": study.decided and study.choice == answer.choice,
@@ -277,7 +277,8 @@ def tuning_warnings(data: StudyData, table: pd.DataFrame) -> list[dict]:
         if pd.isna(r["lr"]):
             text = f"{r['variant']}: no tune run completed (all diverged or failed): nothing to re-run on seeds."
         else:
-            text = f"{r['variant']}: the chosen {data.spec.nuisance[0].key} = {fmt(r['lr'])} is " + _edge_text(data, r)
+            chosen = f"the chosen {data.spec.nuisance[0].key} = {display(r['lr'])}"
+            text = f"{r['variant']}: {chosen} is " + _edge_text(data, r)
         out.append({"variant": r["variant"], "text": text})
     return out
 

@@ -22,7 +22,7 @@ from matplotlib.transforms import offset_copy  # noqa: E402
 
 from ablate import names  # noqa: E402
 from ablate.report import across  # noqa: E402
-from ablate.report.analysis import fmt, seed_runs  # noqa: E402
+from ablate.report.analysis import display, seed_runs  # noqa: E402
 from ablate.report.load import StudyData, completed  # noqa: E402
 
 PALETTE = "colorblind"
@@ -129,7 +129,7 @@ def _isolation_panel(ax: plt.Axes, data: StudyData, factor: str, base: pd.DataFr
     margin = data.spec.margin
     points = [("base", data.spec.base_value(factor), base)] + [(r["variant"], r["value"], r.to_frame().T)
                                                                  for _, r in rows.iterrows()]
-    listed = [fmt(v) for v in data.spec.scientific.get(factor, ())]
+    listed = [display(v) for v in data.spec.scientific.get(factor, ())]
     points.sort(key=lambda p: _sort_key(p[1], listed))
     ax.axhspan(-margin, margin, color=sns.color_palette(PALETTE)[0], alpha=0.12, lw=0, zorder=0)
     ax.axhline(0, ls="--", lw=1, color="0.3", zorder=1)
@@ -196,7 +196,7 @@ def _tick(variant: str, value: object, row: pd.DataFrame) -> str:
     seeds = f"n={int(r['seeds'])}" if pd.notna(r.get("seeds")) else "n=0"
     if pd.notna(r.get("diverged")) and int(r["diverged"]):
         seeds += f", {int(r['diverged'])} div."
-    return f"{fmt(value)}\n{'(base)' if variant == 'base' else r.get('verdict', '')}\n{seeds}"
+    return f"{display(value)}\n{'(base)' if variant == 'base' else r.get('verdict', '')}\n{seeds}"
 
 
 def _isolation_legend(verdicts: set[str], margin: float, diverged: bool) -> list:
@@ -215,11 +215,11 @@ def _isolation_legend(verdicts: set[str], margin: float, diverged: bool) -> list
 
 def _sort_key(value: object, listed: list[str] = ()) -> tuple:
     """Numbers (also as MLflow's param strings) in numeric order, then other values in the study file's order
-    (``listed``, as ``fmt`` writes them), then as text."""
+    (``listed``, as ``display`` writes them), then as text."""
     try:
         return (0, float(value), "")
     except (TypeError, ValueError):
-        text = fmt(value)
+        text = display(value)
         return (1, listed.index(text) if text in listed else len(listed), text)
 
 
@@ -276,7 +276,7 @@ def _value_label(data: StudyData, variant: str, factor: str) -> str:
     if not factor:
         return variant
     if variant == "base":
-        return f"base ({fmt(data.spec.base_value(factor))})"
+        return f"base ({display(data.spec.base_value(factor))})"
     return variant.partition("=")[2] if variant.startswith(f"{factor}=") else variant
 
 
@@ -450,10 +450,10 @@ def _bins(values: pd.Series) -> pd.Series:
     """Few distinct values as they are (numbers in numeric order), many numbers as quartile bins."""
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.isna().any() or numeric.nunique() <= 6:
-        labels = values.map(fmt)
+        labels = values.map(display)
         order = sorted(dict.fromkeys(zip(labels, values, strict=True)), key=lambda p: _sort_key(p[1]))
         categories = list(dict.fromkeys(label for label, _ in order))
         return pd.Series(pd.Categorical(labels, categories=categories, ordered=True), index=values.index)
     edges = np.unique(np.quantile(numeric, [0, 0.25, 0.5, 0.75, 1]))
-    labels = [f"{fmt(lo)}–{fmt(hi)}" for lo, hi in zip(edges[:-1], edges[1:], strict=False)]
+    labels = [f"{display(lo)}–{display(hi)}" for lo, hi in zip(edges[:-1], edges[1:], strict=False)]
     return pd.cut(numeric, edges, labels=labels, include_lowest=True)
