@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,17 +296,40 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"model.num_heads=8"`` -> ``("model.num_heads", 8)``; the value is read as YAML."""
+    """``"model.num_heads=8"`` -> ``("model.num_heads", 8)``; the value is read by :func:`scalar`."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", f"expected key=value, got {text!r}")
     try:
-        value = parse_yaml(raw, "--set") if raw.strip() else ""
+        return key.strip(), scalar(raw) if raw.strip() else ""
     except ConfigError as err:
         raise ConfigError("--set", f"{key.strip()}: {err.problem}") from None
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads "1e-3" as a string
-    return key.strip(), value
+
+
+def scalar(text: str) -> Any:
+    """A value written as text (a ``--set`` value, an MLflow param) read as YAML, as a study file's would be: "8" ->
+    8, "null" -> None, and numbers YAML 1.1 leaves as strings as floats ("1e-3" -> 0.001). A ConfigError when the
+    text is not YAML."""
+    value = parse_yaml(text, "value")
+    return float(value) if isinstance(value, str) and _looks_numeric(value) else value
+
+
+def with_sections_copied(data: dict) -> dict:
+    """``data`` with copies of its run sections (those that are mappings), so that setting a key in them leaves the
+    caller's mapping as it was."""
+    return {**data, **{key: dict(data.get(key) or {}) for key in RUN_SECTIONS if isinstance(data.get(key) or {}, dict)}}
+
+
+def with_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """``data`` with ``--set key=value`` overrides applied to copies of its run sections: only the run sections can
+    be overridden (a study file's plan is the file's)."""
+    data = with_sections_copied(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] not in RUN_SECTIONS:
+            raise ConfigError(key, f"unknown key; allowed sections: {', '.join(RUN_SECTIONS)}")
+        set_path(data, key, value)
+    return data
 
 
 def _looks_numeric(text: str) -> bool:
@@ -330,14 +354,9 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
 
 def run_config_from(data: dict, overrides: list[str] = (), source: str = "") -> RunConfig:
     """A RunConfig from the ``model``/``task``/``train`` sections of ``data`` (other keys ignored), then overrides."""
-    data = {key: dict(data.get(key) or {}) for key in RUN_SECTIONS}
     try:
-        for text in overrides:
-            key, value = parse_override(text)
-            if key.split(".")[0] not in RUN_SECTIONS:
-                raise ConfigError(key, f"unknown key; allowed sections: {', '.join(RUN_SECTIONS)}")
-            set_path(data, key, value)
-        return from_dict(RunConfig, data)
+        data = with_overrides(data, overrides)
+        return from_dict(RunConfig, {key: data.get(key) or {} for key in RUN_SECTIONS})
     except ConfigError as err:
         raise err.at(source) from None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.budget import MATCHES
-from ablate.config import RUN_SECTIONS, ConfigError, set_path
+from ablate.config import RUN_SECTIONS, ConfigError, set_path, with_sections_copied
 from ablate.inputs import read_text, read_yaml
 from ablate.preflight import check_study
 from ablate.spec import StudySpec, check_name, redacted, spec_from_mapping
@@ -88,9 +88,7 @@ def expand(data: dict) -> list[tuple[str, dict]]:
     out = []
     for (rung, changes), match in itertools.product(rungs, budgets):
         label = ".".join(part for part in (rung, match) if part)
-        mapping = {k: v for k, v in data.items() if k != "ladder"}
-        mapping = {**mapping, **{key: dict(mapping.get(key) or {}) for key in RUN_SECTIONS
-                                 if isinstance(mapping.get(key) or {}, dict)}}  # fmt: skip
+        mapping = with_sections_copied({k: v for k, v in data.items() if k != "ladder"})
         for key, value in changes.items():
             set_path(mapping, key, value)
         if match:

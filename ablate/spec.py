@@ -29,9 +29,8 @@ from ablate.config import (
     flatten,
     fmt,
     from_dict,
-    parse_override,
-    set_path,
     to_dict,
+    with_overrides,
     with_values,
 )
 from ablate.stores import redact_text
@@ -352,7 +351,7 @@ class StudySpec:
 
 def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = "", text: str = "") -> StudySpec:
     """The spec of a study file's mapping: the runner's (from the file) and the report's (from the stored copy)."""
-    data = _with_overrides(data, overrides)
+    data = with_overrides(data, overrides)
     raw: StudyFile = from_dict(StudyFile, data)
     if raw.ladder:
         raise ConfigError("ladder", "a ladder runs one study per rung: load the file with load_specs")
@@ -406,17 +405,6 @@ def redacted(value: Any) -> Any:
     if isinstance(value, list):
         return [redacted(v) for v in value]
     return redact_text(value) if isinstance(value, str) else value
-
-
-def _with_overrides(data: dict, overrides: list[str]) -> dict:
-    """``--set model.num_heads=8``: only the run sections can be overridden (the plan is the file's)."""
-    data = {**data, **{key: dict(data.get(key) or {}) for key in RUN_SECTIONS if isinstance(data.get(key) or {}, dict)}}
-    for text in overrides:
-        key, value = parse_override(text)
-        if key.split(".")[0] not in RUN_SECTIONS:
-            raise ConfigError(key, f"unknown key; allowed sections: {', '.join(RUN_SECTIONS)}")
-        set_path(data, key, value)
-    return data
 
 
 def _check_kind(spec: StudySpec) -> None:

@@ -408,7 +408,7 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 def _family_report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
     """The family's page, comparing its members' answers; like ``_report``, a failure here says how to retry."""
-    from ablate.report import build_index
+    from ablate.report import build_index, html
     from ablate.report.family import build_family_report
 
     try:
@@ -418,7 +418,7 @@ def _family_report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
         print(f"ablate study: the family report failed ({type(err).__name__}: {err}); retry: ablate report "
               f"{spec.family}", file=sys.stderr)  # fmt: skip
         return 1
-    answer = (path.parent / "summary.md").read_text(encoding="utf-8").splitlines()[0].removeprefix("# ")
+    answer = html.summary_line(path.parent)
     print(f"\n{answer}\nReport: {path}")
     return 0
 
@@ -427,7 +427,7 @@ def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
     """Write the report; the study's data stays valid when this fails, so say how to retry instead of raising."""
     from mlflow import MlflowClient
 
-    from ablate.report import build_report
+    from ablate.report import build_report, html
     from ablate.stores import runs_url
 
     try:
@@ -437,6 +437,6 @@ def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     experiment = MlflowClient(tracking_uri).get_experiment_by_name(spec.name)
-    answer = (path.parent / "summary.md").read_text(encoding="utf-8").splitlines()[0].removeprefix("# ")
+    answer = html.summary_line(path.parent)
     print(f"\n{answer}\nReport: {path}\nAll runs: make ui, then {runs_url(experiment.experiment_id)}")
     return 0

@@ -82,10 +82,10 @@ def build_report(name: str, *, storage: str | None = None, tracking_uri: str | N
     html.write_page(folder / "index.html", html.render(ctx))
     html.write_page(folder / "results.csv", results_table(data).to_csv(index=False))
     notes = [w["text"] for w in ctx["edges"]]
-    html.write_page(folder / "summary.md", html.markdown(f"{name}: {ctx['headline']}", ctx["answers"],
+    html.write_page(folder / html.SUMMARY, html.markdown(f"{name}: {ctx['headline']}", ctx["answers"],
                                                          ctx["variant_df"], notes))  # fmt: skip
     if log_artifacts and data.parent.get("run_id"):
-        for file in ("index.html", "results.csv", "summary.md"):
+        for file in ("index.html", "results.csv", html.SUMMARY):
             data.client.log_artifact(data.parent["run_id"], str(folder / file), names.REPORT_DIR)
     if index:
         build_index([data.storage], out)

@@ -24,7 +24,6 @@ from ablate.spec import StudySpec, check_name
 from ablate.stores import default_storage
 
 TEMPLATE = "family.html.j2"
-SUMMARY = "summary.md"
 
 
 @dataclass
@@ -82,7 +81,7 @@ def build_family_report(family: str, *, storage: str | None = None, tracking_uri
     html.write_page(folder / "index.html", html.render(ctx, TEMPLATE))
     lines = [f"# {family}: {ctx['headline']}", ""] + [f"- **{f['factor']}** ({f['label']}): " + "; ".join(
         f"{m} → {c}" for m, c in f["choices"].items()) for f in ctx["factors"]]  # fmt: skip
-    html.write_page(folder / SUMMARY, "\n".join(lines) + "\n")
+    html.write_page(folder / html.SUMMARY, "\n".join(lines) + "\n")
     return folder / "index.html"
 
 

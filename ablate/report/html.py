@@ -54,6 +54,18 @@ def duration(seconds: float | None) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+SUMMARY = "summary.md"  # beside every page (a study's, a family's): its first line is "# <name>: <answer>"
+
+
+def summary_line(folder: Path) -> str:
+    """The first line of ``folder``'s summary.md without its "# ", that is "<name>: <answer>"; "" without one."""
+    path = folder / SUMMARY
+    if not path.is_file():
+        return ""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return f.readline(2000).strip().removeprefix("# ")
+
+
 def write_page(path: Path, text: str) -> None:
     """Write ``text`` (passwords in URLs masked) whole, then rename it over ``path``: a reader never sees half a page,
     and a link planted at ``path`` (or at the temporary name) is replaced rather than followed. Every file a report

@@ -23,7 +23,6 @@ from ablate.spec import StudySpec, check_name, spec_from_mapping
 from ablate.stores import default_storage, redact
 
 FINISHED, IN_PROGRESS, STOPPED = "finished", "in progress", "stopped"
-SUMMARY = "summary.md"  # written by build_report; its first line is "# <study>: <answer>"
 
 
 def build_index(storages: Iterable[str | None], out: str | Path = "reports") -> Path:
@@ -138,13 +137,10 @@ def _family_of(study: optuna.Study) -> str:
 def report_of(name: str, out: Path) -> dict:
     """The study's report under ``out``, if any: its relative link, its one-line answer, when it was written."""
     folder = out / name
-    page, summary = folder / "index.html", folder / SUMMARY
+    page, summary = folder / "index.html", folder / html.SUMMARY
     if not page.is_file() or folder.resolve().parent != out.resolve():  # a planted link would lead elsewhere
         return {"link": None, "answer": "", "built": None}
-    answer = ""
-    if summary.is_file():
-        with summary.open(encoding="utf-8", errors="replace") as f:
-            answer = f.readline(2000).strip().removeprefix("# ").removeprefix(f"{name}: ")
+    answer = html.summary_line(folder).removeprefix(f"{name}: ")
     built = datetime.datetime.fromtimestamp((summary if summary.is_file() else page).stat().st_mtime)
     return {"link": f"{name}/index.html", "answer": answer, "built": built}
 

@@ -14,11 +14,10 @@ from typing import Any
 
 import optuna
 import pandas as pd
-import yaml
 from mlflow import MlflowClient
 
 from ablate import names, recovery
-from ablate.config import ConfigError
+from ablate.config import ConfigError, scalar
 from ablate.spec import StudySpec, check_name, spec_from_mapping
 from ablate.stores import default_storage, default_tracking_uri, is_redacted, redact, sqlite_path
 
@@ -66,21 +65,16 @@ class StudyData:
 
 
 def parse_value(text: Any) -> Any:
-    """MLflow params are strings: read them back as YAML scalars ("8" -> 8, "None" -> None, "1e-3" -> 0.001)."""
+    """MLflow params are strings: read them back as a study file's values ("8" -> 8, "1e-3" -> 0.001); "None" (how
+    MLflow writes Python's None) -> None; text that is not YAML stays as it is."""
     if not isinstance(text, str):
         return text
     if text == "None":
         return None
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        return scalar(text)
+    except ConfigError:
         return text
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value if isinstance(value, (int, float, bool)) or value is None else text
 
 
 def load_study(name: str, storage: str | None = None, tracking_uri: str | None = None) -> StudyData:

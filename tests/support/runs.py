@@ -9,7 +9,7 @@ import yaml
 
 from ablate.config import RunConfig, run_config_from, with_values
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: studies/ are read from here, never from the cwd
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: studies/ are read from here, never from the cwd
 
 
 # The smallest run and study that still exercise every path: shared by the trainer, tracking and study tests.
