@@ -15,7 +15,8 @@ from ablate.budget import MATCHES
 from ablate.config import RUN_SECTIONS, ConfigError, set_path, with_sections_copied
 from ablate.inputs import read_text, read_yaml
 from ablate.preflight import check_study
-from ablate.spec import StudySpec, check_name, redacted, spec_from_mapping
+from ablate.spec import StudySpec, redacted, spec_from_mapping
+from ablate.study_file import check_name
 
 
 def load_specs(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> list[StudySpec]:

@@ -5,7 +5,7 @@ several machines in step, and the check that both stores answer before anything 
   seconds, before any store is written (MLflow's own retries take minutes to say so).
 - ``open_storage``: heartbeats (a trial silent for 3 heartbeats is failed and handed to ``on_stale``); workers
   starting together on a fresh database take turns creating Optuna's schema; on a database server, an outage is
-  waited out (up to ``$ABLATE_STORAGE_WAIT_S``, one line when it starts and one when it ends).
+  waited out (``ablate.outages``).
 - ``PlanLock``: makes "is there a waiting trial? plan or take it" atomic for every worker of a study, so none
   starts an unplanned (sampled) trial: a PostgreSQL advisory lock (workers on any machine), or a file lock beside
   a SQLite file. ``schema_lock`` is the same lock around creating a store's tables.
@@ -19,8 +19,6 @@ import functools
 import hashlib
 import os
 import re
-import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -35,36 +33,19 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
 from ablate.config import ConfigError
+from ablate.outages import OutageTolerantStorage, error_line, retrying, wait_s
 from ablate.stores import is_database, redact, sqlite_path
 
 T = TypeVar("T")
 SCHEMA_RETRIES = 5
 RETRY_S = 1.0
-WAIT_ENV = "ABLATE_STORAGE_WAIT_S"
-DEFAULT_WAIT_S = 300.0  # how long an outage of the study storage is waited out before a worker gives up
-MAX_BACKOFF_S = 2.0  # short: once the server is back, heartbeats resume within this
 CONNECT_TIMEOUT_S = 5
 # A vanished peer (machine off, cable out) is noticed after ~60 s of silence, by us and, through the session
 # settings, by the server, which then ends the session and so frees its advisory lock.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 SERVER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
-NOT_AN_OUTAGE = ("28", "3D", "40")  # SQLSTATE classes: bad credentials, no such database, deadlocks (Optuna retries)
-# ... and as libpq words them when connecting, where psycopg gives no SQLSTATE
-NOT_AN_OUTAGE_TEXT = re.compile(r"does not exist|authentication failed|pg_hba\.conf|password|permission denied")
 SCHEMA_RACE = re.compile(r"already exists|UniqueViolation|DuplicateTable|DuplicateObject|out-of-date database schema"
                          r"|UNIQUE constraint failed: alembic_version")  # fmt: skip
-
-
-def wait_s() -> float:
-    """Seconds an outage of the study storage is waited out: ``$ABLATE_STORAGE_WAIT_S``, else ``DEFAULT_WAIT_S``."""
-    raw = os.environ.get(WAIT_ENV) or str(DEFAULT_WAIT_S)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise ConfigError(f"${WAIT_ENV}", f"must be a number of seconds >= 0, got {raw!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,7 +97,7 @@ def _check_database(url: str, key: str) -> None:
         raise ConfigError(key, f"{redact(url)}: its driver is not installed ({err}); for PostgreSQL write "
                                "postgresql+psycopg://...") from None  # fmt: skip
     except sqlalchemy.exc.SQLAlchemyError as err:
-        raise ConfigError(key, f"{redact(url)}: cannot connect ({_first_line(err)})") from None
+        raise ConfigError(key, f"{redact(url)}: cannot connect ({error_line(err)})") from None
 
 
 def _check_server(uri: str, key: str) -> None:
@@ -135,16 +116,6 @@ def _check_server(uri: str, key: str) -> None:
                            "tracking_uri elsewhere")  # fmt: skip
 
 
-def _first_line(err: BaseException) -> str:
-    """The first line of what the driver said (under Optuna's and SQLAlchemy's wrappers), with its type."""
-    cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, sqlalchemy.exc.DBAPIError):
-        cause = cause.__cause__ or cause.__context__
-    orig = getattr(cause, "orig", None) or cause or err
-    text = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {text[0] if text else ''}".strip()
-
-
 def _connect_args(url: str) -> dict[str, Any]:
     """libpq options for psycopg and psycopg2: a bounded connect, keepalives both ways; nothing for others."""
     if sqlalchemy.engine.make_url(url).get_driver_name() not in ("psycopg", "psycopg2"):
@@ -154,135 +125,6 @@ def _connect_args(url: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Outages
-
-
-def is_outage(err: BaseException) -> bool:
-    """Whether ``err`` (or what caused it) is a lost or refused connection to a database server: worth waiting out.
-
-    Optuna wraps SQLAlchemy's errors in ``StorageInternalError``; the cause chain is searched. Bad credentials, a
-    missing database and bad SQL are errors, not outages.
-    """
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, sqlalchemy.exc.DBAPIError):
-            state = str(getattr(err.orig, "sqlstate", None) or "")
-            if err.connection_invalidated:
-                return True
-            if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-                return not state.startswith(NOT_AN_OUTAGE) and not NOT_AN_OUTAGE_TEXT.search(str(err.orig))
-            return False
-        err = err.__cause__ or err.__context__
-    return False
-
-
-class _Outage:
-    """What this process prints about an outage: one line when its first call fails, one when a call gets through."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._since: float | None = None
-        self.recovered_at = -float("inf")  # time.monotonic() of the end of the last outage
-
-    def waiting(self, err: BaseException, limit: float) -> None:
-        with self._lock:
-            if self._since is None:
-                self._since = time.monotonic()
-                print(f"ablate: study storage unreachable ({_first_line(err)}), waiting up to {limit:.0f} s",
-                      file=sys.stderr, flush=True)  # fmt: skip
-
-    def give_up(self, limit: float) -> None:
-        with self._lock:
-            self._since = None  # the next outage (a process that goes on, a test) is announced again
-            print(f"ablate: study storage still unreachable after {limit:.0f} s; giving up (${WAIT_ENV} sets how "
-                  "long to wait)", file=sys.stderr, flush=True)  # fmt: skip
-
-    def back(self) -> None:
-        with self._lock:
-            if self._since is not None:
-                took = time.monotonic() - self._since
-                self._since, self.recovered_at = None, time.monotonic()
-                print(f"ablate: study storage reachable again after {took:.0f} s", file=sys.stderr, flush=True)
-
-
-OUTAGE = _Outage()
-_local = threading.local()
-
-
-def retrying(fn: Callable[[], T], limit: float | None = None) -> T:
-    """``fn()``, called again while it fails with an outage (``is_outage``), for up to ``limit`` s (``wait_s()``).
-
-    Not nested: a storage method that calls another retries once, at the outermost call. A write whose commit
-    reached the server but whose reply was lost is sent again. Optuna's writes are then harmless (an attribute
-    or a value set twice), but two could in principle repeat: a trial created twice (``enqueue_trial``: a planned
-    trial queued twice, so run twice) and a claim of a waiting trial (``set_trial_state_values`` to RUNNING, then
-    refused as already made: the worker takes the next one, and the claimed trial is left RUNNING without a
-    heartbeat, which Optuna never judges stale). Both need the connection lost between the commit and its reply.
-    """
-    if getattr(_local, "active", False):
-        return fn()
-    limit = wait_s() if limit is None else limit
-    _local.active = True
-    try:
-        deadline, delay, waited = None, 0.25, False
-        while True:
-            try:
-                result = fn()
-            except Exception as err:
-                if not is_outage(err):
-                    raise
-                now = time.monotonic()
-                deadline = deadline or now + limit
-                if now >= deadline:
-                    OUTAGE.give_up(limit)
-                    raise
-                OUTAGE.waiting(err, limit)
-                waited = True
-                time.sleep(min(delay, deadline - now))
-                delay = min(2 * delay, MAX_BACKOFF_S)
-                continue
-            if waited:
-                OUTAGE.back()
-            return result
-    finally:
-        _local.active = False
-
-
-class OutageTolerantStorage(RDBStorage):
-    """``RDBStorage`` whose every call waits out an outage of the database server (``retrying``).
-
-    Heartbeats missed during an outage say nothing about the workers: for a grace period after this process saw
-    the server come back, no trial is judged stale, so a live trial is never failed for the server's silence.
-    """
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = retrying(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
-        grace = (self.grace_period or 2 * (self.heartbeat_interval or 0)) + MAX_BACKOFF_S
-        return [] if time.monotonic() - OUTAGE.recovered_at < grace else stale  # (this call may have waited too)
-
-
-def _retried(name: str) -> Callable[..., Any]:
-    method = getattr(RDBStorage, name)
-
-    @functools.wraps(method)
-    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return retrying(lambda: method(self, *args, **kwargs))
-
-    return call
-
-
-# Every RDBStorage method that talks to the database, including the private ones ``_CachedStorage`` (the wrapper
-# every Optuna study puts around its storage) calls; ``test_outages`` checks that list against Optuna's source.
-RETRIED = ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-           "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
-           "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
-           "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
-           "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
-           "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_params", "get_trial",
-           "get_all_trials", "_get_trials", "get_n_trials", "get_best_trial", "_get_best_trial_id",
-           "record_heartbeat")  # fmt: skip
-for _name in RETRIED:
-    setattr(OutageTolerantStorage, _name, _retried(_name))
 
 
 def open_storage(url: str, heartbeat: int, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> RDBStorage:

@@ -17,39 +17,35 @@ A pruned one is PRUNED (KILLED).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
 import time
-import uuid
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import devices, names, plan, recovery
-from ablate.config import ConfigError, RunConfig, to_dict
+from ablate.config import ConfigError
 from ablate.families import load_specs
 from ablate.groups import take_alike, tell_together, together_size
 from ablate.interrupts import STOP_REQUESTED, handling, sigterm_as_interrupt
 from ablate.objective import Objective
 from ablate.preflight import run_bytes
-from ablate.spec import StudySpec, check_workers
-from ablate.storage import PlanLock, check_stores, open_storage
-from ablate.stores import default_storage, default_tracking_uri, redact
-from ablate.study_runs import Monitor, ParentRun, end_trial_run, print_results, reconcile_runs
+from ablate.spec import StudySpec
+from ablate.storage import PlanLock, check_stores
+from ablate.stores import default_storage, default_tracking_uri
+from ablate.study_file import check_workers
+from ablate.study_runs import Monitor, ParentRun, print_results, reconcile_runs
+from ablate.study_setup import enqueue, on_dead_worker, open_study_storage, setup_study
 
-PLAN_DIGEST = "plan_digest"  # study user attr: what the plan depends on; a resume with another plan is refused
-SETUP_DONE = "setup_done"  # study user attr, set once the parent run and the first trials exist
 POLL_S = 1.0
 STOP_GRACE_S = 60.0  # after an interrupt, how long workers get to hand their trials back
 
@@ -156,107 +152,6 @@ def _exit_code(study: optuna.Study, before: set[int]) -> int:
     return 1 if failed else 0
 
 
-def _open(url: str, spec: StudySpec, tracking_uri: str) -> RDBStorage:
-    """The storage; a trial whose worker went silent is failed, its MLflow run ended FAILED, and it is re-enqueued."""
-    return open_storage(url, spec.heartbeat, _on_dead_worker(spec, tracking_uri))
-
-
-def _on_dead_worker(spec: StudySpec, tracking_uri: str) -> Callable[[optuna.Study, FrozenTrial], None]:
-    def on_dead(study: optuna.Study, trial: FrozenTrial) -> None:
-        reason = "its worker stopped (no heartbeat, or its process is gone)"
-        end_trial_run(ParentRun(tracking_uri, spec.name, study.user_attrs[names.ATTR_PARENT_RUN_ID]), trial,
-                      "FAILED", reason)  # fmt: skip
-        if int(trial.user_attrs.get(names.ATTR_ATTEMPT, 1)) <= recovery.MAX_RETRY:
-            recovery.requeue(study, trial, reason)
-
-    return on_dead
-
-
-# Config fields added after plan digests were introduced: left out of the digest while at their default, so that a
-# study set up by an earlier version still resumes (its plan is the same).
-LATER_FIELDS = ("model.position", "task.eval_lengths", "model.kind", "model.rnn_hidden", "model.tie_head", "model.init")
-
-
-def _digest_base(base: RunConfig) -> dict:
-    data, default = to_dict(base), to_dict(RunConfig())
-    for key in LATER_FIELDS:
-        section, field = key.split(".")
-        if data[section].get(field) == default[section].get(field):
-            data[section].pop(field, None)
-    return data
-
-
-def plan_digest(spec: StudySpec) -> str:
-    """What the plan depends on (not comments or key order): a study resumed with another plan is refused."""
-    first = [(p.phase, p.variant.name, p.point, p.params) for p in plan.first_trials(spec)]
-    rules = [spec.points, spec.tune_seeds, spec.min_seeds, spec.max_seeds, spec.margin, spec.alpha,
-             spec.max_extra_points, [(p.key, p.low, p.high, p.log) for p in spec.nuisance]]  # fmt: skip
-    compute = [] if spec.compute is None else [[spec.compute.match, spec.compute.value]]  # none: digest as before
-    blob = json.dumps([spec.kind, _digest_base(spec.base), first, rules, *compute], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.Study:
-    """Create or load the study and finish its set-up: parent run, first trials, markers.
-
-    Every step is idempotent and runs under the plan lock, so any number of processes starting together, or a
-    rerun after a set-up killed at any point, converge on one parent run and one copy of the plan.
-    """
-    with PlanLock(storage_url, spec.name):
-        storage = _open(storage_url, spec, tracking_uri)  # under the lock: a fresh SQLite file's schema made once
-        try:
-            study = optuna.create_study(storage=storage, study_name=spec.name, direction="minimize")
-        except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=spec.name, storage=storage)
-        recovery.failpoint("setup:created")
-        attrs = study.user_attrs
-        digest = attrs.get(PLAN_DIGEST)
-        if digest is not None and digest != plan_digest(spec):
-            raise ConfigError("name", f"study {spec.name!r} in {redact(storage_url)} was created from another plan "
-                              f"(base, values or points differ); change name, or delete it: optuna delete-study "
-                              f"--study-name {spec.name} --storage {redact(storage_url)}", spec.source)  # fmt: skip
-        if attrs.get(SETUP_DONE):
-            return study
-        if digest is None:
-            study.set_user_attr(PLAN_DIGEST, plan_digest(spec))
-        setup_id = attrs.get(names.ATTR_SETUP_ID) or uuid.uuid4().hex
-        study.set_user_attr(names.ATTR_SETUP_ID, setup_id)
-        if names.ATTR_PARENT_RUN_ID not in attrs:
-            parent = ParentRun.find_or_create(tracking_uri, spec, setup_id)
-            recovery.failpoint("setup:parent")
-            study.set_user_attr(names.ATTR_PARENT_RUN_ID, parent.run_id)
-        study.set_user_attr(names.ATTR_KIND, spec.kind)
-        study.set_user_attr(names.ATTR_SPEC, json.loads(json.dumps(spec.data, default=str)))
-        if spec.source:  # the index's "study" command names the file (studies/claims/... too)
-            study.set_user_attr(names.ATTR_SOURCE, _relative(spec.source))
-        if spec.family:  # the family page finds its members, and the file they came from, by these
-            study.set_user_attr(names.ATTR_FAMILY, spec.family)
-            study.set_user_attr(names.ATTR_MEMBER, spec.member)
-            study.set_user_attr(names.ATTR_FAMILY_SPEC, json.loads(json.dumps(spec.family_data, default=str)))
-        planned = {recovery.key_of(t) for t in study.get_trials(deepcopy=False)}
-        enqueue(study, [p for p in plan.first_trials(spec) if p.key not in planned], failpoint="setup:enqueue")
-        study.set_user_attr(SETUP_DONE, True)
-    return study
-
-
-def enqueue(study: optuna.Study, trials: list[plan.PlannedTrial], failpoint: str = "") -> None:
-    for planned in trials:
-        attrs = {
-            names.ATTR_PHASE: planned.phase,
-            names.ATTR_VARIANT: planned.variant.name,
-            names.ATTR_FACTOR: planned.variant.factor,
-            names.ATTR_POINT: planned.point,
-        }
-        study.enqueue_trial(planned.params, user_attrs=attrs)
-        recovery.failpoint(failpoint)
-
-
-def _relative(path: str) -> str:
-    """``path`` relative to the working directory when it lies inside it (as a user types it), else as given."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
-
-
 def planned_size(spec: StudySpec, trials: list[FrozenTrial]) -> int | None:
     """Trials the study will hold when done, as far as known now (None: a search bounded by time only)."""
     if spec.kind == "ablation":
@@ -336,13 +231,13 @@ def work(member: Member, trials: int | None, deadline: float | None, threads: in
     An interrupt (Ctrl-C, SIGTERM) puts the worker's trials back in the queue, then re-raises."""
     spec = member.spec()  # run_study checked it on this machine
     storage_url, tracking_uri = member.storage_url, member.tracking_uri
-    storage = _open(storage_url, spec, tracking_uri)
+    storage = open_study_storage(storage_url, spec, tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, worker),
                               pruner=_pruner(spec))  # fmt: skip
     parent_run_id = study.user_attrs[names.ATTR_PARENT_RUN_ID]
     lock = PlanLock(storage_url, spec.name)
     objective = Objective(spec, parent_run_id, tracking_uri, threads, lock)
-    on_dead = _on_dead_worker(spec, tracking_uri)
+    on_dead = on_dead_worker(spec, tracking_uri)
     done = 0
     while (trials is None or done < trials) and (deadline is None or time.time() < deadline):
         if STOP_REQUESTED.is_set():

@@ -8,7 +8,7 @@ kernel (``torch.func.vmap`` over sdpa has no batching rule on the CPU: it loops)
 mean losses, so member k's gradient is exactly the one its single run would get.
 
 Each member model's parameters are views into the stacked tensors (``param.data = stacked[k]``), and after the
-backward pass each gets its slice of the stacked gradient, so the member's own AdamW (``train.make_optimizer``, its
+backward pass each gets its slice of the stacked gradient, so the member's own AdamW (``schedule.make_optimizer``, its
 own learning rate) and clipping update the stack in place: no copy per step, and evaluation runs the member's
 ordinary model. A member that diverges or is stopped ends with that status (its callbacks hear ``on_end`` at once)
 and leaves the stack: the stack shrinks to the members still training (one copy), so it costs no more compute.

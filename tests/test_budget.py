@@ -19,9 +19,11 @@ from ablate import budget, names
 from ablate.budget import ComputeBudget, step_cost, stretched
 from ablate.config import ConfigError, with_values
 from ablate.families import load_spec
+from ablate.schedule import Schedule, lr_at, lr_at_share
 from ablate.spec import spec_from_mapping
-from ablate.study import plan_digest, run_study
-from ablate.train import Schedule, lr_at, lr_at_share, train
+from ablate.study import run_study
+from ablate.study_setup import plan_digest
+from ablate.train import train
 
 DEFAULT = Path(__file__).resolve().parent.parent / "studies" / "default.yaml"
 

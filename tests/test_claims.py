@@ -15,7 +15,8 @@ from support.runs import TINY_STUDY
 from ablate import verdicts
 from ablate.config import ConfigError
 from ablate.report import claims
-from ablate.spec import Claim, spec_from_mapping
+from ablate.spec import spec_from_mapping
+from ablate.study_file import Claim
 
 CLAIM = {"source": "Vaswani et al. 2017, Table 3 (A)", "claim": "One head is worse.",
          "expect": {"model.num_heads=4": "worse"}}  # fmt: skip
@@ -245,7 +246,7 @@ def test_lr_grid_marks_divergence_and_leaves_untried_rates_blank():
 
 
 def test_a_member_report_leaves_a_width_only_claim_to_its_family(monkeypatch):
-    from ablate.report import _claims
+    from ablate.report.study_page import _claims
 
     spec = spec_from_mapping({**TINY_STUDY, "claims": {"w": {"source": "Yang et al. 2022", "claim": "LR falls.",
                                                              "lr_exponent": {"base": [-1.5, -0.3]}}}})  # fmt: skip

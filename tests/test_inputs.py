@@ -26,8 +26,9 @@ from ablate import cli
 from ablate.config import ConfigError, to_dict
 from ablate.families import load_spec
 from ablate.inputs import MAX_FILE_BYTES, parse_yaml, read_yaml
-from ablate.spec import StudySpec, check_name, spec_from_mapping
+from ablate.spec import StudySpec, spec_from_mapping
 from ablate.stores import redact, redact_text
+from ablate.study_file import check_name
 
 PASSWORD = "S3cretPw"
 
@@ -292,15 +293,16 @@ def test_a_password_in_storage_or_tracking_urls_is_never_shown_or_stored(tmp_pat
         b.add("base", "seed", {"train.lr": 1e-3}, seed, 2.0 + seed / 100)
 
     import ablate.report
+    import ablate.report.study_page
 
-    real = ablate.report.load_study
+    real = ablate.report.study_page.load_study
 
     def load_as_if_remote(name, storage, tracking_uri):  # the real stores, reached through password URLs
         data = real(name, b.storage, b.tracking_uri)
         data.storage, data.tracking_uri = storage, http
         return data
 
-    monkeypatch.setattr(ablate.report, "load_study", load_as_if_remote)
+    monkeypatch.setattr(ablate.report.study_page, "load_study", load_as_if_remote)
     real_index = ablate.report.build_index
     monkeypatch.setattr(ablate.report, "build_index", lambda stores, out: real_index([b.storage], out))
     real_families = ablate.report.families

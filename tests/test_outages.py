@@ -23,7 +23,8 @@ from support.studies import StudyProcess, drained
 
 from ablate import names
 from ablate.config import ConfigError
-from ablate.storage import CONNECT_TIMEOUT_S, MAX_BACKOFF_S, PlanLock, check_stores, is_outage, open_storage
+from ablate.outages import MAX_BACKOFF_S, is_outage
+from ablate.storage import CONNECT_TIMEOUT_S, PlanLock, check_stores, open_storage
 
 SQLITE = "sqlite:////nonexistent-folder/optuna.db"  # a store that would be written, were anything written
 
@@ -148,7 +149,7 @@ def test_every_storage_call_a_study_makes_waits_out_an_outage():
 
     from optuna.storages._cached_storage import _CachedStorage
 
-    from ablate.storage import RETRIED, OutageTolerantStorage
+    from ablate.outages import RETRIED, OutageTolerantStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_CachedStorage)))
     no_database = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}

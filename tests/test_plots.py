@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ablate.report import plots
+from ablate.report import plots, search_plots
 from ablate.report.load import StudyData
 from ablate.spec import spec_from_mapping
 
@@ -150,11 +150,11 @@ def test_curves_are_labelled_as_median_seed_runs(data: Data, drawn: list) -> Non
 
 def test_interaction_shows_the_mean_per_cell_with_its_count(data: Data, drawn: list) -> None:
     done = data.trials[data.trials["status"] == "completed"]
-    mean, count = plots.cell_means(done, "model.num_heads", "train.lr")
+    mean, count = search_plots.cell_means(done, "model.num_heads", "train.lr")
     cell = done[(done["model.num_heads"] == 2) & (done["train.lr"] == 5.5e-3)]["value"]
     assert len(cell) == 3 and mean.loc[2, 5.5e-3] == pytest.approx(cell.mean()) != pytest.approx(cell.min())
     assert count.loc[2, 5.5e-3] == 3
-    assert _is_png(plots.interaction(data, "model.num_heads", "train.lr"))
+    assert _is_png(search_plots.interaction(data, "model.num_heads", "train.lr"))
     ax = drawn[0].axes[0]
     assert f"{cell.mean():.3g}\n(n=3)" in [t.get_text() for t in ax.texts]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["2", "4", "16"]  # numeric order
@@ -164,7 +164,7 @@ def test_interaction_shows_the_mean_per_cell_with_its_count(data: Data, drawn: l
 def test_importance_says_what_its_error_bar_measures(drawn: list) -> None:
     imp = pd.DataFrame({"param": ["train.lr", "model.num_heads"], "fanova": [0.7, 0.3], "fanova_std": [0.05, 0.04],
                         "ped_anova": [0.6, 0.4]})  # fmt: skip
-    assert _is_png(plots.importance(imp))
+    assert _is_png(search_plots.importance(imp))
     label = drawn[0].axes[0].get_xlabel()
     assert "sd of fANOVA over forest seeds" in label and "not uncertainty about the study" in label
 
@@ -175,5 +175,5 @@ def test_nothing_to_draw_gives_no_figure(data: Data, empty: Data) -> None:
     assert plots.lr_sensitivity(empty, "train.lr", _table()) is None
     assert plots.lr_sensitivity(data, "model.head_dim") is None  # not a column of the trials
     assert plots.curves(data, {}) is None
-    assert plots.interaction(empty, "model.num_heads", "train.lr") is None
-    assert plots.importance(pd.DataFrame()) is None
+    assert search_plots.interaction(empty, "model.num_heads", "train.lr") is None
+    assert search_plots.importance(pd.DataFrame()) is None

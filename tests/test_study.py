@@ -401,7 +401,7 @@ def test_plan_digests_are_pinned_and_a_study_tuned_on_one_seed_is_refused():
     """Fields added later stay out of the digest at their defaults, so a study keeps resuming across releases (the
     digest below was computed by the code that added tune seeds). A study set up before tune seeds (one run per
     tune point, on seed 0: the digest of commit aa123ba) is another plan, and is refused rather than mixed."""
-    from ablate.study import plan_digest
+    from ablate.study_setup import plan_digest
 
     studies = Path(__file__).parent.parent / "studies"
     smoke = plan_digest(load_spec(studies / "smoke.yaml", preflight=False))

@@ -19,7 +19,8 @@ from ablate.config import ConfigError
 from ablate.families import load_spec
 from ablate.groups import AUTO_TOGETHER, together_size
 from ablate.spec import spec_from_mapping
-from ablate.study import plan_digest, run_study
+from ablate.study import run_study
+from ablate.study_setup import plan_digest
 
 REL = 1e-4  # fp32: a stacked step sums in another order than a single run (printed to 6 digits they agree)
 NUMBER = r"-?\d[\d.e+-]*|nan|inf"

@@ -9,7 +9,7 @@ import torch
 from support.runs import Recorder, tiny
 
 from ablate import names
-from ablate.config import RunConfig
+from ablate.config import POSITIONS, SCALINGS, RunConfig
 from ablate.together import pays, train_together
 from ablate.train import RunResult, train
 
@@ -82,6 +82,19 @@ def test_each_member_trains_exactly_as_its_single_run(float64, values) -> None:
             for key, tensor in got.checkpoint.items():
                 assert torch.allclose(tensor, want.checkpoint[key], rtol=REL, atol=0), key
                 assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), key
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_the_stacked_forward_matches_the_model_for_every_scaling_position_and_bias(float64, scaling, position, bias):
+    """The stacked forward is a second Transformer forward: at every scaling, position and bias it must give each
+    member its single run's numbers (a short run: the forward and its gradients are what differ, not the steps)."""
+    cfgs = configs(MEMBERS[:2], **{"model.scaling": scaling, "model.position": position, "model.bias": bias,
+                                   "train.steps": 4, "train.eval_every": 2, "train.log_every": 1})  # fmt: skip
+    for single, member in zip(alone(cfgs), together(cfgs), strict=True):
+        assert member[1].status == "completed"
+        assert_same_run(single, member)
 
 
 def test_a_diverging_member_ends_alone_and_the_others_train_on_unchanged(float64) -> None:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from support.runs import Recorder, tiny
 
 from ablate import names
-from ablate.train import DATA_SEED, lr_at, make_optimizer, solved_multiple, train
+from ablate.schedule import lr_at, make_optimizer
+from ablate.train import DATA_SEED, solved_multiple, train
 
 RECALL_UNIFORM_LOSS = math.log(9)  # TINY's recall: 8 key/value tokens and the filler
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from ablate.answers import answer_factor
 from ablate.verdicts import (
     BETTER,
     EQUIVALENT,
@@ -20,7 +21,6 @@ from ablate.verdicts import (
     Comparison,
     Judged,
     Rule,
-    answer_factor,
     judge_arrays,
     judge_factor,
     judge_study,

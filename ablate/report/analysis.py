@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from ablate import names, plan, verdicts
+from ablate.answers import answer_factor
 from ablate.config import fmt
 from ablate.report.load import StudyData, completed
 
@@ -203,8 +204,8 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
                                 "at least 2 (set seeds: 3 or more)."})
             continue
         comparisons = verdicts.judge_factor(arms["base"], alternatives, rule)
-        answer = verdicts.answer_factor(arms["base"], comparisons, alternatives)
-        study = verdicts.answer_factor(arms["base"], wide[factor], alternatives)
+        answer = answer_factor(arms["base"], comparisons, alternatives)
+        study = answer_factor(arms["base"], wide[factor], alternatives)
         chosen = next((c for c in comparisons if c.name == answer.choice), None)
         if chosen and (answer.decided or chosen.verdict == "better"):
             label = chosen.verdict

@@ -1,4 +1,4 @@
-"""Published claims put to the test: each claim of a study file (``spec.Claim``) judged from the study's own numbers.
+"""Published claims put to the test: each claim of a study file (``study_file.Claim``) judged from its numbers.
 
 A claim is **reproduced** when every one of its expectations is met, **not reproduced** when any is contradicted, and
 **inconclusive** otherwise. Every expectation is judged by an interval, and an outcome is wrong only when its interval
@@ -39,7 +39,8 @@ import pandas as pd
 from scipy import stats
 
 from ablate import names
-from ablate.spec import Claim, StudySpec
+from ablate.spec import StudySpec
+from ablate.study_file import Claim
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 DECIDED = ("better", "worse", "equivalent")

@@ -20,8 +20,9 @@ from ablate.config import ConfigError
 from ablate.families import family_specs
 from ablate.report import across, analysis, claims, html, plots
 from ablate.report.load import StudyData, checked_storage, load_study
-from ablate.spec import StudySpec, check_name
+from ablate.spec import StudySpec
 from ablate.stores import default_storage
+from ablate.study_file import check_name
 
 TEMPLATE = "family.html.j2"
 

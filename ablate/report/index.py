@@ -19,8 +19,9 @@ from ablate.config import ConfigError
 from ablate.report import html
 from ablate.report.family import families
 from ablate.report.load import checked_storage, safe_study_names
-from ablate.spec import StudySpec, check_name, spec_from_mapping
+from ablate.spec import StudySpec, spec_from_mapping
 from ablate.stores import default_storage, redact
+from ablate.study_file import check_name
 
 FINISHED, IN_PROGRESS, STOPPED = "finished", "in progress", "stopped"
 

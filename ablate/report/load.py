@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 
 from ablate import names, recovery
 from ablate.config import ConfigError, scalar
-from ablate.spec import StudySpec, check_name, spec_from_mapping
+from ablate.spec import StudySpec, spec_from_mapping
 from ablate.stores import default_storage, default_tracking_uri, is_redacted, redact, sqlite_path
+from ablate.study_file import check_name
 
 
 @dataclass

@@ -130,7 +130,7 @@ def _isolation_panel(ax: plt.Axes, data: StudyData, factor: str, base: pd.DataFr
     points = [("base", data.spec.base_value(factor), base)] + [(r["variant"], r["value"], r.to_frame().T)
                                                                  for _, r in rows.iterrows()]
     listed = [display(v) for v in data.spec.scientific.get(factor, ())]
-    points.sort(key=lambda p: _sort_key(p[1], listed))
+    points.sort(key=lambda p: sort_key(p[1], listed))
     ax.axhspan(-margin, margin, color=sns.color_palette(PALETTE)[0], alpha=0.12, lw=0, zorder=0)
     ax.axhline(0, ls="--", lw=1, color="0.3", zorder=1)
     extent = [-margin, margin]
@@ -213,7 +213,7 @@ def _isolation_legend(verdicts: set[str], margin: float, diverged: bool) -> list
     return handles
 
 
-def _sort_key(value: object, listed: list[str] = ()) -> tuple:
+def sort_key(value: object, listed: list[str] = ()) -> tuple:
     """Numbers (also as MLflow's param strings) in numeric order, then other values in the study file's order
     (``listed``, as ``display`` writes them), then as text."""
     try:
@@ -405,55 +405,3 @@ def max_logit(data: StudyData, row: pd.Series) -> str | None:
     ax.set_ylabel("max attention logit")
     ax.set_title("Largest attention logit per layer")
     return to_uri(fig)
-
-
-def importance(imp: pd.DataFrame) -> str | None:
-    """fANOVA importance per parameter (bars) and PED-ANOVA (dots). The bar's error bar is the sd of fANOVA over
-    forest seeds: the estimator's own randomness, not uncertainty about the study (a rerun study could differ more)."""
-    if imp.empty:
-        return None
-    fig, ax = plt.subplots(figsize=(WIDTH + 1, 1.0 + 0.4 * len(imp)))
-    ax.barh(imp["param"], imp["fanova"], xerr=imp["fanova_std"].fillna(0), color=sns.color_palette(PALETTE)[0],
-            capsize=3, label="fANOVA (mean ± sd over forest seeds)")
-    if imp["ped_anova"].notna().any():
-        ax.scatter(imp["ped_anova"], imp["param"], color=sns.color_palette(PALETTE)[1], zorder=3, label="PED-ANOVA")
-    ax.invert_yaxis()
-    ax.set_xlabel("importance (normalised)\nerror bar: sd of fANOVA over forest seeds, the estimator's own "
-                  "randomness,\nnot uncertainty about the study", fontsize=8)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
-    return to_uri(fig)
-
-
-def interaction(data: StudyData, a: str, b: str) -> str | None:
-    """Mean val/loss per cell of two parameters (continuous ones binned into quartiles), with each cell's count: a
-    cell's minimum would reward the cells that happened to get more trials."""
-    done = completed(data.trials).dropna(subset=[a, b])
-    if done.empty:
-        return None
-    mean, count = cell_means(done.assign(**{a: _bins(done[a]), b: _bins(done[b])}), a, b)
-    annot = np.where(count.to_numpy() > 0, [[f"{m:.3g}\n(n={int(n)})" for m, n in zip(mr, nr, strict=True)]
-                                            for mr, nr in zip(mean.to_numpy(), count.to_numpy(), strict=True)], "")
-    fig, ax = plt.subplots(figsize=(WIDTH + 1, 3.4))
-    sns.heatmap(mean, annot=annot, fmt="", annot_kws={"fontsize": 7}, cmap="viridis_r", ax=ax,
-                cbar_kws={"label": "mean val/loss"})
-    ax.set_title(f"Interaction: {a} × {b} (mean val/loss of the completed runs per cell)", fontsize=9)
-    return to_uri(fig)
-
-
-def cell_means(grid: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mean val/loss and run count per ``(a, b)`` cell, ``a`` down and ``b`` across; an empty cell is NaN and 0."""
-    cells = grid.groupby([a, b], observed=False)["value"].agg(["mean", "count"])
-    return cells["mean"].unstack(b), cells["count"].unstack(b).fillna(0).astype(int)
-
-
-def _bins(values: pd.Series) -> pd.Series:
-    """Few distinct values as they are (numbers in numeric order), many numbers as quartile bins."""
-    numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.isna().any() or numeric.nunique() <= 6:
-        labels = values.map(display)
-        order = sorted(dict.fromkeys(zip(labels, values, strict=True)), key=lambda p: _sort_key(p[1]))
-        categories = list(dict.fromkeys(label for label, _ in order))
-        return pd.Series(pd.Categorical(labels, categories=categories, ordered=True), index=values.index)
-    edges = np.unique(np.quantile(numeric, [0, 0.25, 0.5, 0.75, 1]))
-    labels = [f"{display(lo)}–{display(hi)}" for lo, hi in zip(edges[:-1], edges[1:], strict=False)]
-    return pd.cut(numeric, edges, labels=labels, include_lowest=True)
