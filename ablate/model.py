@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate import budget, names
+from ablate import names
 from ablate.config import BACKENDS, POSITIONS, SCALINGS, ModelConfig
 from ablate.rnn import RecurrentNet
 
@@ -375,13 +375,6 @@ def attention_stats(model: Transformer, tokens: torch.Tensor,
 def count_params(model: nn.Module) -> int:
     """Trainable parameters, a tied weight counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int, num_classes: int | None = None) -> float:
-    """Training FLOPs per token of ``build_model(cfg, vocab_size, seq_len, num_classes)``: its matmuls, forward and
-    backward, as ``ablate.budget.flops_per_sequence`` counts them (the one formula; torch-free, so that a study's
-    FLOP budget is counted with the trainer's own rule)."""
-    return budget.flops_per_sequence(cfg, vocab_size, seq_len, num_classes) / seq_len
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -80,8 +80,8 @@ def run_study(
     deadline = time.time() + timeout if timeout else None
     code = 0
     for spec in specs:
-        member = Member(str(spec_path), list(overrides), spec.name, storage_url, tracking_uri)
-        code = max(code, _run_one(spec, member, trials, deadline, workers, report))
+        target = WorkerTarget(str(spec_path), list(overrides), spec.name, storage_url, tracking_uri)
+        code = max(code, _run_one(spec, target, trials, deadline, workers, report))
         if code == 130:
             return code
     if report and specs[0].family:
@@ -90,8 +90,8 @@ def run_study(
 
 
 @dataclass(frozen=True)
-class Member:
-    """What a worker needs to load its study: the file, the overrides, which member, the stores."""
+class WorkerTarget:
+    """What a worker process needs to load its study: the file, the overrides, which study of it, the stores."""
 
     path: str
     overrides: list[str]
@@ -103,9 +103,9 @@ class Member:
         return next(s for s in load_specs(self.path, self.overrides, preflight=False) if s.name == self.name)
 
 
-def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: float | None, workers: int | str,
+def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline: float | None, workers: int | str,
              report: bool) -> int:  # fmt: skip
-    storage_url, tracking_uri = member.storage_url, member.tracking_uri
+    storage_url, tracking_uri = target.storage_url, target.tracking_uri
     gpus = [] if spec.base.train.device == "cpu" else devices.gpu_free_bytes()
     need = run_bytes(spec.base) if gpus else 0
     together = together_size(spec, gpus, need, 1 if workers == devices.AUTO else int(workers))
@@ -123,9 +123,9 @@ def _run_one(spec: StudySpec, member: Member, trials: int | None, deadline: floa
         try:
             with Monitor(study, total=lambda trials: planned_size(spec, trials)):
                 if len(slots) == 1:  # in this process, on the default device
-                    work(member, trials, deadline, slots[0].threads, 0, together)
+                    work(target, trials, deadline, slots[0].threads, 0, together)
                 else:
-                    _spawn(member, trials, deadline, slots, together)
+                    _spawn(target, trials, deadline, slots, together)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -168,7 +168,7 @@ def _pending(study: optuna.Study) -> bool:
 # Workers
 
 
-def _spawn(member: Member, trials: int | None, deadline: float | None, slots: list[devices.Slot],
+def _spawn(target: WorkerTarget, trials: int | None, deadline: float | None, slots: list[devices.Slot],
            together: int = 1) -> None:  # fmt: skip
     ctx = multiprocessing.get_context("spawn")  # no forked torch or SQLite state
     pending = []
@@ -176,7 +176,7 @@ def _spawn(member: Member, trials: int | None, deadline: float | None, slots: li
         share = None if trials is None else trials // len(slots) + (i < trials % len(slots))
         if share == 0:
             continue
-        args = (member, share, deadline, slot.threads, i, together)
+        args = (target, share, deadline, slot.threads, i, together)
         pending.append((ctx.Process(target=_worker_process, args=args, name=f"ablate-worker-{i}"), slot))
     for p, slot in pending:
         start_on(p, slot)
@@ -223,14 +223,14 @@ def _worker_process(*args: Any) -> None:
         sys.exit(130)
 
 
-def work(member: Member, trials: int | None, deadline: float | None, threads: int, worker: int,
+def work(target: WorkerTarget, trials: int | None, deadline: float | None, threads: int, worker: int,
          together: int = 1) -> int:  # fmt: skip
     """One worker: take trials until the queue (ablation) or the budget (search) is used up. Returns trials run.
     With ``together`` > 1, up to that many waiting trials of one architecture at a time, trained as one model.
 
     An interrupt (Ctrl-C, SIGTERM) puts the worker's trials back in the queue, then re-raises."""
-    spec = member.spec()  # run_study checked it on this machine
-    storage_url, tracking_uri = member.storage_url, member.tracking_uri
+    spec = target.spec()  # run_study checked it on this machine
+    storage_url, tracking_uri = target.storage_url, target.tracking_uri
     storage = open_study_storage(storage_url, spec, tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, worker),
                               pruner=_pruner(spec))  # fmt: skip

@@ -5,10 +5,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 
+import optuna
 import pytest
 import yaml
 from support.runs import TINY_STUDY
 
+from ablate import names
 from ablate.config import ConfigError
 from ablate.devices import MAX_PER_GPU, Slot, plan_slots
 from ablate.spec import spec_from_mapping
@@ -71,4 +73,9 @@ def test_a_study_runs_with_workers_auto(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**TINY_STUDY, "name": "auto", "workers": "auto"}))
-    assert run_study(tmp_path / "s.yaml", storage=f"sqlite:///{tmp_path / 'o.db'}", report=False) == 0
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    assert run_study(tmp_path / "s.yaml", storage=storage, report=False) == 0
+    trials = optuna.load_study(study_name="auto", storage=storage).get_trials()
+    assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}  # 2 values x (1 tune + 1 seed)
+    workers = {t.user_attrs[names.ATTR_WORKER] for t in trials}
+    assert 1 <= len(workers) <= (os.cpu_count() or 1)  # "auto": workers from this machine's cores, never more

@@ -20,7 +20,6 @@ from ablate.model import (
     attention_stats,
     build_model,
     count_params,
-    flops_per_token,
     l2_normalize,
     pick_device,
     rotate,
@@ -255,7 +254,7 @@ def test_count_params_and_flops_use_the_decoupled_head_dim():
     block = 2 * 16 + count_params(attn) + (8 * 16 + 16) + (16 * 8 + 8)
     assert n == 5 * 8 + 4 * 8 + block + 16  # tied head counted once, final LayerNorm
     matmul_weights = 8 * 18 + 6 * 8 + 2 * 8 * 16 + 5 * 8  # qkv, attn_out, mlp, the tied head: not biases or norms
-    assert flops_per_token(cfg, 5, 4) == 6 * matmul_weights + 12 * 1 * 4 * (2 * 3)
+    assert flops_per_sequence(cfg, 5, 4) == 4 * (6 * matmul_weights + 12 * 1 * 4 * (2 * 3))  # per token x T
 
 
 @pytest.mark.parametrize("scaling", ["sqrt", "qknorm", "logn"])
@@ -274,7 +273,6 @@ def test_flops_are_what_torch_counts_forward_and_backward(scaling, shape, num_cl
             model(torch.randint(0, V, (B, T))).float().sum().backward()
         uncounted = 0 if backend == "manual" else 12 * cfg.num_layers * T * cfg.num_heads * cfg.resolved_head_dim
         assert counter.get_total_flops() + B * T * uncounted == B * flops_per_sequence(cfg, V, T, num_classes)
-    assert flops_per_token(cfg, V, T, num_classes) == flops_per_sequence(cfg, V, T, num_classes) / T
 
 
 def test_bad_configurations_raise_clear_errors():
@@ -482,7 +480,6 @@ def test_rnn_flops_are_what_torch_counts_forward_and_backward(kind, num_classes)
         model(torch.randint(0, V, (B_, T_))).float().sum().backward()
     skipped = B_ * cfg.num_layers * 2 * g * h * h
     assert counter.get_total_flops() + skipped == B_ * flops_per_sequence(cfg, V, T_, num_classes)
-    assert flops_per_token(cfg, V, T_, num_classes) == flops_per_sequence(cfg, V, T_, num_classes) / T_
     weights = g * h * (24 + h) + g * h * (2 * h) + h * 24 + (V * 24 if num_classes is None else 0)  # by hand
     assert flops_per_sequence(cfg, V, T_, num_classes) == T_ * 6 * weights + (6 * 24 * 10 if num_classes else 0)
 

@@ -10,7 +10,7 @@ from support.runs import Recorder, tiny
 
 from ablate import names
 from ablate.config import POSITIONS, SCALINGS, RunConfig
-from ablate.together import pays, train_together
+from ablate.together import train_together
 from ablate.train import RunResult, train
 
 LISTOPS = {"task.name": "listops", "task.seq_len": 32, "task.max_depth": 2, "task.max_args": 3}
@@ -157,8 +157,3 @@ def test_only_a_transformer_trains_together_and_every_config_needs_its_callbacks
         train_together([tiny(**{"model.kind": "lstm"})], [()])
     with pytest.raises(ValueError, match="2 configs but 1 callback"):
         train_together(configs(MEMBERS[:2]), [()])
-
-
-def test_training_together_pays_on_a_gpu_only() -> None:
-    assert pays("cuda") and pays(torch.device("cuda", 1))
-    assert not pays("cpu") and not pays(torch.device("cpu")) and not pays("mps")

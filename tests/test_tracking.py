@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -193,4 +194,5 @@ def test_bench_tracking_times_the_same_run_with_and_without_the_tracker(tmp_path
     assert main(["bench", "--tracking", str(config), "--out", str(tmp_path / "bench")]) == 0
     table = (tmp_path / "bench" / "tracking.md").read_text()
     untracked, extra, overhead, spread = table.strip().splitlines()[-1].strip("| ").split(" | ")
-    assert float(untracked) > 0 and abs(float(extra)) < float(untracked) and overhead.endswith("%")
+    # what the bench measures, not how fast this machine is today: a timed run, the tracker's extra, its share
+    assert float(untracked) > 0 and math.isfinite(float(extra)) and overhead.endswith("%") and spread

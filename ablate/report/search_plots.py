@@ -11,9 +11,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from ablate.report import plots  # noqa: E402
 from ablate.report.analysis import display  # noqa: E402
 from ablate.report.load import StudyData, completed  # noqa: E402
-from ablate.report.plots import PALETTE, WIDTH, sort_key, to_uri  # noqa: E402
 
 
 def importance(imp: pd.DataFrame) -> str | None:
@@ -21,16 +21,17 @@ def importance(imp: pd.DataFrame) -> str | None:
     forest seeds: the estimator's own randomness, not uncertainty about the study (a rerun study could differ more)."""
     if imp.empty:
         return None
-    fig, ax = plt.subplots(figsize=(WIDTH + 1, 1.0 + 0.4 * len(imp)))
-    ax.barh(imp["param"], imp["fanova"], xerr=imp["fanova_std"].fillna(0), color=sns.color_palette(PALETTE)[0],
+    fig, ax = plt.subplots(figsize=(plots.WIDTH + 1, 1.0 + 0.4 * len(imp)))
+    ax.barh(imp["param"], imp["fanova"], xerr=imp["fanova_std"].fillna(0), color=sns.color_palette(plots.PALETTE)[0],
             capsize=3, label="fANOVA (mean ± sd over forest seeds)")
     if imp["ped_anova"].notna().any():
-        ax.scatter(imp["ped_anova"], imp["param"], color=sns.color_palette(PALETTE)[1], zorder=3, label="PED-ANOVA")
+        ax.scatter(imp["ped_anova"], imp["param"], color=sns.color_palette(plots.PALETTE)[1], zorder=3,
+                   label="PED-ANOVA")
     ax.invert_yaxis()
     ax.set_xlabel("importance (normalised)\nerror bar: sd of fANOVA over forest seeds, the estimator's own "
                   "randomness,\nnot uncertainty about the study", fontsize=8)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
-    return to_uri(fig)
+    return plots.to_uri(fig)
 
 
 def interaction(data: StudyData, a: str, b: str) -> str | None:
@@ -42,11 +43,11 @@ def interaction(data: StudyData, a: str, b: str) -> str | None:
     mean, count = cell_means(done.assign(**{a: _bins(done[a]), b: _bins(done[b])}), a, b)
     annot = np.where(count.to_numpy() > 0, [[f"{m:.3g}\n(n={int(n)})" for m, n in zip(mr, nr, strict=True)]
                                             for mr, nr in zip(mean.to_numpy(), count.to_numpy(), strict=True)], "")
-    fig, ax = plt.subplots(figsize=(WIDTH + 1, 3.4))
+    fig, ax = plt.subplots(figsize=(plots.WIDTH + 1, 3.4))
     sns.heatmap(mean, annot=annot, fmt="", annot_kws={"fontsize": 7}, cmap="viridis_r", ax=ax,
                 cbar_kws={"label": "mean val/loss"})
     ax.set_title(f"Interaction: {a} × {b} (mean val/loss of the completed runs per cell)", fontsize=9)
-    return to_uri(fig)
+    return plots.to_uri(fig)
 
 
 def cell_means(grid: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -60,7 +61,7 @@ def _bins(values: pd.Series) -> pd.Series:
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.isna().any() or numeric.nunique() <= 6:
         labels = values.map(display)
-        order = sorted(dict.fromkeys(zip(labels, values, strict=True)), key=lambda p: sort_key(p[1]))
+        order = sorted(dict.fromkeys(zip(labels, values, strict=True)), key=lambda p: plots.sort_key(p[1]))
         categories = list(dict.fromkeys(label for label, _ in order))
         return pd.Series(pd.Categorical(labels, categories=categories, ordered=True), index=values.index)
     edges = np.unique(np.quantile(numeric, [0, 0.25, 0.5, 0.75, 1]))

@@ -74,7 +74,7 @@ def _context(data: StudyData) -> dict:
         _ablation(data, ctx)
     else:
         _search(data, ctx)
-    ctx["figures"]["curves"] = plots.curves(data, _curve_runs(data))
+    ctx["figures"]["curves"] = plots.curves(data, curve_runs(data))
     ctx["figures"]["pareto"] = plots.pareto(data)
     return ctx
 
@@ -259,7 +259,7 @@ def _cost_display(data: StudyData, table: pd.DataFrame) -> dict | None:
                           for kind, n in costs["crossover"].items()]}  # fmt: skip
 
 
-def _curve_runs(data: StudyData) -> dict[str, str]:
+def curve_runs(data: StudyData) -> dict[str, str]:
     """Per variant the seed run with the median outcome (the typical run, not the luckiest); top 5 for search."""
     done = completed(data.trials)
     done = done[done["run_id"].astype(bool)] if not done.empty else done
