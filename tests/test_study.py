@@ -229,7 +229,8 @@ def test_changed_plan_is_refused_on_resume(workdir):
 
 
 def test_killed_study_resumes_without_duplicates_or_running_leftovers(workdir):
-    path = write_study(workdir / "tiny.yaml", heartbeat=2)
+    # trials of a few seconds: a 10-step trial seen RUNNING could complete before the kill lands
+    path = write_study(workdir / "tiny.yaml", heartbeat=2, train=LONG_TRAIN)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE")}
     cmd = [sys.executable, "-m", "ablate.cli", "study", str(path), "--no-report"]
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
