@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ablate.config import ConfigError
+from ablate.core.config import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return train_from_file(args.config, args.overrides)
     if args.command == "study":
-        from ablate.study import run_study
+        from ablate.runner.study import run_study
 
         return run_study(
             args.spec,
@@ -98,12 +98,12 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return report_command(args.studies, all_studies=args.all, storage=args.storage, out=args.out)
     if args.command == "bench":
-        from ablate.bench import run_bench, tracking_overhead
+        from ablate.bench.speed import run_bench, tracking_overhead
 
         if args.gpu:
             if args.window <= 0:
                 raise ConfigError("--window", f"must be > 0 seconds, got {args.window:g}")
-            from ablate.gpu_bench import GpuPlan, gpu_bench  # optuna, MLflow and the study runner: --gpu only
+            from ablate.bench.gpu import GpuPlan, gpu_bench  # optuna, MLflow and the study runner: --gpu only
 
             return gpu_bench(args.out, GpuPlan(width=args.width, window_s=args.window, study=args.study))
         if args.tracking:

@@ -1,5 +1,5 @@
 """The commands ``ablate`` dispatches to besides a study and a report: train one run, the MLflow UI, Optuna's
-dashboard. Links into the MLflow UI come from ``stores.runs_url`` only."""
+dashboard. Links into the MLflow UI come from ``urls.runs_url`` only."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlencode
 
-from ablate import names
-from ablate.interrupts import sigterm_as_interrupt
-from ablate.stores import RUNS_TABLE, UI_HOST, redact, runs_url
+from ablate.core import names
+from ablate.core.interrupts import sigterm_as_interrupt
+from ablate.core.urls import RUNS_TABLE, UI_HOST, redact, runs_url
 
 DASHBOARD_PORT = 8080  # optuna-dashboard's own default
 STOP_WAIT_S = 10.0  # after SIGTERM, the UI's server gets this long to exit before its group gets SIGKILL
@@ -21,7 +21,7 @@ STOP_WAIT_S = 10.0  # after SIGTERM, the UI's server gets this long to exit befo
 
 def latest_experiment_id(tracking_uri: str) -> str | None:
     """The most recently created experiment in the store, MLflow's empty ``Default`` aside; None when there is none."""
-    from ablate.tracking import client_for
+    from ablate.stores.tracking import client_for
 
     found = client_for(tracking_uri).search_experiments(
         filter_string="name != 'Default'", order_by=["creation_time DESC"], max_results=1
@@ -31,16 +31,16 @@ def latest_experiment_id(tracking_uri: str) -> str | None:
 
 def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
     """``ablate train CONFIG``: one tracked run; prints one line. Exit 0 when it completed, 1 otherwise."""
-    from ablate.preflight import load_run_config
+    from ablate.design.preflight import load_run_config
 
     config = load_run_config(path, overrides)  # a bad config fails before torch and MLflow are imported
-    from ablate.storage import check_tracking
-    from ablate.stores import default_tracking_uri
+    from ablate.core.urls import default_tracking_uri
+    from ablate.stores.storage import check_tracking
 
     check_tracking(default_tracking_uri(), "MLFLOW_TRACKING_URI")  # in seconds, not after MLflow's retries
 
-    from ablate.tracking import MLflowTracker
-    from ablate.train import train
+    from ablate.stores.tracking import MLflowTracker
+    from ablate.training.train import train
 
     tracker = MLflowTracker(run_name=Path(path).stem, tags={names.TAG_ROLE: "run"})
     try:
@@ -61,8 +61,8 @@ def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
 def open_ui(port: int = 5000) -> int:
     """``ablate ui``: the MLflow UI on 127.0.0.1 against the default store until Ctrl-C or SIGTERM; prints the runs
     table of the newest experiment."""
-    from ablate.stores import default_tracking_uri
-    from ablate.tracking import artifact_root, prepare_store
+    from ablate.core.urls import default_tracking_uri
+    from ablate.stores.tracking import artifact_root, prepare_store
 
     uri = default_tracking_uri()
     prepare_store(uri)
@@ -87,7 +87,7 @@ def open_dashboard(port: int = DASHBOARD_PORT, storage: str | None = None) -> in
         return 2
     from optuna.storages import RDBStorage
 
-    from ablate.stores import default_storage, sqlite_path
+    from ablate.core.urls import default_storage, sqlite_path
 
     url = storage or default_storage()
     path = sqlite_path(url)

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from ablate import names, plan, verdicts
-from ablate.config import with_values
-from ablate.families import load_spec
+from ablate.core import names
+from ablate.core.config import with_values
+from ablate.core.urls import default_storage
+from ablate.design import plan
+from ablate.design.families import load_spec
+from ablate.design.spec import StudySpec
 from ablate.report import claims
-from ablate.spec import StudySpec
-from ablate.stores import default_storage
+from ablate.stats import verdicts
 
 FRESH = (2001, 2002, 2003, 2004)
 """Seeds of the re-runs: never a verdict seed (1..1000) nor a tune seed (10000...)."""
@@ -57,7 +59,7 @@ def arms_to_check(spec: StudySpec, results: list[plan.Result]) -> tuple[dict[str
 
 
 def _run(job: tuple[StudySpec, str, float, int]) -> tuple[str, float, int, float]:
-    from ablate.train import train  # torch only in the workers
+    from ablate.training.train import train  # torch only in the workers
 
     spec, name, lr, seed = job
     values = {**spec.variant(name).values, spec.nuisance[0].key: lr, "train.seed": seed, "train.threads": 1}

@@ -1,4 +1,4 @@
-"""Compute-matched arms (``ablate.budget``): the FLOP count against the model, every arm within one optimizer step
+"""Compute-matched arms (``ablate.core.sizes``): the FLOP count against the model, every arm within one optimizer step
 of the base's budget, schedules stretched to each arm's length, wall budgets kept by the clock, clear errors."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import yaml
 from mlflow import MlflowClient
 from support.runs import TINY_STUDY, Recorder, tiny
 
-from ablate import budget, names
-from ablate.budget import ComputeBudget, step_cost, stretched
-from ablate.config import ConfigError, with_values
-from ablate.families import load_spec
-from ablate.schedule import Schedule, lr_at, lr_at_share
-from ablate.spec import spec_from_mapping
-from ablate.study import run_study
-from ablate.study_setup import plan_digest
-from ablate.train import train
+from ablate.core import names, sizes
+from ablate.core.config import ConfigError, with_values
+from ablate.core.sizes import ComputeBudget, step_cost, stretched
+from ablate.design.families import load_spec
+from ablate.design.spec import spec_from_mapping
+from ablate.runner.study import run_study
+from ablate.runner.study_setup import plan_digest
+from ablate.training.schedule import Schedule, lr_at, lr_at_share
+from ablate.training.train import train
 
 DEFAULT = Path(__file__).resolve().parent.parent / "studies" / "default.yaml"
 
@@ -44,7 +44,7 @@ def test_the_trainer_reports_the_count_the_budget_uses():
     rec = Recorder()
     result = train(tiny(), [rec])
     cfg = tiny()
-    per_sequence = budget.flops_per_sequence(cfg.model, 9, 16)  # recall: 8 key/value tokens and the filler
+    per_sequence = sizes.flops_per_sequence(cfg.model, 9, 16)  # recall: 8 key/value tokens and the filler
     assert rec.derived["flops_per_token"] == per_sequence / 16 == result.metrics[names.FLOPS_PER_TOKEN]
     assert result.metrics[names.TOKENS] == 20 * 8 * 16 and result.metrics[names.STEPS] == 20
     assert result.metrics[names.FLOPS_TOTAL] == 20 * step_cost("flops", cfg, 9, None) == 20 * 8 * per_sequence
@@ -80,7 +80,7 @@ def test_every_arm_of_the_default_study_gets_the_base_budget_within_one_step(mat
     if match == "tokens":  # no arm of the default study changes batch size or length
         assert set(steps.values()) == {600}
     else:  # the cheaper arm trains longer, the costlier shorter (728064 FLOPs per token at the base)
-        assert budget.flops_per_sequence(spec.base.model, V, 64) == 64 * 728064
+        assert sizes.flops_per_sequence(spec.base.model, V, 64) == 64 * 728064
         assert steps[with_values(spec.base, {"model.embed_dim": 32}).model] == 2018
         assert steps[with_values(spec.base, {"model.embed_dim": 128}).model] == 166
         assert steps[with_values(spec.base, {"model.head_dim": 8}).model] == 753
@@ -88,7 +88,7 @@ def test_every_arm_of_the_default_study_gets_the_base_budget_within_one_step(mat
 
 def test_an_explicit_value_is_every_arm_budget_the_base_included():
     base = tiny()
-    per_step = 8 * budget.flops_per_sequence(base.model, 9, 16)
+    per_step = 8 * sizes.flops_per_sequence(base.model, 9, 16)
     assert ComputeBudget("tokens", base, value=1000.0).resolve(base, 9, None).train.steps == 8  # ceil(1000 / 128)
     assert ComputeBudget("flops", base, value=1e12).steps(base, 9, None) == math.ceil(Fraction(1e12) / per_step)
 
@@ -121,11 +121,11 @@ def _budget_run(cfg, compute) -> tuple:
 def test_trained_arms_use_the_base_budget_within_one_step(match, factor, value):
     base = tiny()
     compute = ComputeBudget(match, base)
-    used = budget.USED[match]
+    used = sizes.USED[match]
     result, rec, config = _budget_run(base, compute)
     total = result.metrics[used]
     assert result.steps == 20 and config == base and rec.derived["budget_value"] == total
-    assert rec.derived["budget_match"] == match and rec.derived["budget_unit"] == budget.UNITS[match]
+    assert rec.derived["budget_match"] == match and rec.derived["budget_unit"] == sizes.UNITS[match]
     result, rec, config = _budget_run(with_values(base, {factor: value}), compute)
     per_step = result.metrics[used] / result.steps
     assert result.status == "completed" and rec.derived["budget_value"] == total
@@ -253,43 +253,43 @@ def test_a_flops_matched_study_records_each_arm_budget_and_use(tmp_path, monkeyp
 @pytest.mark.parametrize("shape", [{}, {"position": "rope"}, {"rnn_hidden": 512}, {"embed_dim": 32, "num_layers": 4},
                                    {"num_heads": 8, "head_dim": 64}])  # fmt: skip
 def test_the_crossover_is_the_first_length_where_attention_costs_more_flops_per_token(kind, shape):
-    from ablate.config import ModelConfig
+    from ablate.core.config import ModelConfig
 
     cfg = ModelConfig(kind=kind, **shape)
     transformer = dataclasses.replace(cfg, kind="transformer")
     V, built = 96, 128  # both models built at 128 tokens; counted at any length
 
     def per_token(c: ModelConfig, length: int) -> Fraction:
-        return Fraction(budget.flops_per_sequence(c, V, length, None, built), length)
+        return Fraction(sizes.flops_per_sequence(c, V, length, None, built), length)
 
-    at = budget.crossover_length(cfg, V, built)
+    at = sizes.crossover_length(cfg, V, built)
     assert per_token(transformer, at) > per_token(cfg, at)
     assert at == 1 or per_token(transformer, at - 1) <= per_token(cfg, at - 1)
-    assert budget.crossover_length(cfg, V, built, 10) == at  # a classifier's head costs both kinds alike
+    assert sizes.crossover_length(cfg, V, built, 10) == at  # a classifier's head costs both kinds alike
     if cfg.rnn_hidden == 512:  # 4x the matched width: the RNN costs more until attention's T x T term catches up
         assert at > 100
     if not shape:  # learned positions: the matched RNN turns the position table (128 x C) into weights
-        assert at > 1 and budget.crossover_length(dataclasses.replace(cfg, position="rope"), V, built) < at
+        assert at > 1 and sizes.crossover_length(dataclasses.replace(cfg, position="rope"), V, built) < at
 
 
 def test_the_crossover_is_only_for_a_recurrent_config():
-    from ablate.config import ModelConfig
+    from ablate.core.config import ModelConfig
 
     with pytest.raises(ValueError, match="compares an lstm or gru with the Transformer, got kind 'transformer'"):
-        budget.crossover_length(ModelConfig(), 96, 128)
+        sizes.crossover_length(ModelConfig(), 96, 128)
 
 
 def test_the_kinds_bench_times_every_kind_at_equal_parameters_and_states_the_crossover(tmp_path):
-    from ablate import bench
-    from ablate.config import ModelConfig
+    from ablate.bench import speed
+    from ablate.core.config import ModelConfig
 
     cfg = ModelConfig(embed_dim=16, num_heads=2, num_layers=1, position="rope")
-    rows = bench.kinds_rows((8, 32), 2, 1, 0, torch.device("cpu"), cfg, vocab_size=11)
+    rows = speed.kinds_rows((8, 32), 2, 1, 0, torch.device("cpu"), cfg, vocab_size=11)
     assert [(r["length"], r["kind"]) for r in rows] == [(T, k) for T in (8, 32) for k in ("transformer", "lstm", "gru")]
     params = {r["kind"]: r["params"] for r in rows}
     assert abs(params["lstm"] - params["transformer"]) / params["transformer"] < 0.05
     assert all(r["us_per_token"] > 0 and r["flops_per_token"] > 0 for r in rows)
-    text = bench.kinds_markdown(rows, "# header", cfg, 11)
+    text = speed.kinds_markdown(rows, "# header", cfg, 11)
     assert text.count("| transformer |") == 2 and "- lstm: measured, " in text and "- gru: measured, " in text
 
     def timed(us: dict) -> list[dict]:
@@ -297,6 +297,6 @@ def test_the_kinds_bench_times_every_kind_at_equal_parameters_and_states_the_cro
 
     us = {("transformer", 64): 1.0, ("lstm", 64): 2.0, ("transformer", 256): 3.0, ("lstm", 256): 2.0,
           ("transformer", 1024): 5.0, ("lstm", 1024): 2.0}  # fmt: skip
-    assert bench.measured_crossover(timed(us), "lstm") == 256
-    assert bench.measured_crossover(timed({**us, ("transformer", 1024): 1.0}), "lstm") is None  # faster at the end
-    assert bench.measured_crossover(timed({**us, ("transformer", 64): 9.0}), "lstm") == 64
+    assert speed.measured_crossover(timed(us), "lstm") == 256
+    assert speed.measured_crossover(timed({**us, ("transformer", 1024): 1.0}), "lstm") is None  # faster at the end
+    assert speed.measured_crossover(timed({**us, ("transformer", 64): 9.0}), "lstm") == 64

@@ -12,11 +12,11 @@ import yaml
 from scipy import stats
 from support.runs import TINY_STUDY
 
-from ablate import verdicts
-from ablate.config import ConfigError
+from ablate.core.config import ConfigError
+from ablate.design.spec import spec_from_mapping
+from ablate.design.study_file import Claim
 from ablate.report import claims
-from ablate.spec import spec_from_mapping
-from ablate.study_file import Claim
+from ablate.stats import verdicts
 
 CLAIM = {"source": "Vaswani et al. 2017, Table 3 (A)", "claim": "One head is worse.",
          "expect": {"model.num_heads=4": "worse"}}  # fmt: skip
@@ -201,7 +201,7 @@ def test_judge_reads_the_verdict_table_and_says_what_it_measured():
 def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(tmp_path, monkeypatch):
     from support.stores import read_table
 
-    from ablate.study import run_study
+    from ablate.runner.study import run_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -255,7 +255,7 @@ def test_a_member_report_leaves_a_width_only_claim_to_its_family(monkeypatch):
 
 
 def test_a_claim_can_name_the_one_member_of_a_family_it_is_about():
-    from ablate.families import family_specs
+    from ablate.design.families import family_specs
 
     ladder = {"small": {"model.embed_dim": 16}, "wide": {"model.embed_dim": 32}}
     specs = family_specs({**TINY_STUDY, "ladder": ladder, "claims": {"c": {**CLAIM, "member": "wide"}}})

@@ -20,10 +20,10 @@ from mlflow import MlflowClient
 from support.runs import TINY_RUN, Recorder, tiny
 from support.servers import free_port
 
-from ablate import names
 from ablate.commands import latest_experiment_id, stop_group, train_from_file
-from ablate.interrupts import sigterm_as_interrupt
-from ablate.stores import runs_url
+from ablate.core import names
+from ablate.core.interrupts import sigterm_as_interrupt
+from ablate.core.urls import runs_url
 
 
 @pytest.fixture
@@ -74,8 +74,8 @@ def test_the_ui_opens_on_the_newest_experiment_not_mlflows_default(client: Mlflo
 
 
 def test_sigterm_ends_the_run_failed_instead_of_running(client: MlflowClient) -> None:
-    from ablate.tracking import MLflowTracker
-    from ablate.train import train
+    from ablate.stores.tracking import MLflowTracker
+    from ablate.training.train import train
 
     class Terminate(Recorder):
         def on_step(self, step: int, metrics: dict) -> bool:

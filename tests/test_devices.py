@@ -10,10 +10,10 @@ import pytest
 import yaml
 from support.runs import TINY_STUDY
 
-from ablate import names
-from ablate.config import ConfigError
-from ablate.devices import MAX_PER_GPU, Slot, plan_slots
-from ablate.spec import spec_from_mapping
+from ablate.core import names
+from ablate.core.config import ConfigError
+from ablate.core.devices import MAX_PER_GPU, Slot, plan_slots
+from ablate.design.spec import spec_from_mapping
 
 GB = 2**30
 
@@ -53,7 +53,7 @@ def _visible(queue: multiprocessing.Queue) -> None:
 
 
 def test_each_gpu_worker_sees_only_its_device_and_the_runner_keeps_its_own(monkeypatch):
-    from ablate.study import start_on
+    from ablate.runner.study import start_on
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     ctx = multiprocessing.get_context("spawn")
@@ -68,7 +68,7 @@ def test_each_gpu_worker_sees_only_its_device_and_the_runner_keeps_its_own(monke
 
 
 def test_a_study_runs_with_workers_auto(tmp_path, monkeypatch):
-    from ablate.study import run_study
+    from ablate.runner.study import run_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -15,11 +15,12 @@ from scipy import stats
 from support.runs import TINY_STUDY, write_study
 from support.stores import index_rows, read_table
 
-from ablate import names, tuning, verdicts
-from ablate.config import ConfigError
-from ablate.families import load_spec, load_specs
+from ablate.core import names
+from ablate.core.config import ConfigError
+from ablate.design.families import load_spec, load_specs
+from ablate.design.spec import Nuisance
 from ablate.report import across
-from ablate.spec import Nuisance
+from ablate.stats import tuning, verdicts
 
 LADDER = {"w16": {"model.embed_dim": 16}, "w32": {"model.embed_dim": 32, "model.num_layers": 2}}
 
@@ -257,7 +258,7 @@ def test_frontier_keeps_only_arms_no_cheaper_arm_beats():
 
 def test_a_ladder_at_two_budgets_gives_one_answer_per_member_and_a_family_page(tmp_path, monkeypatch, capsys):
     from ablate.report import report_command
-    from ablate.study import run_study
+    from ablate.runner.study import run_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

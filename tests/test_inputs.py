@@ -23,12 +23,12 @@ from support.runs import TINY_STUDY as TINY
 from support.stores import SPEC, StoreBuilder
 
 from ablate import cli
-from ablate.config import ConfigError, to_dict
-from ablate.families import load_spec
-from ablate.inputs import MAX_FILE_BYTES, parse_yaml, read_yaml
-from ablate.spec import StudySpec, spec_from_mapping
-from ablate.stores import redact, redact_text
-from ablate.study_file import check_name
+from ablate.core.config import ConfigError, to_dict
+from ablate.core.inputs import MAX_FILE_BYTES, parse_yaml, read_yaml
+from ablate.core.urls import redact, redact_text
+from ablate.design.families import load_spec
+from ablate.design.spec import StudySpec, spec_from_mapping
+from ablate.design.study_file import check_name
 
 PASSWORD = "S3cretPw"
 
@@ -241,7 +241,8 @@ def test_hostile_input_is_one_line_naming_the_key_exit_2_nothing_written(case, s
 def test_the_checks_before_a_study_do_not_import_torch():
     """The report loads study files with the same code: spec, preflight and the task checks stay torch-free."""
     default, gpu = (str(ROOT / "studies" / f"{name}.yaml") for name in ("default", "gpu"))
-    code = ("import sys; from ablate.families import load_spec; from ablate.preflight import load_run_config; "
+    code = ("import sys; from ablate.design.families import load_spec; "
+            "from ablate.design.preflight import load_run_config; "
             f"load_spec({default!r}); load_run_config({gpu!r}); print('torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate import names
-from ablate.budget import flops_per_sequence
-from ablate.config import POSITIONS, SCALINGS, ConfigError, ModelConfig, run_config_from
-from ablate.model import (
+from ablate.core import names
+from ablate.core.config import POSITIONS, SCALINGS, ConfigError, ModelConfig, run_config_from
+from ablate.core.sizes import flops_per_sequence
+from ablate.model.transformer import (
     MultiHeadAttention,
     RecurrentNet,
     Transformer,
@@ -439,9 +439,9 @@ RNN_SHAPES = [{}, {"embed_dim": 16, "num_heads": 2, "num_layers": 1, "bias": Fal
 @pytest.mark.parametrize("shape", RNN_SHAPES)
 @pytest.mark.parametrize("num_classes", [None, 10])
 def test_param_count_is_the_built_models_and_the_rnn_matches_the_transformer(shape, num_classes):
-    """``budget.param_count`` is exact for every kind; the matched hidden size (``rnn_hidden_size``) brings an
+    """``sizes.param_count`` is exact for every kind; the matched hidden size (``rnn_hidden_size``) brings an
     RNN within about 1 / h of the Transformer's parameters (a step of h moves about 2 / h of them)."""
-    from ablate.budget import param_count, rnn_hidden_size
+    from ablate.core.sizes import param_count, rnn_hidden_size
 
     base = ModelConfig(**shape)
     V, T = 65, 32
@@ -518,7 +518,7 @@ def test_model_kinds_are_built_by_build_model_and_checked():
 def test_attention_only_untied_and_torch_initialised_models_are_what_they_say():
     """mlp_ratio 0: blocks without MLP (nor its LayerNorm); tie_head false: the head has its own weights; init torch:
     each layer as torch builds it (nn.Embedding N(0, 1), not GPT-2's N(0, 0.02)). FLOPs drop the MLP's matmuls."""
-    from ablate.budget import flops_per_sequence
+    from ablate.core.sizes import flops_per_sequence
 
     toy = ModelConfig(embed_dim=32, num_heads=1, mlp_ratio=0, tie_head=False, init="torch")
     torch.manual_seed(0)

@@ -21,10 +21,10 @@ from support.runs import TINY_STUDY, write_study
 from support.servers import TcpRelay, free_port, pg_database
 from support.studies import StudyProcess, drained
 
-from ablate import names
-from ablate.config import ConfigError
-from ablate.outages import MAX_BACKOFF_S, is_outage
-from ablate.storage import CONNECT_TIMEOUT_S, PlanLock, check_stores, open_storage
+from ablate.core import names
+from ablate.core.config import ConfigError
+from ablate.stores.outages import MAX_BACKOFF_S, is_outage
+from ablate.stores.storage import CONNECT_TIMEOUT_S, PlanLock, check_stores, open_storage
 
 SQLITE = "sqlite:////nonexistent-folder/optuna.db"  # a store that would be written, were anything written
 
@@ -149,7 +149,7 @@ def test_every_storage_call_a_study_makes_waits_out_an_outage():
 
     from optuna.storages._cached_storage import _CachedStorage
 
-    from ablate.outages import RETRIED, OutageTolerantStorage
+    from ablate.stores.outages import RETRIED, OutageTolerantStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_CachedStorage)))
     no_database = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
@@ -160,7 +160,7 @@ def test_every_storage_call_a_study_makes_waits_out_an_outage():
 def test_optunas_private_parts_are_where_the_runner_reaches_for_them():
     """The runner reaches into Optuna in one module (planned values of an enqueued trial, storage ids, the heartbeat
     thread): an Optuna release that moves any of it fails here, naming the version, not in a user's study."""
-    from ablate import optuna_private
+    from ablate.core import optuna_private
 
     assert not optuna_private.missing(), f"Optuna {optuna.__version__} moved {optuna_private.missing()}"
 
@@ -168,7 +168,7 @@ def test_optunas_private_parts_are_where_the_runner_reaches_for_them():
 def test_a_stop_leaves_a_trial_that_finished_on_its_way_alone(monkeypatch):
     """A stop reads the trial RUNNING, and it completes before the stop can end it: it keeps its result and is not
     queued again (this raised UpdateFinishedTrialError into the worker's stop handling)."""
-    from ablate import recovery
+    from ablate.design import recovery
 
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     study.enqueue_trial({"x": 1.0}, user_attrs={names.ATTR_PHASE: "tune", names.ATTR_VARIANT: "base",

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ablate.design.spec import spec_from_mapping
 from ablate.report import plots, search_plots
 from ablate.report.load import StudyData
-from ablate.spec import spec_from_mapping
 
 MARGIN = 0.02
 UNIFORM = math.log(64)  # the uniform-guess loss a diverged seed run counts at

@@ -17,7 +17,7 @@ from support.runs import write_study
 from support.servers import pg_database
 from support.studies import StudyProcess, drained
 
-from ablate.storage import PlanLock
+from ablate.stores.storage import PlanLock
 
 pytestmark = pytest.mark.postgres
 # 4 variants x (5 tune points + 5 seeds) = 40 trials: num_heads 2 (base), 4, 1; attn_dropout 0.1
@@ -66,7 +66,7 @@ def test_plan_lock_holds_across_machines_and_ends_with_its_holder(pg_url, tmp_pa
     """A PostgreSQL advisory lock: held by a process with another temp folder, it blocks us; the holder killed
     (SIGKILL: no clean-up runs), its session ends and we get the lock within seconds. Release is idempotent."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom ablate.storage import PlanLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom ablate.stores.storage import PlanLock\n"
          "with PlanLock(sys.argv[1], 'study'):\n    print('locked', flush=True)\n    time.sleep(600)\n", pg_url],
         env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:

@@ -22,8 +22,9 @@ from scipy import stats
 from support.runs import ROOT
 from support.stores import EVIL, SPEC, UNIFORM_LOSS, StoreBuilder, build_search, index_rows, read_table, study_site
 
-from ablate import names, plan
-from ablate.spec import spec_from_mapping
+from ablate.core import names
+from ablate.design import plan
+from ablate.design.spec import spec_from_mapping
 
 
 @pytest.fixture
@@ -200,7 +201,7 @@ def test_report_before_any_study_is_one_line_and_creates_no_store(tmp_path, monk
 
 def test_report_of_a_real_tiny_study(tmp_path, monkeypatch, capsys):
     """The study runner's own stores, not our fixture: the report finds every trial, run and number."""
-    from ablate.study import run_study
+    from ablate.runner.study import run_study
 
     spec = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
     spec.update(name="real", points=1, seeds=2)
@@ -306,7 +307,7 @@ def test_a_recall_study_reports_each_arm_beyond_its_training_length(tmp_path, mo
     positions cannot run longer inputs and says so instead of showing a blank."""
     from support.runs import TINY_STUDY
 
-    from ablate.study import run_study
+    from ablate.runner.study import run_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -327,15 +328,15 @@ def test_a_recall_study_reports_each_arm_beyond_its_training_length(tmp_path, mo
 
 def test_a_study_of_model_kinds_reports_cost_against_length_and_the_crossover(tmp_path, monkeypatch):
     """Transformer against lstm: FLOPs per token at the training length and at doublings (attention's grow by
-    budget.attention_slope per token of context, the lstm's stay), and the length from which attention costs more,
-    the same as budget.crossover_length counts from the configs."""
+    sizes.attention_slope per token of context, the lstm's stay), and the length from which attention costs more,
+    the same as sizes.crossover_length counts from the configs."""
     import dataclasses
 
     from support.runs import TINY_STUDY
 
-    from ablate import budget
-    from ablate.families import load_spec
-    from ablate.study import run_study
+    from ablate.core import sizes
+    from ablate.design.families import load_spec
+    from ablate.runner.study import run_study
     from ablate.tasks import build_task
 
     monkeypatch.chdir(tmp_path)
@@ -351,10 +352,10 @@ def test_a_study_of_model_kinds_reports_cost_against_length_and_the_crossover(tm
     assert [c.removeprefix("FLOPs/token at ") for c in flops.columns] == ["16", "32", "64", "128", "256", "512"]
     model = load_spec(tmp_path / "kinds.yaml").base.model
     assert flops.loc["lstm"].nunique() == 1
-    assert flops.loc["transformer"].diff().dropna().tolist() == [budget.attention_slope(model) * n
+    assert flops.loc["transformer"].diff().dropna().tolist() == [sizes.attention_slope(model) * n
                                                                  for n in (16, 32, 64, 128, 256)]
     vocab = build_task(load_spec(tmp_path / "kinds.yaml").base.task, seed=0).vocab_size
-    at = budget.crossover_length(dataclasses.replace(model, kind="lstm"), vocab, 16)
+    at = sizes.crossover_length(dataclasses.replace(model, kind="lstm"), vocab, 16)
     assert f"lstm: attention costs more FLOPs per token than the lstm from {at:,} tokens of context on" in page
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import yaml
 from support.runs import TINY_STUDY
 
-from ablate import plan, retune
-from ablate.families import load_spec
+from ablate import retune
+from ablate.design import plan
+from ablate.design.families import load_spec
 
 
 def _spec(tmp_path):

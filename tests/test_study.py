@@ -18,10 +18,12 @@ from support.runs import TINY_STUDY as TINY
 from support.runs import write_study
 from support.studies import LONG_TRAIN, StudyProcess, assert_consistent, stores, wait_for_training
 
-from ablate import cli, names, plan, recovery
-from ablate.config import ConfigError, with_values
-from ablate.families import load_spec, load_specs
-from ablate.study import run_study
+from ablate import cli
+from ablate.core import names
+from ablate.core.config import ConfigError, with_values
+from ablate.design import plan, recovery
+from ablate.design.families import load_spec, load_specs
+from ablate.runner.study import run_study
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("**/*.yaml"))  # claims/ too
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +404,7 @@ def test_plan_digests_are_pinned_and_a_study_tuned_on_one_seed_is_refused():
     """Fields added later stay out of the digest at their defaults, so a study keeps resuming across releases (the
     digest below was computed by the code that added tune seeds). A study set up before tune seeds (one run per
     tune point, on seed 0: the digest of commit aa123ba) is another plan, and is refused rather than mixed."""
-    from ablate.study_setup import plan_digest
+    from ablate.runner.study_setup import plan_digest
 
     studies = Path(__file__).parent.parent / "studies"
     smoke = plan_digest(load_spec(studies / "smoke.yaml", preflight=False))

@@ -13,14 +13,16 @@ from support.runs import TINY_STUDY as TINY
 from support.runs import write_study
 from support.studies import LONG_TRAIN, StudyProcess, assert_consistent, stores, wait_for_training
 
-from ablate import names, plan, verdicts
-from ablate.budget import ComputeBudget
-from ablate.config import ConfigError
-from ablate.families import load_spec
-from ablate.groups import AUTO_TOGETHER, together_size
-from ablate.spec import spec_from_mapping
-from ablate.study import run_study
-from ablate.study_setup import plan_digest
+from ablate.core import names
+from ablate.core.config import ConfigError
+from ablate.core.sizes import ComputeBudget
+from ablate.design import plan
+from ablate.design.families import load_spec
+from ablate.design.spec import spec_from_mapping
+from ablate.runner.study import run_study
+from ablate.runner.study_setup import plan_digest
+from ablate.runner.trial_groups import AUTO_TOGETHER, together_size
+from ablate.stats import verdicts
 
 REL = 1e-4  # fp32: a stacked step sums in another order than a single run (printed to 6 digits they agree)
 NUMBER = r"-?\d[\d.e+-]*|nan|inf"

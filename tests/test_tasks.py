@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ablate.config import ConfigError, ModelConfig, TaskConfig
+from ablate.core.config import ConfigError, ModelConfig, TaskConfig
 from ablate.tasks import IGNORE, SPLITS, build_task, cache_dir
 from ablate.tasks.charlm import split_text
 from ablate.tasks.generated import listops_value, recall_targets
@@ -238,7 +238,7 @@ def test_eval_batches_cover_the_split_once_in_order():
 
 @pytest.mark.parametrize("name", ["charlm", "recall", "listops"])
 def test_an_untrained_model_scores_about_ln_vocab(name):
-    from ablate.model import Transformer
+    from ablate.model.transformer import Transformer
 
     cfg = GENERATED.get(name) or TaskConfig(name="charlm", seq_len=64)  # charlm: the default python-docs text
     task = build_task(cfg, seed=0)

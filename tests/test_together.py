@@ -1,4 +1,4 @@
-"""Trials trained together (``ablate.together``) give each member the numbers of its single run (float64, CPU)."""
+"""Trials trained together (``training.together``) give each member the numbers of its single run (float64, CPU)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from support.runs import Recorder, tiny
 
-from ablate import names
-from ablate.config import POSITIONS, SCALINGS, RunConfig
-from ablate.together import train_together
-from ablate.train import RunResult, train
+from ablate.core import names
+from ablate.core.config import POSITIONS, SCALINGS, RunConfig
+from ablate.training.together import train_together
+from ablate.training.train import RunResult, train
 
 LISTOPS = {"task.name": "listops", "task.seq_len": 32, "task.max_depth": 2, "task.max_args": 3}
 MEMBERS = ((3e-3, 0), (1e-2, 1), (1e-3, 2))  # (train.lr, train.seed) of each member
@@ -143,7 +143,7 @@ def test_configs_that_differ_in_more_than_lr_and_seed_are_refused_with_the_field
 
 
 def test_a_token_budget_sets_every_members_steps_and_a_wall_budget_is_refused() -> None:
-    from ablate.budget import ComputeBudget
+    from ablate.core.sizes import ComputeBudget
 
     cfgs = configs(MEMBERS[:2])
     results = train_together(cfgs, [(), ()], ComputeBudget("tokens", cfgs[0], value=3000.0))

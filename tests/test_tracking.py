@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 from support.runs import TINY_RUN as TINY
 from support.runs import Recorder, tiny
 
-from ablate import names
-from ablate.tracking import MLflowTracker, ensure_experiment, git_state
-from ablate.train import train
+from ablate.core import names
+from ablate.stores.tracking import MLflowTracker, ensure_experiment, git_state
+from ablate.training.train import train
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +166,7 @@ def test_large_attention_maps_are_pooled_into_one_small_png(tmp_path: Path) -> N
     import numpy as np
     from matplotlib.image import imread
 
-    from ablate.figures import save_attention_maps
+    from ablate.stores.figures import save_attention_maps
 
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     save_attention_maps(np.full((2, 4, 64, 64), 1 / 64), small)
@@ -177,7 +177,7 @@ def test_large_attention_maps_are_pooled_into_one_small_png(tmp_path: Path) -> N
 
 
 def test_a_run_failing_before_its_first_step_is_still_recorded(client: MlflowClient) -> None:
-    from ablate.config import ConfigError
+    from ablate.core.config import ConfigError
 
     impossible = tiny(**{"task.num_pairs": 8})  # 8 pairs do not fit in 16 tokens: the task refuses to build
     with pytest.raises(ConfigError):

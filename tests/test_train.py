@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from support.runs import Recorder, tiny
 
-from ablate import names
-from ablate.schedule import lr_at, make_optimizer
-from ablate.train import DATA_SEED, solved_multiple, train
+from ablate.core import names
+from ablate.training.schedule import lr_at, make_optimizer
+from ablate.training.train import DATA_SEED, solved_multiple, train
 
 RECALL_UNIFORM_LOSS = math.log(9)  # TINY's recall: 8 key/value tokens and the filler
 
@@ -42,7 +42,7 @@ def held_out(metrics: dict) -> list[str]:
 
 
 def test_a_completed_run_scores_the_full_test_split_with_its_final_model_unseen_by_callbacks() -> None:
-    from ablate.model import Transformer
+    from ablate.model.transformer import Transformer
     from ablate.tasks import build_task
 
     cfg = tiny(**{"task.num_test": 20, "train.checkpoint": True})  # 20 rows: batches of 8, 8 and 4
@@ -111,7 +111,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor() -> None:
 
 
 def test_weight_decay_applies_to_linear_matrices_only() -> None:
-    from ablate.model import Transformer
+    from ablate.model.transformer import Transformer
 
     cfg = tiny(**{"model.scaling": "learned"})
     model = Transformer(cfg.model, vocab_size=8, max_len=16, num_classes=3)
@@ -163,8 +163,8 @@ def test_solved_multiple_is_where_accuracy_first_drops_below_the_threshold() -> 
 
 
 def test_preflight_refuses_no_positions_for_a_classifier_and_counts_the_longest_eval_length() -> None:
-    from ablate.config import ConfigError
-    from ablate.preflight import _sizes, check_run, estimate_bytes
+    from ablate.core.config import ConfigError
+    from ablate.design.preflight import _sizes, check_run, estimate_bytes
 
     with pytest.raises(ConfigError, match="^model.position: none needs a causal .*listops"):
         check_run(tiny(**{"model.position": "none", "task.name": "listops", "task.seq_len": 32}))
@@ -184,7 +184,7 @@ RNN_TASKS = {"recall": {}, "charlm": {"task.name": "charlm"},
 @pytest.mark.parametrize("task", list(RNN_TASKS))
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_an_rnn_trains_on_every_task_with_finite_losses_and_no_attention_statistics(kind, task) -> None:
-    from ablate import budget
+    from ablate.core import sizes
     from ablate.tasks import build_task
 
     rec, cfg = Recorder(), tiny(**{"model.kind": kind, **RNN_TASKS[task]})
@@ -197,9 +197,9 @@ def test_an_rnn_trains_on_every_task_with_finite_losses_and_no_attention_statist
                                                  for h in result.history)  # fmt: skip
     data = build_task(cfg.task, seed=DATA_SEED)
     model, V, T, k = cfg.model, data.vocab_size, data.seq_len, data.num_classes
-    assert rec.derived["rnn_hidden"] == budget.rnn_hidden_size(model, T)
-    assert result.metrics[names.PARAMS] == budget.param_count(model, V, T, k)
-    assert rec.derived["flops_per_token"] == budget.flops_per_sequence(model, V, T, k) / T
+    assert rec.derived["rnn_hidden"] == sizes.rnn_hidden_size(model, T)
+    assert result.metrics[names.PARAMS] == sizes.param_count(model, V, T, k)
+    assert rec.derived["flops_per_token"] == sizes.flops_per_sequence(model, V, T, k) / T
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -211,7 +211,7 @@ def test_an_rnn_has_no_position_limit_and_is_scored_at_the_longer_lengths(kind) 
 
 
 def test_an_rnn_decays_its_recurrent_matrices_like_linear_weights() -> None:
-    from ablate.model import build_model
+    from ablate.model.transformer import build_model
 
     model = build_model(tiny(**{"model.kind": "lstm", "model.num_layers": 2}).model, 11, 16)
     decayed, plain = make_optimizer(model, tiny().train, torch.device("cpu")).param_groups
@@ -224,7 +224,7 @@ def test_an_rnn_decays_its_recurrent_matrices_like_linear_weights() -> None:
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_preflight_estimates_an_rnn_without_a_t_by_t_term(kind) -> None:
-    from ablate.preflight import _sizes, check_run, estimate_bytes
+    from ablate.design.preflight import _sizes, check_run, estimate_bytes
 
     check_run(tiny(**{"model.kind": kind, "model.position": "none", "task.name": "listops", "task.seq_len": 32}))
     big = {"task.seq_len": 1024, "train.batch_size": 32, "task.vocab_size": 64, "model.embed_dim": 128}

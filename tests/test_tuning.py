@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from ablate import tuning, verdicts
+from ablate.stats import tuning, verdicts
 
 # ---------------------------------------------------------------------------------------------------------------
 # The rule on known curves

@@ -19,10 +19,10 @@ from mlflow import MlflowClient
 from support.runs import TINY_STUDY
 from support.servers import free_port
 
-from ablate import names
-from ablate.stores import runs_url
-from ablate.study import run_study
-from ablate.tracking import ensure_experiment
+from ablate.core import names
+from ablate.core.urls import runs_url
+from ablate.runner.study import run_study
+from ablate.stores.tracking import ensure_experiment
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [

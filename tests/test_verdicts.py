@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ablate.answers import answer_factor
-from ablate.verdicts import (
+from ablate.stats.answers import answer_factor
+from ablate.stats.verdicts import (
     BETTER,
     EQUIVALENT,
     UNDECIDED,

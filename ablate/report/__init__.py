@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from ablate.config import ConfigError
-from ablate.families import load_specs
+from ablate.core.config import ConfigError
+from ablate.design.families import load_specs
+from ablate.design.study_file import check_name
 from ablate.report.family import build_family_report, families
 from ablate.report.index import build_index, safe_name
 from ablate.report.load import load_study, safe_study_names
 from ablate.report.study_page import build_report
-from ablate.study_file import check_name
 
 __all__ = ["build_index", "build_report", "report_command", "load_study"]
 

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ablate import tuning
-from ablate.spec import Nuisance
+from ablate.design.spec import Nuisance
+from ablate.stats import tuning
 
 HOLDS, FLIPS, INCONCLUSIVE = "holds", "flips", "inconclusive"
 CHANGES = "changes"
@@ -73,7 +73,7 @@ def trend(x: np.ndarray, diff: np.ndarray, se: np.ndarray, n: np.ndarray, alpha:
     came out small by chance then dominates and the variance is understated (7-11% false changes at a nominal 5% in
     simulations like those of tests/test_family.py, against at most 4.5% with equal weights). The interval is then
     widened by what mistuning can move the slope: a member's measured difference lies within ``[-pen_base, +pen_alt]``
-    of the difference of the arms as tuned well (``ablate.verdicts``), so the slope within the c-weighted sums of
+    of the difference of the arms as tuned well (``ablate.stats.verdicts``), so the slope within the c-weighted sums of
     those."""
     x = np.asarray(x, dtype=float)
     diff, se = np.asarray(diff, dtype=float), np.asarray(se, dtype=float)

@@ -1,8 +1,8 @@
 """The numbers behind the answer: per variant its tuning, its seed re-runs and its verdict against the base; per
 factor the value to choose; health checks and, for search studies, parameter importances. Pandas/scipy only.
 
-The verdicts come from ``ablate.verdicts`` on the same results the runner decided its seeds with
-(``ablate.plan.arm_results`` of the Optuna trials), so the page and the plan cannot disagree. Selection is on
+The verdicts come from ``ablate.stats.verdicts`` on the same results the runner decided its seeds with
+(``ablate.design.plan.arm_results`` of the Optuna trials), so the page and the plan cannot disagree. Selection is on
 validation (each variant's chosen learning rate), verdicts on the test split (the seed re-runs' test loss, a
 diverged run counted at the uniform-guess loss). Lower is better.
 """
@@ -18,17 +18,19 @@ import optuna
 import pandas as pd
 from scipy import stats
 
-from ablate import names, plan, verdicts
-from ablate.answers import answer_factor
-from ablate.config import fmt
+from ablate.core import names
+from ablate.core.config import fmt
+from ablate.design import plan
 from ablate.report.load import StudyData, completed
+from ablate.stats import verdicts
+from ablate.stats.answers import answer_factor
 
 LEVEL = 0.95
 COST_KEYS = (names.PARAMS, names.FLOPS_PER_TOKEN, names.FLOPS_TOTAL, names.TOKENS_PER_S, names.WALL_S)
 CHOICE_COST = names.PARAMS
 """What "the cheapest" of equivalent values means: fewest parameters (FLOPs per token follow them here)."""
 FAIR_LEVEL = 0.95
-"""The tuning penalty a page calls "fair" against the margin: its 95% bootstrap bound (``ablate.tuning``), stricter
+"""The tuning penalty a page calls "fair" against the margin: its 95% bootstrap bound (``stats.tuning``), stricter
 than the bound the verdicts are widened by."""
 
 
@@ -340,10 +342,10 @@ COST_LENGTHS = 6  # the training length and five doublings beyond it: 16 -> 512,
 def kind_costs(data: StudyData, table: pd.DataFrame) -> dict | None:
     """Self-attention against its recurrent baselines (``model.kind``) in cost: per kind its parameters, training
     FLOPs per token at the training length and at doublings of it, and the throughput it measured here; per
-    recurrent kind the length from which attention spends more FLOPs per token (``budget.crossover_from``: the
-    Transformer's per-token cost grows by ``budget.attention_slope`` per token of context, an RNN's does not).
+    recurrent kind the length from which attention spends more FLOPs per token (``sizes.crossover_from``: the
+    Transformer's per-token cost grows by ``sizes.attention_slope`` per token of context, an RNN's does not).
     None when the study compares no model kinds."""
-    from ablate import budget  # counting only: budget imports no torch
+    from ablate.core import sizes  # counting only: budget imports no torch
 
     if "model.kind" not in data.spec.scientific:
         return None
@@ -352,7 +354,7 @@ def kind_costs(data: StudyData, table: pd.DataFrame) -> dict | None:
              if v in _names(data) and _factor(v, data) in ("", "model.kind")}  # fmt: skip
     if len(kinds) < 2 or "transformer" not in kinds:
         return None
-    T, slope = data.spec.base.task.seq_len, budget.attention_slope(data.spec.base.model)
+    T, slope = data.spec.base.task.seq_len, sizes.attention_slope(data.spec.base.model)
     lengths = [T * 2**i for i in range(COST_LENGTHS)]
     rows = []
     for kind, arm in kinds.items():
@@ -361,7 +363,7 @@ def kind_costs(data: StudyData, table: pd.DataFrame) -> dict | None:
                      **{f"FLOPs/token at {n}": arm[names.FLOPS_PER_TOKEN] + g
                         for n, g in zip(lengths, growth, strict=True)}})  # fmt: skip
     attention = kinds["transformer"][names.FLOPS_PER_TOKEN]
-    crossover = {kind: budget.crossover_from(attention, T, arm[names.FLOPS_PER_TOKEN], slope)
+    crossover = {kind: sizes.crossover_from(attention, T, arm[names.FLOPS_PER_TOKEN], slope)
                  for kind, arm in kinds.items() if kind != "transformer" and math.isfinite(arm[names.FLOPS_PER_TOKEN])
                  and math.isfinite(attention)}  # fmt: skip
     return {"table": pd.DataFrame(rows), "crossover": crossover, "seq_len": T}

@@ -3,9 +3,9 @@
 A claim is **reproduced** when every one of its expectations is met, **not reproduced** when any is contradicted, and
 **inconclusive** otherwise. Every expectation is judged by an interval, and an outcome is wrong only when its interval
 misses the truth; the intervals other than the verdicts' are two-sided at 1 - alpha (the study's alpha), alpha/2 per
-end, as the verdicts read theirs (``ablate.verdicts.SIDES``). What decides each:
+end, as the verdicts read theirs (``ablate.stats.verdicts.SIDES``). What decides each:
 
-- ``expect: {variant: verdict}``: the variant's verdict against the base (``ablate.verdicts``) and the verdict's
+- ``expect: {variant: verdict}``: the variant's verdict against the base (``ablate.stats.verdicts``) and the verdict's
   interval ``[lo, hi]`` of the difference d of the arms as tuned well (test loss, variant minus base). Each expected
   verdict is a set of d: better d < -margin, worse d > 0, equivalent -margin <= d <= +margin, not worse d <= +margin
   (better or equivalent), not better d >= -margin (worse or equivalent). Met when the verdict is one the expectation
@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ablate import names
-from ablate.spec import StudySpec
-from ablate.study_file import Claim
+from ablate.core import names
+from ablate.design.spec import StudySpec
+from ablate.design.study_file import Claim
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 DECIDED = ("better", "worse", "equivalent")
@@ -85,7 +85,7 @@ def _outside(expected: str, lo: float, hi: float, m: float) -> bool:
 
 
 def tune_ceiling(tune: pd.DataFrame) -> float:
-    """What a diverged tune run scores: the uniform-guess loss, else just above every loss (as ``ablate.plan``)."""
+    """What a diverged tune run scores: the uniform-guess loss, else just above every loss (as ``design.plan``)."""
     known = tune["uniform_loss"].dropna() if "uniform_loss" in tune else pd.Series(dtype=float)
     losses = tune["value"].dropna() if "value" in tune else pd.Series(dtype=float)
     return float(known.max()) if len(known) else (float(losses.max()) + 1.0 if len(losses) else 1.0)

@@ -1,5 +1,5 @@
 """The page of a family of studies (``reports/<family>/index.html``): one study file run as several Optuna studies,
-one per rung of a size ladder and/or per budget (``ablate.families``). Each member keeps its own full report; this page
+one per rung of a size ladder and/or per budget (``design.families``). Each member keeps its own full report; this page
 sets their answers side by side and says, per factor, whether the answer holds, changes or flips (``across``: a test
 of change across members), where the arms lie against their training compute, and how each arm's best learning rate
 moves with width.
@@ -15,14 +15,15 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from ablate import names, plan
-from ablate.config import ConfigError
-from ablate.families import family_specs
+from ablate.core import names
+from ablate.core.config import ConfigError
+from ablate.core.urls import default_storage
+from ablate.design import plan
+from ablate.design.families import family_specs
+from ablate.design.spec import StudySpec
+from ablate.design.study_file import check_name
 from ablate.report import across, analysis, claims, html, plots
 from ablate.report.load import StudyData, checked_storage, load_study
-from ablate.spec import StudySpec
-from ablate.stores import default_storage
-from ablate.study_file import check_name
 
 TEMPLATE = "family.html.j2"
 

@@ -10,7 +10,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from ablate.stores import redact_text
+from ablate.core.urls import redact_text
 
 TEMPLATE = "template.html.j2"  # a study's report; it and the index share page.css.j2 and sortable.js.j2
 INDEX_TEMPLATE = "index.html.j2"  # every study of a store on one page

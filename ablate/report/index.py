@@ -14,14 +14,15 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import names, plan, recovery
-from ablate.config import ConfigError
+from ablate.core import names
+from ablate.core.config import ConfigError
+from ablate.core.urls import default_storage, redact
+from ablate.design import plan, recovery
+from ablate.design.spec import StudySpec, spec_from_mapping
+from ablate.design.study_file import check_name
 from ablate.report import html
 from ablate.report.family import families
 from ablate.report.load import checked_storage, safe_study_names
-from ablate.spec import StudySpec, spec_from_mapping
-from ablate.stores import default_storage, redact
-from ablate.study_file import check_name
 
 FINISHED, IN_PROGRESS, STOPPED = "finished", "in progress", "stopped"
 

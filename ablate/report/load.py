@@ -16,11 +16,12 @@ import optuna
 import pandas as pd
 from mlflow import MlflowClient
 
-from ablate import names, recovery
-from ablate.config import ConfigError, scalar
-from ablate.spec import StudySpec, spec_from_mapping
-from ablate.stores import default_storage, default_tracking_uri, is_redacted, redact, sqlite_path
-from ablate.study_file import check_name
+from ablate.core import names
+from ablate.core.config import ConfigError, scalar
+from ablate.core.urls import default_storage, default_tracking_uri, is_redacted, redact, sqlite_path
+from ablate.design import recovery
+from ablate.design.spec import StudySpec, spec_from_mapping
+from ablate.design.study_file import check_name
 
 
 @dataclass

@@ -20,7 +20,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
-from ablate import names  # noqa: E402
+from ablate.core import names  # noqa: E402
 from ablate.report import across  # noqa: E402
 from ablate.report.analysis import display, seed_runs  # noqa: E402
 from ablate.report.load import StudyData, completed  # noqa: E402

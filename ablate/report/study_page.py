@@ -12,14 +12,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ablate import names
-from ablate.budget import ComputeBudget
-from ablate.config import ConfigError
+from ablate.core import names
+from ablate.core.config import ConfigError
+from ablate.core.sizes import ComputeBudget
+from ablate.core.urls import redact, redact_text
+from ablate.design.study_file import check_name
 from ablate.report import analysis, claims, html, plots, search_plots
 from ablate.report.index import build_index, commands
 from ablate.report.load import StudyData, completed, dataset_digests, load_study
-from ablate.stores import redact, redact_text
-from ablate.study_file import check_name
 
 
 def build_report(name: str, *, storage: str | None = None, tracking_uri: str | None = None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ablate.config import TASKS, ConfigError, TaskConfig
+from ablate.core.config import TASKS, ConfigError, TaskConfig
 
 if TYPE_CHECKING:
     from ablate.tasks.base import IGNORE, SPLITS, Batch, Task, cache_dir

@@ -27,7 +27,7 @@ from typing import Any
 import datasets
 import torch
 
-from ablate.config import ConfigError
+from ablate.core.config import ConfigError
 
 SPLITS = ("train", "validation", "test")
 IGNORE = -100  # targets at unscored positions; F.cross_entropy(..., ignore_index=-100)

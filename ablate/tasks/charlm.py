@@ -19,7 +19,7 @@ import hashlib
 import datasets
 import numpy as np
 
-from ablate.config import ConfigError, TaskConfig
+from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import Task, build_splits, cache_dir, digest_of, row_features
 from ablate.tasks.checks import hf_name, text_files, unreadable
 

@@ -14,7 +14,7 @@ import codecs
 import os
 from pathlib import Path
 
-from ablate.config import ConfigError, TaskConfig
+from ablate.core.config import ConfigError, TaskConfig
 
 CHUNK = 1 << 20  # files are checked in pieces: a large corpus is never held twice
 MAX_LISTOPS_DEPTH = 100

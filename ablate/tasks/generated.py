@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import datasets
 import numpy as np
 
-from ablate.config import ConfigError, TaskConfig
+from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import IGNORE, SPLITS, Task, build_rows, build_splits, digest_of, row_features
 from ablate.tasks.checks import MAX_LISTOPS_DEPTH, check_listops, check_recall
 

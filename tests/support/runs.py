@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from ablate.config import RunConfig, run_config_from, with_values
+from ablate.core.config import RunConfig, run_config_from, with_values
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: studies/ are read from here, never from the cwd
 

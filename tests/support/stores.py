@@ -1,5 +1,5 @@
 """Finished studies written into real MLflow and Optuna stores with the runner's own names (trial tags, run names,
-statuses from ``ablate.names``), for the report's tests: an ablation, a search, and a site of several studies."""
+statuses from ``ablate.core.names``), for the report's tests: an ablation, a search, and a site of several studies."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from mlflow.entities import DatasetInput, Metric, Param
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from ablate import names
-from ablate.config import flatten, run_config_from, to_dict, with_values
+from ablate.core import names
+from ablate.core.config import flatten, run_config_from, to_dict, with_values
 
 EVIL = "<script>alert('x')</script>"
 

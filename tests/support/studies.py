@@ -15,7 +15,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from ablate import names
+from ablate.core import names
 from support.runs import TINY_STUDY
 
 LONG_TRAIN = {**TINY_STUDY["train"], "steps": 1200, "eval_every": 400, "log_every": 200}  # a few seconds a trial

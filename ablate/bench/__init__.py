@@ -1,0 +1,1 @@
+"""``ablate bench``: the speed of attention backends and models on this machine, and ``--gpu``."""
