@@ -41,6 +41,20 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
+def head_dim_of(embed_dim: int, num_heads: int, head_dim: int | None, position: str) -> int:
+    """A head's width: ``head_dim``, else ``embed_dim / num_heads``; a ConfigError naming the key that makes the
+    shape impossible. The one rule for ``ModelConfig`` and ``MultiHeadAttention`` built on its own."""
+    for key, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        _check(value >= 1, key, f"must be >= 1, got {value}")
+    _check(head_dim is None or head_dim >= 1, "head_dim", f"must be >= 1, got {head_dim}")
+    _check(head_dim is not None or embed_dim % num_heads == 0, "num_heads",
+           f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; change one or set head_dim explicitly")
+    resolved = head_dim if head_dim is not None else embed_dim // num_heads
+    _check(position != "rope" or resolved % 2 == 0, "position",
+           f"rope rotates pairs of a head's dimensions: head_dim must be even, got {resolved}")
+    return resolved
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture. Vocabulary, length and head type come from the task, not from here.
@@ -82,25 +96,16 @@ class ModelConfig:
     closest integer, ``ablate.core.sizes.rnn_hidden_size``). Ignored by a transformer."""
 
     def __post_init__(self) -> None:
-        for key in ("embed_dim", "num_heads", "num_layers"):
-            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        _check(self.head_dim is None or self.head_dim >= 1, "head_dim", f"must be >= 1, got {self.head_dim}")
-        _check(
-            self.head_dim is not None or self.embed_dim % self.num_heads == 0,
-            "num_heads",
-            f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
-            "change one or set head_dim explicitly",
-        )
+        _check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
+        head_dim_of(self.embed_dim, self.num_heads, self.head_dim, self.position)
         _check(self.mlp_ratio >= 0, "mlp_ratio", f"must be >= 0 (0: no MLP), got {self.mlp_ratio}")
         for key in ("attn_dropout", "resid_dropout"):
             _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
         _check(self.rnn_hidden is None or self.rnn_hidden >= 1, "rnn_hidden", f"must be >= 1, got {self.rnn_hidden}")
-        _check(self.position != "rope" or self.resolved_head_dim % 2 == 0, "position",
-               f"rope rotates pairs of a head's dimensions: head_dim must be even, got {self.resolved_head_dim}")
 
     @property
     def resolved_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.embed_dim // self.num_heads
+        return head_dim_of(self.embed_dim, self.num_heads, self.head_dim, self.position)
 
     @property
     def mlp_hidden(self) -> int:

@@ -149,14 +149,10 @@ def estimate_bytes(s: dict) -> int:
     at the longest ``task.eval_lengths`` k (batches k x smaller, k x longer: k x a training batch's T x T scores).
     Measured on the CPU (widths 128 to 512, T 256 to 1024, torch 2.13): 1.15 to 1.5 times the growth of peak
     resident memory during training. An lstm or gru (``_recurrent_bytes``) keeps no T x T matrix."""
-    C, L, H, B, T = (int(s[k]) for k in ("model.embed_dim", "model.num_layers", "model.num_heads",
-                                          "train.batch_size", "task.seq_len"))  # fmt: skip
-    D = int(s["model.head_dim"] or max(1, C // H))
+    model, B, T = _model_of(s), int(s["train.batch_size"]), int(s["task.seq_len"])
+    C, L, H, D, hidden = model.embed_dim, model.num_layers, model.num_heads, model.resolved_head_dim, model.mlp_hidden
     V = {"charlm": CHARLM_VOCAB, "recall": int(s["task.vocab_size"]) + 1}.get(s["task.name"], 16)
-    ratio = float(s["model.mlp_ratio"])
-    hidden = max(1, round(ratio * C)) if ratio else 0  # as ModelConfig.mlp_hidden
-    per_layer = 3 * C * H * D + H * D * C + 2 * C * hidden + 8 * C
-    params = V * C + T * C + L * per_layer + C * max(V, 10)
+    params = sizes.param_count(model, V, T) + C * max(V, 10)  # the head counted untied: a classifier's own head
     scores = B * H * T * T  # one layer's attention matrix
     training = L * B * T * (10 * C + 6 * H * D + 3 * hidden) + 3 * B * T * V
     training += 3 * L * scores if s["model.backend"] == "manual" or not s["fused"] else 0
@@ -177,17 +173,23 @@ def _recurrent_bytes(s: dict, V: int) -> tuple[int, int]:
     """Parameters and activations (in values) of an lstm or gru: per layer and token its gates, cell and hidden
     state and input, kept for the backward pass (and as many again for torch's CPU kernel's workspace); no T x T.
     Measured on the CPU (width 128, T 512, batch 32, torch 2.13): 1.2 times the growth of peak resident memory."""
-    C, L, H, B, T = (int(s[k]) for k in ("model.embed_dim", "model.num_layers", "model.num_heads",
-                                          "train.batch_size", "task.seq_len"))  # fmt: skip
-    model = ModelConfig(embed_dim=C, num_heads=H, head_dim=int(s["model.head_dim"] or max(1, C // H)),
-                        num_layers=L, mlp_ratio=float(s["model.mlp_ratio"]), kind=s["model.kind"],
-                        rnn_hidden=s["model.rnn_hidden"])  # fmt: skip
+    model, B, T = _model_of(s), int(s["train.batch_size"]), int(s["task.seq_len"])
+    C, L = model.embed_dim, model.num_layers
     N, g = sizes.rnn_hidden_size(model, T), sizes.GATES[s["model.kind"]]
     params = sizes.param_count(model, V, T) + C * max(V, 10)  # the head counted untied, as above
     training = L * B * T * 2 * (g + 3) * N + B * T * (N + 10 * C) + 3 * B * T * V
     k = max(s["task.eval_lengths"], default=1)
     longer = max(1, B // k) * k * T * ((g + 3) * N + 4 * C + V)  # no grad: one layer's values at a time
     return params, max(training, longer)
+
+
+def _model_of(s: dict) -> ModelConfig:
+    """The model of a size dict: its head width explicit, since a candidate of ``check_memory`` may set a default
+    ``embed_dim`` that its ``num_heads`` does not divide."""
+    C, H = int(s["model.embed_dim"]), int(s["model.num_heads"])
+    return ModelConfig(embed_dim=C, num_heads=H, head_dim=int(s["model.head_dim"] or max(1, C // H)),
+                       num_layers=int(s["model.num_layers"]), mlp_ratio=float(s["model.mlp_ratio"]),
+                       kind=s["model.kind"], rnn_hidden=s["model.rnn_hidden"])  # fmt: skip
 
 
 def machine_memory() -> int | None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate.core import names
-from ablate.core.config import BACKENDS, POSITIONS, SCALINGS, ModelConfig
+from ablate.core.config import BACKENDS, POSITIONS, SCALINGS, ModelConfig, head_dim_of
 from ablate.model.rnn import RecurrentNet
 
 ROPE_BASE = 10000.0
@@ -184,17 +184,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         if position not in POSITIONS:
             raise ValueError(f"unknown position {position!r}; allowed: {', '.join(POSITIONS)}")
-        if embed_dim < 1 or num_heads < 1:
-            raise ValueError(f"embed_dim and num_heads must be >= 1, got embed_dim={embed_dim}, num_heads={num_heads}")
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
-                                 "change one or pass head_dim")
-            head_dim = embed_dim // num_heads
-        if head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-        if position == "rope" and head_dim % 2:
-            raise ValueError(f"rope rotates pairs of dimensions: head_dim must be even, got {head_dim}")
+        head_dim = head_dim_of(embed_dim, num_heads, head_dim, position)
         self.embed_dim, self.num_heads, self.head_dim, self.rope = embed_dim, num_heads, head_dim, position == "rope"
         self.qkv = nn.Linear(embed_dim, 3 * num_heads * head_dim, bias=bias)
         self.attend = Attend(num_heads, head_dim, scaling=scaling, dropout=dropout, causal=causal, backend=backend)
