@@ -6,6 +6,8 @@ several machines in step, and the check that both stores answer before anything 
 - ``open_storage``: heartbeats (a trial silent for 3 heartbeats is failed and handed to ``on_stale``); workers
   starting together on a fresh database take turns creating Optuna's schema; on a database server, an outage is
   waited out (``ablate.stores.outages``).
+- ``create_sqlite``: a new SQLite store is built whole in a file beside its path, then moved into place, so a kill
+  at any moment of a first start leaves either no store or a complete one (never a half-migrated schema).
 - ``PlanLock``: makes "is there a waiting trial? plan or take it" atomic for every worker of a study, so none
   starts an unplanned (sampled) trial: a PostgreSQL advisory lock (workers on any machine), or a file lock beside
   a SQLite file. ``schema_lock`` is the same lock around creating a store's tables.
@@ -24,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
@@ -136,8 +139,8 @@ def open_storage(url: str, heartbeat: int, on_stale: Callable[[optuna.Study, Fro
     kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
                               "heartbeat_stale_trial_callback": on_stale}  # fmt: skip
     if path := sqlite_path(url):
-        path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers write to one file
+        create_sqlite(path, lambda aside: RDBStorage(aside, engine_kwargs=engine_kwargs).engine.dispose())
         return retry_schema_race(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs))
     engine_kwargs = {"pool_pre_ping": True, "connect_args": _connect_args(url)}
 
@@ -159,6 +162,27 @@ def retry_schema_race(create: Callable[[], T]) -> T:
                 raise
             time.sleep(RETRY_S * (1 + attempt))
     raise AssertionError("unreachable")
+
+
+def create_sqlite(path: Path, build: Callable[[str], object]) -> None:
+    """Creates the SQLite store at ``path`` if it is missing: ``build(url)`` makes its schema in a file beside it,
+    which then takes its name (``os.replace``, atomic). Creators take turns under a lock file; what a killed one
+    left beside the path (its file, its journal) is removed by the next. MLflow and Optuna migrate a new schema in
+    many steps, and a SIGKILL between two of them would leave a store that every later start fails to open."""
+    if path.exists():
+        return
+    lock = _FileLock(path.with_name(f"{path.name}.create.lock"))
+    lock.acquire()
+    try:
+        if path.exists():  # another process created it while this one waited
+            return
+        aside = path.with_name(f".{path.name}.creating")
+        for leftover in (aside, aside.with_name(aside.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+        build(f"sqlite:///{aside}")
+        os.replace(aside, path)
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------------------------

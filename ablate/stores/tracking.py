@@ -56,10 +56,19 @@ def prepare_store(tracking_uri: str) -> None:
     or an "out-of-date schema" while the winner is still migrating): on PostgreSQL they take turns under a
     database lock (any machine), and a loser that did not take it (an ``mlflow server``) is retried.
     """
-    if path := sqlite_path(tracking_uri):  # SQLite creates the file but not its folder
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path := sqlite_path(tracking_uri):
+        from ablate.stores.storage import create_sqlite  # imports optuna: not for an http store
+
+        create_sqlite(path, lambda aside: _migrate(aside, artifact_root(tracking_uri)))  # built aside: see there
     if is_database(tracking_uri):
         _create_schema(tracking_uri)
+
+
+def _migrate(tracking_uri: str, artifacts: str | None) -> None:
+    """MLflow's schema at ``tracking_uri``, its engine closed (the file is renamed next)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(tracking_uri, default_artifact_root=artifacts).engine.dispose()
 
 
 @functools.cache
