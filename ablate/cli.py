@@ -25,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: $ABLATE_STORAGE or runs/optuna.db)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before workers stop taking trials")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the report at the end (workers of a cluster job; its report job writes it)")
+    p.add_argument("--grace", type=float, default=None, metavar="S",
+                   help="seconds workers get to hand their trials back after a stop signal (default 20: within the "
+                        "30 s Slurm and Kubernetes wait before SIGKILL)")
 
     p = sub.add_parser("report", help="write reports/<study>/index.html from the MLflow and Optuna stores")
     p.add_argument("studies", nargs="*", help="study names or studies/*.yaml files")
@@ -92,6 +96,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             timeout=args.timeout,
             overrides=args.overrides,
             report=not args.no_report,
+            **({} if args.grace is None else {"grace": args.grace}),
         )
     if args.command == "report":
         from ablate.report import report_command

@@ -32,6 +32,7 @@ ATTR_SETUP_ID = "setup_id"  # on a study: a random id set when it is created, ta
 ATTR_KIND = "kind"  # on a study: "ablation" or "search"
 ATTR_SPEC = "spec"  # on a study: the study file's mapping, as loaded
 ATTR_SOURCE = "source"  # on a study: its file's path as run (relative to the directory it ran from when inside it)
+ATTR_REPORT_CLAIM = "report_claim"  # on a study: which finished trials a worker is writing the report of, and when
 ATTR_FAMILY = "family"  # on a member of a family (a ladder, several budgets): the study file's name
 ATTR_MEMBER = "member"  # on a member: its label in the family ("w128", "flops")
 ATTR_FAMILY_SPEC = "family_spec"  # on a member: the family's study file, as loaded (passwords masked)

@@ -17,6 +17,8 @@ A pruned one is PRUNED (KILLED).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -48,7 +50,12 @@ from ablate.stores.storage import PlanLock, check_stores
 from ablate.stores.study_runs import Monitor, ParentRun, print_results, reconcile_runs
 
 POLL_S = 1.0
-STOP_GRACE_S = 60.0  # after an interrupt, how long workers get to hand their trials back
+# After a stop signal, how long workers get to hand their trials back before they are killed (a killed worker's
+# trial is handed back by the next start, or by another worker once its heartbeat is stale). Within the 30 s that
+# Slurm (KillWait) and Kubernetes (terminationGracePeriodSeconds) wait by default before their SIGKILL.
+STOP_GRACE_S = 20.0
+MAX_GRACE_S = 3600.0
+REPORT_CLAIM_S = 300.0  # workers finishing within this of each other write one report between them
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per finished trial comes from the Monitor
 # An interrupt is a stop, said in one line by the runner: not Optuna's "Trial failed" warning with a traceback.
@@ -67,25 +74,30 @@ def run_study(
     timeout: float | None = None,
     overrides: list[str] = (),
     report: bool = True,
+    grace: float = STOP_GRACE_S,
 ) -> int:
     """Run or resume the study in ``spec_path`` (each member in turn for a ladder or a list of budgets); the exit
-    code (0 when every trial this invocation ran finished)."""
+    code (0 when every trial this invocation ran finished). After a stop signal (Ctrl-C, SIGTERM) workers get
+    ``grace`` seconds to hand their trials back."""
     specs = load_specs(spec_path, overrides)  # every ConfigError, of every member, comes before any store exists
     workers = check_workers(specs[0].workers if workers is None else workers, "--workers")
     if trials is not None and trials < 1:
         raise ConfigError("--trials", f"must be >= 1, got {trials}")
+    if not 0 < grace <= MAX_GRACE_S:
+        raise ConfigError("--grace", f"must be in (0, {MAX_GRACE_S:.0f}] seconds, got {grace:g}")
     storage_url = storage or specs[0].storage or default_storage()
     tracking_uri = specs[0].tracking_uri or default_tracking_uri()
     check_stores(storage_url, tracking_uri)  # an unreachable or bad store: one line, before anything is written
     timeout = timeout if timeout is not None else specs[0].timeout
     deadline = time.time() + timeout if timeout else None
-    code = 0
+    code, reported = 0, False
     for spec in specs:
         target = WorkerTarget(str(spec_path), list(overrides), spec.name, storage_url, tracking_uri)
-        code = max(code, _run_one(spec, target, trials, deadline, workers, report))
+        one, reported = _run_one(spec, target, trials, deadline, workers, report, grace)
+        code = max(code, one)
         if code == 130:
             return code
-    if report and specs[0].family:
+    if reported and specs[0].family:  # this worker wrote the last member's report: the family's is its too
         code = max(code, _family_report(specs[0], storage_url, tracking_uri))
     return code
 
@@ -105,7 +117,8 @@ class WorkerTarget:
 
 
 def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline: float | None, workers: int | str,
-             report: bool) -> int:  # fmt: skip
+             report: bool, grace: float) -> tuple[int, bool]:  # fmt: skip
+    """The exit code of running ``spec``'s study here, and whether this worker wrote its report."""
     storage_url, tracking_uri = target.storage_url, target.tracking_uri
     gpus = [] if spec.base.train.device == "cpu" else devices.gpu_free_bytes()
     need = run_bytes(spec.base) if gpus else 0
@@ -126,7 +139,7 @@ def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline
                 if len(slots) == 1:  # in this process, on the default device
                     work(target, trials, deadline, slots[0].threads, 0, together)
                 else:
-                    _spawn(target, trials, deadline, slots, together)
+                    _spawn(target, trials, deadline, slots, together, grace)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -135,10 +148,33 @@ def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline
     if interrupted:
         print("ablate study: stopped; its unfinished trials are back in the queue. Resume: the same command",
               file=sys.stderr)  # fmt: skip
-        return 130
+        return 130, False
     print_results(spec, study)
     code = _exit_code(study, before)
-    return max(code, _report(spec, storage_url, tracking_uri)) if report else code
+    if not report:
+        return code, False
+    if skip := report_skip_reason(study, storage_url):
+        print(f"ablate study: {skip}; the last worker to finish writes the report, or: ablate report {spec.name}")
+        return code, False
+    return max(code, _report(spec, storage_url, tracking_uri)), True
+
+
+def report_skip_reason(study: optuna.Study, storage_url: str) -> str | None:
+    """Why this worker leaves the report to another, or None: it writes it. Workers on other machines still running
+    trials will write a fuller one, and of workers that finish together, one writes it: the first to claim this set
+    of finished trials (``ATTR_REPORT_CLAIM``, under the plan lock). A claim older than ``REPORT_CLAIM_S`` is
+    stale: running the study again (nothing left to do) writes the report again."""
+    with PlanLock(storage_url, study.study_name):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if running:
+            return f"{len(running)} trials still run on other workers"
+        finished = sorted(t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        claim = hashlib.sha256(json.dumps(finished).encode()).hexdigest()[:16]
+        seen = study.user_attrs.get(names.ATTR_REPORT_CLAIM, {})
+        if seen.get("trials") == claim and time.time() - seen.get("at", 0) < REPORT_CLAIM_S:
+            return "another worker is writing the report of these trials"
+        study.set_user_attr(names.ATTR_REPORT_CLAIM, {"trials": claim, "at": time.time()})
+    return None
 
 
 def _exit_code(study: optuna.Study, before: set[int]) -> int:
@@ -170,7 +206,7 @@ def _pending(study: optuna.Study) -> bool:
 
 
 def _spawn(target: WorkerTarget, trials: int | None, deadline: float | None, slots: list[devices.Slot],
-           together: int = 1) -> None:  # fmt: skip
+           together: int = 1, grace: float = STOP_GRACE_S) -> None:  # fmt: skip
     ctx = multiprocessing.get_context("spawn")  # no forked torch or SQLite state
     pending = []
     for i, slot in enumerate(slots):
@@ -187,12 +223,13 @@ def _spawn(target: WorkerTarget, trials: int | None, deadline: float | None, slo
             p.join()
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (one process group); SIGTERM reached only this process: pass it on.
-        # Each worker puts its trial back in the queue and exits; one that hangs is killed after STOP_GRACE_S.
+        # Each worker puts its trial back in the queue and exits; one that hangs is killed after ``grace`` seconds.
         for p in procs:
             if p.is_alive():
                 p.terminate()
+        deadline = time.monotonic() + grace  # one grace for all of them, not one each
         for p in procs:
-            p.join(STOP_GRACE_S)
+            p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
         raise
