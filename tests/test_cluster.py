@@ -3,6 +3,7 @@ schedulers' kill; the shipped deploy files (Slurm, Kubernetes, the container ima
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import optuna
 import pytest
 from support.runs import write_study
 
-from ablate.core import names
+from ablate.core import devices, names
 from ablate.core.config import ConfigError
 from ablate.runner.study import report_skip_reason, run_study
 
@@ -47,3 +48,18 @@ def test_a_grace_out_of_range_is_one_line_before_any_store(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="--grace"):
         run_study(write_study(tmp_path / "s.yaml"), grace=grace)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("per_task", "cpu_max", "expected"), [
+    ("", "max 100000", None),  # no limit: every core this process may run on
+    ("1", "max 100000", 1),  # a Slurm task of one CPU, not bound to it
+    ("", "150000 100000", 2),  # a Kubernetes limit of 1.5 CPUs: rounded up
+    ("", "50000 100000", 1),
+])  # fmt: skip
+def test_auto_workers_count_the_cores_of_the_allocation_not_of_the_node(tmp_path, monkeypatch, per_task, cpu_max,
+                                                                         expected):  # fmt: skip
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", per_task)
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    mine = len(os.sched_getaffinity(0))
+    assert devices.usable_cores(tmp_path / "cpu.max") == min(mine, expected or mine)
+    assert devices.usable_cores(tmp_path / "absent") == min(mine, int(per_task or mine))

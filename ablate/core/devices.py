@@ -12,7 +12,10 @@ Each GPU worker sees only its own device (``CUDA_VISIBLE_DEVICES``, set for its 
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 AUTO = "auto"
 MAX_PER_GPU = 8
@@ -41,6 +44,22 @@ def plan_slots(workers: int | str, run_bytes: int, gpu_free: list[int], cpu_coun
     else:
         slots = [str(i % len(gpu_free)) for i in range(int(workers))]
     return [Slot(device, threads or max(1, cores // len(slots))) for device in slots]
+
+
+def usable_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use, not the machine's: its CPU affinity (Slurm's or taskset's binding), at most
+    ``SLURM_CPUS_PER_TASK`` (a Slurm allocation without binding) and at most its cgroup's CPU quota (a Kubernetes
+    or Docker CPU limit, rounded up)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if (per_task := os.environ.get("SLURM_CPUS_PER_TASK", "")).isdigit() and int(per_task) > 0:
+        cores = min(cores, int(per_task))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit here
+    return max(1, cores)
 
 
 def gpu_free_bytes() -> list[int]:

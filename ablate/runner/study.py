@@ -123,7 +123,7 @@ def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline
     gpus = [] if spec.base.train.device == "cpu" else devices.gpu_free_bytes()
     need = run_bytes(spec.base) if gpus else 0
     together = together_size(spec, gpus, need, 1 if workers == devices.AUTO else int(workers))
-    slots = devices.plan_slots(workers, need * together, gpus, os.cpu_count() or 1, spec.base.train.threads)
+    slots = devices.plan_slots(workers, need * together, gpus, devices.usable_cores(), spec.base.train.threads)
     interrupted = False
     STOP_REQUESTED.clear()
     with sigterm_as_interrupt(sigint=True):  # SIGTERM (kill, a scheduler) stops a study as Ctrl-C does
