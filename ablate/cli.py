@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-report", action="store_true",
                    help="skip the report at the end (workers of a cluster job; its report job writes it)")
+    p.add_argument("--check", action="store_true",
+                   help="check the study file and that both stores answer, write nothing (before queueing jobs)")
     p.add_argument("--grace", type=float, default=None, metavar="S",
                    help="seconds workers get to hand their trials back after a stop signal (default 20: within the "
                         "30 s Slurm and Kubernetes wait before SIGKILL)")
@@ -96,6 +98,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             timeout=args.timeout,
             overrides=args.overrides,
             report=not args.no_report,
+            check_only=args.check,
             **({} if args.grace is None else {"grace": args.grace}),
         )
     if args.command == "report":

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from support.runs import TINY_RUN as TINY
 from support.runs import Recorder, tiny
 
 from ablate.core import names
+from ablate.core.interrupts import STOP_REQUESTED, sigterm_as_interrupt
 from ablate.stores.tracking import MLflowTracker, ensure_experiment, git_state
 from ablate.training.train import train
 
@@ -196,3 +199,22 @@ def test_bench_tracking_times_the_same_run_with_and_without_the_tracker(tmp_path
     untracked, extra, overhead, spread = table.strip().splitlines()[-1].strip("| ").split(" | ")
     # what the bench measures, not how fast this machine is today: a timed run, the tracker's extra, its share
     assert float(untracked) > 0 and math.isfinite(float(extra)) and overhead.endswith("%") and spread
+
+
+def test_a_stop_signal_while_the_server_creates_the_run_leaves_one_run(client: MlflowClient, monkeypatch) -> None:
+    """SIGTERM (scancel, a preemption) lands while a tracking server is creating the run: the server has made it
+    but the tracker has no id yet. The stop waits for the id, so the clean-up ends that run instead of making a
+    second one (seen on a Slurm array: a cancelled trial with two runs)."""
+    create = MlflowClient.create_run
+
+    def signalled_mid_request(self, *args, **kwargs):
+        run = create(self, *args, **kwargs)  # the server has committed the run ...
+        os.kill(os.getpid(), signal.SIGTERM)  # ... and the answer is not back yet
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", signalled_mid_request)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        train(tiny(), [MLflowTracker()])
+    STOP_REQUESTED.clear()  # as a new process would start
+    run = only_run(client)
+    assert run.info.status == "KILLED" and run.data.tags[names.TAG_STATUS] == "interrupted"

@@ -41,3 +41,20 @@ def sigterm_as_interrupt(sigint: bool = False) -> contextlib.AbstractContextMana
 
     return handling((signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,), interrupt)
 
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Inside, a stop signal (SIGTERM, SIGINT) only sets ``STOP_REQUESTED``; it is raised as KeyboardInterrupt when the
+    block ends. For a step that must not be cut in two: a run created on a tracking server whose id the caller has
+    not yet received would be created again by the clean-up. Main thread only; elsewhere a no-op."""
+    caught: list[int] = []
+
+    def later(signum: int, frame: Any) -> None:
+        STOP_REQUESTED.set()
+        caught.append(signum)
+
+    with handling((signal.SIGTERM, signal.SIGINT), later):
+        yield
+    if caught:
+        raise KeyboardInterrupt(f"signal {signal.Signals(caught[0]).name}")

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ablate.core import devices, names
 from ablate.core.config import ConfigError
 from ablate.core.interrupts import STOP_REQUESTED, handling, sigterm_as_interrupt
-from ablate.core.urls import default_storage, default_tracking_uri
+from ablate.core.urls import default_storage, default_tracking_uri, redact
 from ablate.design import plan, recovery
 from ablate.design.families import load_specs
 from ablate.design.preflight import run_bytes
@@ -75,10 +75,11 @@ def run_study(
     overrides: list[str] = (),
     report: bool = True,
     grace: float = STOP_GRACE_S,
+    check_only: bool = False,
 ) -> int:
     """Run or resume the study in ``spec_path`` (each member in turn for a ladder or a list of budgets); the exit
     code (0 when every trial this invocation ran finished). After a stop signal (Ctrl-C, SIGTERM) workers get
-    ``grace`` seconds to hand their trials back."""
+    ``grace`` seconds to hand their trials back. ``check_only``: check the file and both stores, write nothing."""
     specs = load_specs(spec_path, overrides)  # every ConfigError, of every member, comes before any store exists
     workers = check_workers(specs[0].workers if workers is None else workers, "--workers")
     if trials is not None and trials < 1:
@@ -88,6 +89,10 @@ def run_study(
     storage_url = storage or specs[0].storage or default_storage()
     tracking_uri = specs[0].tracking_uri or default_tracking_uri()
     check_stores(storage_url, tracking_uri)  # an unreachable or bad store: one line, before anything is written
+    if check_only:
+        print(f"ablate study: {spec_path}: {', '.join(s.name for s in specs)} checked; stores {redact(storage_url)} "
+              f"and {redact(tracking_uri)} answer")  # fmt: skip
+        return 0
     timeout = timeout if timeout is not None else specs[0].timeout
     deadline = time.time() + timeout if timeout else None
     code, reported = 0, False

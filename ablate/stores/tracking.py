@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 import ablate
 from ablate.core import names
 from ablate.core.config import flatten, to_dict, to_yaml
+from ablate.core.interrupts import deferred
 from ablate.core.urls import default_tracking_uri, is_database, sqlite_path
 from ablate.stores.figures import save_attention_maps
 
@@ -253,8 +254,8 @@ class MLflowTracker:
         }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
-        self.run_id = run.info.run_id
+        with deferred():  # a stop mid-request would leave a run on the server that the clean-up creates again
+            self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name).info.run_id
 
     def _add(self, step: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)

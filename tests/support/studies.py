@@ -86,7 +86,13 @@ def key_of(trial: optuna.trial.FrozenTrial) -> tuple:
 def assert_consistent(root: Path, name: str, planned: int) -> list:
     """A finished study whose workers may have died and been healed: every planned trial completed once; each trial
     is one child run of the one study run, with its trial's status; nothing left RUNNING or WAITING."""
-    study, _, runs = stores(root, name)
+    return assert_consistent_at(f"sqlite:///{root / 'runs' / 'optuna.db'}", f"sqlite:///{root / 'runs' / 'mlflow.db'}",
+                                name, planned)  # fmt: skip
+
+
+def assert_consistent_at(storage: str, tracking_uri: str, name: str, planned: int) -> list:
+    """``assert_consistent`` on any pair of stores (a database server, a tracking server)."""
+    study, _, runs = stores_at(storage, tracking_uri, name)
     trials = study.get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     keys = collections.Counter(key_of(t) for t in trials if t.state == TrialState.COMPLETE)
@@ -95,8 +101,9 @@ def assert_consistent(root: Path, name: str, planned: int) -> list:
     parents = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == "study"]
     assert len(parents) == 1 and parents[0].data.tags[names.TAG_SPEC_SHA256]
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert collections.Counter(int(r.data.tags[names.TAG_TRIAL]) for r in children) == collections.Counter(
-        t.number for t in trials), "not one run per trial"  # fmt: skip
+    per_trial = collections.Counter(int(r.data.tags[names.TAG_TRIAL]) for r in children)
+    assert per_trial == collections.Counter(t.number for t in trials), ("not one run per trial", per_trial, [
+        (t.number, t.state.name, t.user_attrs.get(names.ATTR_STATUS)) for t in trials])  # fmt: skip
     for t in trials:
         [run] = [r for r in children if r.data.tags[names.TAG_TRIAL] == str(t.number)]
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
