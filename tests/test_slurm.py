@@ -1,8 +1,8 @@
 """A study on a real Slurm cluster (one node, on this machine): ``deploy/slurm/submit`` queues a job array of
 workers sharing PostgreSQL (a fresh database) and an MLflow tracking server, and a report job after them. One array
-task is cancelled mid-trial (scancel: SIGTERM, then SIGKILL after KillWait); its trial goes back to the queue and
-another task trains it. After the report job: every planned trial completed once, one MLflow run per trial, nothing
-RUNNING, one report."""
+task is cancelled mid-trial (scancel: SIGTERM, then SIGKILL after KillWait) and another is requeued as a preemption
+would (stopped, queued again, started again); their trials go back to the queue and some task trains them. After the
+report job: every planned trial completed once, one MLflow run per trial, nothing RUNNING, one report."""
 
 from __future__ import annotations
 
@@ -66,6 +66,11 @@ def test_a_job_array_shares_a_study_survives_a_cancelled_task_and_reports_once(s
     # a trial mid-training on every task, then task 1 cancelled as a user's scancel or a preemption would
     wait_until(lambda: len(running_trials(pg_url, "cluster")) >= 2, 240, "trials training on two tasks", slurm)
     slurm.run("scancel", f"{array}_1")
+    wait_until(lambda: slurm.states(array).get(f"{array}_2") == "RUNNING" and running_trials(pg_url, "cluster"), 240,
+               "task 2 training", slurm)  # fmt: skip
+    slurm.run("scontrol", "requeue", f"{array}_2")  # preempted: stopped, queued again, started again
+    wait_until(lambda: slurm.states(array).get(f"{array}_2") == "PENDING", 120, "task 2 requeued", slurm)
+    slurm.run("scontrol", "update", f"JobId={array}_2", "StartTime=now")  # Slurm holds a requeued job 2 minutes
     wait_until(lambda: not slurm.states(array) and not slurm.run("squeue", "-h").strip(), 600,
                "the array and the report job to end", slurm)
 
@@ -74,6 +79,7 @@ def test_a_job_array_shares_a_study_survives_a_cancelled_task_and_reports_once(s
                    == "interrupted"]  # fmt: skip
     assert handed_back, "the cancelled task had no trial to hand back"
     assert not [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(names.ATTR_STATUS) is None]
+    assert "restart 1" in (tmp_path / f"ablate-{array}_2.out").read_text()  # the requeued task ran again
     worker_logs = sorted(tmp_path.glob(f"ablate-{array}_*.out"))
     assert len(worker_logs) == TASKS and not [p for p in worker_logs if "index.html" in p.read_text()]
     [report_log] = tmp_path.glob("ablate-report-*.out")
