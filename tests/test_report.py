@@ -395,3 +395,32 @@ def test_each_variants_training_curve_is_its_median_seed_run_not_its_luckiest(ab
         if len(outcome) == 3:
             assert outcome.min() < outcome[chosen[variant]] < outcome.max(), variant
         assert chosen[variant] in outcome.index
+
+
+def test_the_parent_run_carries_the_answer_for_whoever_browses_mlflow(built_ablation, tmp_path, monkeypatch):
+    """The study's run in the MLflow UI: the answer as its description, a tag per factor, the verdict table as a
+    table artifact (loadable with ``load_table``, not doubled when the report is rebuilt) and the report's files."""
+    builder, page, _ = built_ablation
+    client = MlflowClient(builder.tracking_uri)
+    study = optuna.load_study(study_name="toy", storage=builder.storage)
+    run = client.get_run(study.user_attrs[names.ATTR_PARENT_RUN_ID])
+    headline = (page.parent / "summary.md").read_text().splitlines()[0].removeprefix("# toy: ")
+    assert headline in run.data.tags[names.TAG_NOTE]
+    answers = {k.removeprefix(names.TAG_ANSWER_PREFIX): v for k, v in run.data.tags.items()
+               if k.startswith(names.TAG_ANSWER_PREFIX)}  # fmt: skip
+    assert set(answers) == set(study.user_attrs[names.ATTR_SPEC]["scientific"])
+    assert all(" (" in v for v in answers.values())  # "<choice> (<verdict>)"
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, names.REPORT_DIR)}
+    assert {f"report/{f}" for f in ("index.html", "results.csv", "summary.md", "verdicts.json")} <= artifacts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", builder.tracking_uri)  # load_table searches the default store
+
+    def table() -> pd.DataFrame:
+        return client.load_table(run.info.experiment_id, "report/verdicts.json", run_ids=[run.info.run_id])
+
+    rows = len(table())
+    assert rows == len(pd.read_json(page.parent / "verdicts.json", orient="split")) > 0
+    from ablate.report import build_report
+
+    build_report("toy", storage=builder.storage, tracking_uri=builder.tracking_uri, out=tmp_path, index=False)
+    assert len(table()) == rows  # replaced, not appended

@@ -218,6 +218,8 @@ def test_smoke_study_end_to_end_then_resume_runs_nothing(workdir, capsys):
             assert [m.step for m in history] == [5, 10]  # intermediate values as step metrics
     out = capsys.readouterr().out
     assert "model.num_heads=4" in out
+    assert "All runs: make ui, then http://127.0.0.1:5000/#/experiments/" in out  # also without a report
+    assert study.metric_names == [names.VAL_LOSS]  # the dashboard's name for the objective
     assert run_study(path, report=False) == 0  # the same command again: nothing re-run
     assert len(stores(workdir, "tiny")[0].get_trials()) == 4
 

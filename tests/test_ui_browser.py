@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -70,12 +72,15 @@ def test_the_printed_link_shows_the_runs_table_with_the_study_run_and_its_trials
     try:
         url = ui.stdout.readline().strip()
         assert url == runs_url(experiment_id, port=port)
-        assert run_study(path, report=False) == 0
+        assert run_study(path) == 0  # with its report: the answer goes onto the study's run
         deadline = time.monotonic() + START_S
         while not serving(port) and ui.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert serving(port), f"the MLflow UI did not start: {log.read_text()[-2000:]}"
         dom = dump_dom(tmp_path, url)
+        parent = optuna.load_study(study_name="browsed", storage=os.environ["ABLATE_STORAGE"]).user_attrs[
+            names.ATTR_PARENT_RUN_ID]  # fmt: skip
+        run_page = dump_dom(tmp_path, f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{parent}")
     finally:
         ui.send_signal(signal.SIGTERM)  # as `kill` would; Ctrl-C takes the same path
         ui.wait(timeout=60)
@@ -88,6 +93,8 @@ def test_the_printed_link_shows_the_runs_table_with_the_study_run_and_its_trials
     shown = {run_id: name for exp, run_id, name in RUN_LINK.findall(dom) if exp == experiment_id}
     assert shown.get(study_run.info.run_id) == "browsed"
     assert {shown[i] for i in trials if i in shown} == set(trials.values())  # every trial, listed flat
+    headline = (tmp_path / "reports" / "browsed" / "summary.md").read_text().splitlines()[0].removeprefix("# ")
+    assert "decided" in headline and html.escape(headline.split(": ", 1)[1][:60]) in run_page  # the note, shown
 
     assert ui.returncode == 0
     with pytest.raises(OSError):  # the server's workers stopped with it: nothing listens any more

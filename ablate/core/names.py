@@ -93,7 +93,9 @@ MAPS_ARTIFACT = "attention/attention_maps.png"  # on every run: attention of one
 CHECKPOINT_DIR = "checkpoint"  # holds model.pt when train.checkpoint
 STUDY_ARTIFACT = "study.yaml"  # on a study's parent run: the study file as written (+ ".sha256")
 BASE_CONFIG_ARTIFACT = "base_config.yaml"  # on a study's parent run
-REPORT_DIR = "report"  # on a study's parent run: index.html, results.csv, summary.md
+REPORT_DIR = "report"  # on a study's parent run: index.html, results.csv, summary.md, verdicts.json
+TAG_NOTE = "mlflow.note.content"  # on a study's parent run: its answer, as the run's description in the MLflow UI
+TAG_ANSWER_PREFIX = "answer."  # on a study's parent run: "answer.<factor>" = "<choice> (<verdict>)"
 
 # Metrics ----------------------------------------------------------------------------------------------------------
 TRAIN_LOSS = "train/loss"

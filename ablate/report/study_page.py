@@ -3,6 +3,7 @@ answer first, then the evidence (verdicts, tuning, curves, costs, claims, proven
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import sys
@@ -20,6 +21,9 @@ from ablate.design.study_file import check_name
 from ablate.report import analysis, claims, html, plots, search_plots
 from ablate.report.index import build_index, commands
 from ablate.report.load import StudyData, completed, dataset_digests, load_study
+
+VERDICTS = "verdicts.json"  # the verdict table, as MLflow's log_table writes one
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # MLflow's list of a run's table artifacts
 
 
 def build_report(name: str, *, storage: str | None = None, tracking_uri: str | None = None,
@@ -40,12 +44,31 @@ def build_report(name: str, *, storage: str | None = None, tracking_uri: str | N
     notes = [w["text"] for w in ctx["edges"]]
     html.write_page(folder / html.SUMMARY, html.markdown(f"{name}: {ctx['headline']}", ctx["answers"],
                                                          ctx["variant_df"], notes))  # fmt: skip
+    html.write_page(folder / VERDICTS, ctx["variant_df"].to_json(orient="split", index=False))
     if log_artifacts and data.parent.get("run_id"):
-        for file in ("index.html", "results.csv", html.SUMMARY):
-            data.client.log_artifact(data.parent["run_id"], str(folder / file), names.REPORT_DIR)
+        publish(data, ctx, folder)
     if index:
         build_index([data.storage], out)
     return folder / "index.html"
+
+
+def publish(data: StudyData, ctx: dict, folder: Path) -> None:
+    """The answer where MLflow users look: the study's parent run gets the answer as its description (the note the
+    UI shows on the run's page), one tag per factor (``answer.<factor>``), the verdict table as a table artifact and
+    the report's files. The table is written whole each time, as ``log_table`` writes it (``split`` JSON, listed in
+    ``mlflow.loggedArtifacts``): ``log_table`` itself would append a rebuilt report's rows to the last one's."""
+    client, run_id = data.client, data.parent["run_id"]
+    lines = [f"**{data.name}**: {ctx['headline']}", "", data.spec.description or "",
+             *(f"- {a['factor']}: {a['choice']} ({a['verdict']})" for a in ctx["answers"])]
+    client.set_tag(run_id, names.TAG_NOTE, redact_text("\n".join(lines))[:5000])
+    for a in ctx["answers"]:
+        client.set_tag(run_id, f"{names.TAG_ANSWER_PREFIX}{a['factor']}", f"{a['choice']} ({a['verdict']})"[:5000])
+    for file in ("index.html", "results.csv", html.SUMMARY, VERDICTS):
+        client.log_artifact(run_id, str(folder / file), names.REPORT_DIR)
+    tables = json.loads(client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+    table = {"path": f"{names.REPORT_DIR}/{VERDICTS}", "type": "table"}
+    if table not in tables:
+        client.set_tag(run_id, LOGGED_ARTIFACTS, json.dumps([*tables, table]))
 
 
 def results_table(data: StudyData) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ablate.core import devices, names
 from ablate.core.config import ConfigError
 from ablate.core.interrupts import STOP_REQUESTED, handling, sigterm_as_interrupt
-from ablate.core.urls import default_storage, default_tracking_uri, redact
+from ablate.core.urls import default_storage, default_tracking_uri, redact, runs_url
 from ablate.design import plan, recovery
 from ablate.design.families import load_specs
 from ablate.design.preflight import run_bytes
@@ -155,6 +155,7 @@ def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline
               file=sys.stderr)  # fmt: skip
         return 130, False
     print_results(spec, study)
+    print(f"All runs: make ui, then {runs_url(parent.experiment_id)}")
     code = _exit_code(study, before)
     if not report:
         return code, False
@@ -363,9 +364,6 @@ def _family_report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
 
 def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
     """Write the report; the study's data stays valid when this fails, so say how to retry instead of raising."""
-    from mlflow import MlflowClient
-
-    from ablate.core.urls import runs_url
     from ablate.report import build_report, html
 
     try:
@@ -374,7 +372,5 @@ def _report(spec: StudySpec, storage_url: str, tracking_uri: str) -> int:
         print(f"ablate study: the report failed ({type(err).__name__}: {err}); retry: ablate report {spec.name}",
               file=sys.stderr)  # fmt: skip
         return 1
-    experiment = MlflowClient(tracking_uri).get_experiment_by_name(spec.name)
-    answer = html.summary_line(path.parent)
-    print(f"\n{answer}\nReport: {path}\nAll runs: make ui, then {runs_url(experiment.experiment_id)}")
+    print(f"\n{html.summary_line(path.parent)}\nReport: {path}")
     return 0

@@ -80,6 +80,8 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=spec.name, storage=storage)
         recovery.failpoint("setup:created")
+        if study.metric_names is None:  # the dashboard's name for the objective, also on a study made before this
+            study.set_metric_names([names.VAL_LOSS])
         attrs = study.user_attrs
         digest = attrs.get(PLAN_DIGEST)
         if digest is not None and digest != plan_digest(spec):
