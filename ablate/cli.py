@@ -8,9 +8,10 @@ import sys
 from ablate.core.config import ConfigError
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ablate", description="Ablations of self-attention, tracked in MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The ``ablate`` command's arguments (the docs' commands are checked against it)."""
+    top = argparse.ArgumentParser(prog="ablate", description="Ablations of self-attention, tracked in MLflow.")
+    sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one configuration (a run config or a study file's base)")
     p.add_argument("config", help="YAML file")
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="Optuna's dashboard on 127.0.0.1 against the study storage")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: $ABLATE_STORAGE or runs/optuna.db)")
-    return parser
+    return top
 
 
 def _workers(text: str) -> int | str:
@@ -71,7 +72,7 @@ def _workers(text: str) -> int | str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         return _dispatch(args) or 0
     except ConfigError as err:

@@ -92,12 +92,17 @@ def judge_again(spec: StudySpec, decided: dict[str, str], losses: dict) -> list[
     return rows
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' commands are checked against it)."""
+    top = argparse.ArgumentParser(prog="python -m ablate.retune", description=__doc__.splitlines()[0])
+    top.add_argument("study", help="the study file of a finished ablation (its stores under runs/)")
+    top.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    top.add_argument("--out", default="reports/bench/retune.md")
+    return top
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ablate.retune", description=__doc__.splitlines()[0])
-    parser.add_argument("study", help="the study file of a finished ablation (its stores under runs/)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default="reports/bench/retune.md")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     spec = load_spec(args.study, preflight=False)
     study = optuna.load_study(study_name=spec.name, storage=spec.storage or default_storage())
     results = plan.results_of(study.get_trials(deepcopy=False))
