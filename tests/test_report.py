@@ -67,7 +67,7 @@ def test_report_has_every_section_and_files(ablation_report, ablation):
     assert "Nothing to plot" not in page
     assert (path.parent / "results.csv").is_file() and (path.parent / "summary.md").is_file()
     logged = {f.path for f in ablation.client.list_artifacts(ablation.parent, "report")}
-    assert logged == {"report/index.html", "report/results.csv", "report/summary.md"}
+    assert logged == {"report/index.html", "report/results.csv", "report/summary.md", "report/verdicts.json"}
     assert 'href="toy/index.html"' in (path.parent.parent / "index.html").read_text()  # beside it: every study
 
 
@@ -92,16 +92,19 @@ def test_numbers_match_the_stores(ablation_report, ablation):
 
 def test_answer_is_generated_from_the_data(ablation_report):
     _, page = ablation_report
-    answers = re.findall(r'<div class="choice">(.*?) <span class="badge ([\w-]+)">', page)
+    answers = re.findall(r'<div class="choice">(.*?) → <span title="(.*?)">(.*?)</span> <span class="badge ([\w-]+)">',
+                         page)  # fmt: skip
     # attn_dropout=0.1's lowest tune point was pruned, so its best completed point is an unextended edge: what its
-    # tuning costs it is unbounded, and an equivalence (which needs both ends) cannot be claimed
-    assert answers == [("model.num_heads → 4", "better"), ("model.attn_dropout → 0", "undecided"),
-                       ("model.resid_dropout → 0", "keep-base")]
+    # tuning costs it is unbounded, and an equivalence (which needs both ends) cannot be claimed. Each value in
+    # words, its config key on hover.
+    assert answers == [("model.num_heads", "model.num_heads=4", "4 heads", "better"),
+                       ("model.attn_dropout", "model.attn_dropout=0", "no attention dropout", "undecided"),
+                       ("model.resid_dropout", "model.resid_dropout=0", "no residual dropout", "keep-base")]
     variants = read_table(page, "variants-table").set_index("variant")
     assert "penalty ≤ unbounded: best point at an edge" in variants.loc["model.attn_dropout=0.1"].iloc[1]
     assert "other values undecided" in page  # num_heads=1 diverged on a seed: never silently equivalent
-    assert "Diverged seed runs, counted at the uniform-guess loss: model.num_heads=1 1 of 3." in page
-    assert "Keep base: every alternative is worse." in page
+    assert "Diverged seed runs, counted at the uniform-guess loss: 1 head: 1 of 3 seeds." in page
+    assert "Keep the base (no residual dropout): every alternative is worse." in page
     assert "It costs 1.09× the base&#39;s parameters" in page
     assert "at most 5% (Bonferroni over the factor&#39;s 2 alternatives" in page  # the error rate each controls
     assert "Over the study&#39;s 3 factors (4 alternatives against one base)" in page  # and the whole study
@@ -213,7 +216,7 @@ def test_report_of_a_real_tiny_study(tmp_path, monkeypatch, capsys):
     assert run_study(tmp_path / "real.yaml", storage=storage, report=True) == 0
     assert re.search(r"^real: [01] of 1 scientific parameters decided study-wide \([01] at alpha per factor\) at a "
                      r"margin of ±0.03 test loss: "
-                     r"model.num_heads → \S+ \(", capsys.readouterr().out, re.M)  # the answer, in the terminal too
+                     r"model.num_heads → [^(]+ \(", capsys.readouterr().out, re.M)  # the answer, in the terminal too
     page = (tmp_path / "reports" / "real" / "index.html").read_text()
     study = optuna.load_study(study_name="real", storage=storage)
     assert f"{len(study.trials)} (COMPLETE {len(study.trials)})" in page

@@ -191,15 +191,24 @@ ANSWERS = [  # comparisons, costs of (base, *alternatives), choice, decided, wor
      (1, 1, 1, 1), "b", True, ["b is better than base by 0.08", "not tested against each other"]),
     ([comparison("a", "worse", 0.05), comparison("b", "worse", 0.3)], (1, 1, 1), "base", True, ["Keep base"]),
     ([comparison("a", "equivalent", 0.01), comparison("b", "worse", 0.1)], (100, 50, 10), "a", True,
-     ["choose the cheapest, which is a"]),
-    ([comparison("a", "equivalent", -0.01)], (100, 200), "base", True, ["choose the cheapest, which is base"]),
+     ["a is equivalent to base within the margin, b is worse: choose the cheapest, a (parameters: base 100, a 50)"]),
+    ([comparison("a", "equivalent", -0.01)], (100, 200), "base", True, ["choose the cheapest, base", "margin:"]),
+    ([comparison("a", "equivalent", 0.0), comparison("b", "equivalent", 0.0)], (100, 100, 300), "base", True,
+     ["a and b are equivalent", "base and a cost the same by every measure taken: keep base"]),
+    # a tie on parameters is broken by FLOPs per token, then by measured speed, and the page says which decided
+    ([comparison("a", "equivalent", 0.0)], ((100, 5e4, 1e-5), (100, 4e4, 2e-5)), "a", True,
+     ["(parameters tie, FLOPs per token: base 5e+04, a 4e+04)"]),
+    ([comparison("a", "equivalent", 0.0)], ((100, 5e4, 2e-5), (100, 5e4, 1e-5)), "a", True,
+     ["(parameters and FLOPs per token tie, seconds per token: base 5e+04 tokens/s, a 1e+05 tokens/s)"]),
+    ([comparison("a", "equivalent", 0.0)], ((100, 5e4, math.nan), (100, 5e4, 1e-5)), "base", True,
+     ["base and a cost the same by every measure taken: keep base"]),  # speed unknown: no reason to switch
     ([comparison("a", "equivalent", -0.01)], (math.nan, 200), "base", True, ["no cost to compare"]),
     ([comparison("a", "undecided", -0.03), comparison("b", "equivalent", 0.0)], (1, 1, 1), "a", False,
      ["Undecided: a", "best guess so far, not a verdict: a"]),
     ([comparison("a", "undecided", 0.03)], (1, 1), "base", False, ["best guess so far, not a verdict: base"]),
     ([comparison("a", "better", -0.05), comparison("b", "undecided", -0.1)], (1, 1, 1), "a", False,
      ["Still undecided: b"]),
-    ([comparison("a", "worse", 2.6, diverged=6)], (1, 1), "base", True, ["a 6 of 6"]),
+    ([comparison("a", "worse", 2.6, diverged=6)], (1, 1), "base", True, ["a: 6 of 6 seeds"]),
 ]
 
 

@@ -19,9 +19,10 @@ import pandas as pd
 from scipy import stats
 
 from ablate.core import names
-from ablate.core.config import fmt
+from ablate.core.config import fmt, to_dict
 from ablate.design import plan
 from ablate.report.load import StudyData, completed
+from ablate.report.wording import value_label
 from ablate.stats import verdicts
 from ablate.stats.answers import answer_factor
 
@@ -192,16 +193,18 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
     share of it (``verdicts.judge_study``), why, the error rate each controls, and the seeds that would decide the
     alternatives still undecided."""
     rule = plan.rule(data.spec)
-    costs = dict(zip(table["variant"], table[CHOICE_COST], strict=True)) if len(table) else {}
+    costs = {r["variant"]: (r[names.PARAMS], r[names.FLOPS_PER_TOKEN], 1 / r[names.TOKENS_PER_S])
+             for _, r in table.iterrows()} if len(table) else {}  # fmt: skip
     arms = {k: replace(a, cost=costs.get(k, math.nan)) for k, a in plan.arm_results(data.spec, results).items()}
     factors = {f: [arms[a] for a in alternatives] for f, alternatives in plan.factors(data.spec).items()}
     wide = verdicts.judge_study(arms["base"], factors, rule) if rule else {}
     out = []
     for factor, alternatives in factors.items():
-        bval = display(base_value(factor, data))
+        bval = arm_label("base", factor, data)
+        base_key = f"{factor}={display(base_value(factor, data))}"
         if rule is None:
-            out.append({"factor": factor, "choice": bval, "verdict": "undecided", "decided": False, "statement": "",
-                        "study_decided": False, "seeds": "",
+            out.append({"factor": factor, "choice": bval, "choice_key": base_key, "verdict": "undecided",
+                        "decided": False, "statement": "", "study_decided": False, "seeds": "",
                         "text": f"Undecided: this study runs {data.spec.min_seeds} seed per variant; a verdict needs "
                                 "at least 2 (set seeds: 3 or more)."})
             continue
@@ -213,13 +216,32 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
             label = chosen.verdict
         else:
             label = "keep base" if answer.decided else "undecided"  # a best guess is not labelled by its verdict
-        choice = display(variant_value(answer.choice, factor, data)) if chosen else bval
-        text = answer.reason + _cost_sentence(table, answer.choice)
-        out.append({"factor": factor, "choice": choice, "verdict": label, "decided": answer.decided,
+        choice = arm_label(answer.choice, factor, data) if chosen else bval
+        labels = {a.name: arm_label(a.name, factor, data) for a in alternatives}
+        text = in_words(answer.reason + _cost_sentence(table, answer.choice), labels, bval)
+        out.append({"factor": factor, "choice": choice, "choice_key": answer.choice if chosen else base_key,
+                    "verdict": label, "decided": answer.decided,
                     "study_decided": study.decided and study.choice == answer.choice,
                     "text": text, "statement": rule.statement(len(alternatives)),
                     "seeds": _seeds_line(verdicts.seeds_to_decide_factor(comparisons, rule), data.spec.max_seeds)})
     return out
+
+
+def arm_label(variant: str, factor: str, data: StudyData) -> str:
+    """The value ``variant`` gives ``factor``, as a person says it (``wording.value_label``)."""
+    values = data.spec.variant(variant).values if variant in _names(data) else {}
+    model = {**to_dict(data.spec.base)["model"], **{k.split(".", 1)[1]: v for k, v in values.items()
+                                                      if k.startswith("model.")}}  # fmt: skip
+    value = values[factor] if factor in values else base_value(factor, data)
+    return value_label(factor, value, model)
+
+
+def in_words(text: str, labels: dict[str, str], base_label: str) -> str:
+    """``text`` with each variant's config name (``model.num_heads=8``) in words, and the base named by its value."""
+    for name in sorted(labels, key=len, reverse=True):
+        text = text.replace(name, labels[name])
+    first = "Keep base" if "Keep base" in text else "base"  # the first mention is named; the rest stay short
+    return re.sub(rf"\b{first}\b", first.replace("base", f"the base ({base_label})"), text, count=1)
 
 
 def study_statement(data: StudyData) -> str:

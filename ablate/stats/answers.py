@@ -39,7 +39,7 @@ def answer_factor(base: ArmResult, comparisons: list[Comparison], alternatives: 
         if undecided:
             reason += f" Still undecided: {undecided}."
     elif not undecided:
-        choice, reason = _cheapest(base, by["equivalent"], costs)
+        choice, reason = _cheapest(base, by["equivalent"], costs, by["worse"])
     else:
         guess = min(by["undecided"] + by["equivalent"], key=_mean)
         choice = guess.name if _mean(guess) < 0 else base.name
@@ -47,20 +47,59 @@ def answer_factor(base: ArmResult, comparisons: list[Comparison], alternatives: 
     diverged = [c for c in comparisons if c.diverged]
     if diverged:
         reason += " Diverged seed runs, counted at the uniform-guess loss: " + ", ".join(
-            f"{c.name} {c.diverged} of {c.n}" for c in diverged) + "."
+            f"{c.name}: {c.diverged} of {c.n} seeds" for c in diverged) + "."
     return Answer(choice=choice, decided=not undecided, reason=reason)
 
 
-def _cheapest(base: ArmResult, equivalents: list[Comparison], costs: dict[str, float]) -> tuple[str, str]:
+COSTS = ("parameters", "FLOPs per token", "seconds per token")
+"""What ``ArmResult.cost`` holds, in the order a tie on one is broken by the next (a plain number: parameters)."""
+
+
+def _cheapest(base: ArmResult, equivalents: list[Comparison], costs: dict[str, object],
+              worse: list[Comparison]) -> tuple[str, str]:  # fmt: skip
     if not equivalents:
         return base.name, f"Keep {base.name}: every alternative is worse."
-    candidates = {base.name: base.cost, **{c.name: costs[c.name] for c in equivalents}}
-    names = _names(equivalents)
-    if any(math.isnan(v) for v in candidates.values()):
-        return base.name, f"{names} equivalent to {base.name} within the margin; no cost to compare: keep {base.name}."
-    cheapest = min(candidates, key=candidates.get)  # the base first, so it wins a tie
-    return cheapest, (f"{names} equivalent to {base.name} within the margin, the rest worse: choose the cheapest, "
-                      f"which is {cheapest} (cost: " + ", ".join(f"{n} {c:.4g}" for n, c in candidates.items()) + ").")
+    candidates = {base.name: _cost(base.cost), **{c.name: _cost(costs[c.name]) for c in equivalents}}
+    same = f"{_names(equivalents)} {_be(equivalents)} equivalent to {base.name} within the margin"
+    if worse:
+        same += f", {_names(worse)} {_be(worse)} worse"
+    if any(not v or math.isnan(v[0]) for v in candidates.values()):
+        return base.name, f"{same}; no cost to compare: keep {base.name}."
+    cheapest = base.name  # an alternative replaces it only where a measured cost tells them apart
+    for name, cost in candidates.items():
+        k = _deciding(candidates[cheapest], cost)
+        if k is not None and cost[k] < candidates[cheapest][k]:
+            cheapest = name
+    rival = base.name if cheapest != base.name else min(
+        (n for n in candidates if n != base.name), key=lambda n: [x if x == x else math.inf for x in candidates[n]])
+    k = _deciding(candidates[cheapest], candidates[rival])
+    if k is None:
+        return cheapest, f"{same}; {cheapest} and {rival} cost the same by every measure taken: keep {cheapest}."
+    ties = f"{' and '.join(COSTS[:k])} tie, " if k else ""
+    shown = ", ".join(f"{n} {_show(candidates[n][k], k)}" for n in candidates)
+    return cheapest, f"{same}: choose the cheapest, {cheapest} ({ties}{COSTS[k]}: {shown})."
+
+
+def _deciding(first: tuple[float, ...], second: tuple[float, ...]) -> int | None:
+    """The index of the cost that tells ``first`` from ``second``; None when they tie up to one not measured."""
+    for k, (x, y) in enumerate(zip(first, second, strict=False)):
+        if math.isnan(x) or math.isnan(y):
+            return None
+        if x != y:
+            return k
+    return None
+
+
+def _be(comparisons: list[Comparison]) -> str:
+    return "is" if len(comparisons) == 1 else "are"
+
+
+def _cost(cost: object) -> tuple[float, ...]:
+    return tuple(float(c) for c in cost) if isinstance(cost, tuple) else (float(cost),)
+
+
+def _show(value: float, k: int) -> str:
+    return f"{1 / value:.4g} tokens/s" if COSTS[k] == "seconds per token" and value > 0 else f"{value:.4g}"
 
 
 def _mean(c: Comparison) -> float:
@@ -77,4 +116,5 @@ def _interval(c: Comparison) -> str:
 
 
 def _names(comparisons: object) -> str:
-    return ", ".join(c.name for c in comparisons)
+    names = [c.name for c in comparisons]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

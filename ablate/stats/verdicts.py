@@ -68,8 +68,9 @@ class ArmResult:
     guess (``uniform_loss``, the caller's), never dropped."""
     diverged: frozenset[int] = frozenset()
     """Seeds whose run diverged; each must have its uniform-guess loss in ``outcomes``."""
-    cost: float = math.nan
-    """Parameters, FLOPs per token, ...: lower is cheaper; NaN when unknown."""
+    cost: float | tuple[float, ...] = math.nan
+    """Parameters, or (parameters, FLOPs per token, seconds per token) as ``answers.COSTS``: lower is cheaper, a tie
+    on one broken by the next; NaN when unknown."""
     penalty: float = 0.0
     """Bound on the loss its learning-rate choice can cost it (``ablate.stats.tuning.penalty_bound``); 0 when it has no
     tuned nuisance, infinite (or NaN) when it cannot be bounded, e.g. its best point at an unextended edge."""
