@@ -20,8 +20,11 @@ runs, size, store = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def watch():
     while True:
         for f in runs.glob("*" + store + ".db*"):
-            if f.is_file() and f.stat().st_size >= size:
-                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                if f.stat().st_size >= size:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            except OSError:  # a journal gone between the listing and the look
+                pass
         time.sleep(0.001)
 threading.Thread(target=watch, daemon=True).start()
 if store == "mlflow":

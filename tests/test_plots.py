@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from ablate.design.spec import spec_from_mapping
 from ablate.report import plots, search_plots
@@ -143,9 +144,64 @@ def test_lr_sensitivity_marks_the_chosen_point_its_basin_and_diverged_runs(data:
     assert not [line for line in drawn[1].axes[0].lines if list(line.get_xdata()) == [3.1e-3, 9.7e-3]]
 
 
-def test_curves_are_labelled_as_median_seed_runs(data: Data, drawn: list) -> None:
-    assert _is_png(plots.curves(data, {"base": "base/2", "model.num_heads=16": "model.num_heads=16/1"}))
-    assert drawn[0].axes[0].get_legend().get_title().get_text() == "variant (median seed)"
+SEED_RUNS = {"base": ["base/2", "base/1", "base/3"], "model.num_heads=16": ["model.num_heads=16/1"],
+             "model.scaling=none": ["model.scaling=none/1"]}  # fmt: skip
+
+
+def test_curves_have_a_panel_per_factor_the_base_in_each_and_a_band_over_seeds(data: Data, drawn: list) -> None:
+    assert _is_png(plots.curves(data, SEED_RUNS))
+    heads, scaling = drawn[0].axes[:2]
+    assert [ax.get_title() for ax in (heads, scaling)] == ["model.num_heads", "model.scaling"]
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in (heads, scaling)]
+    assert legends == [["base (4)", "16"], ["base (sqrt)", "none"]]
+    base_colour = heads.get_lines()[0].get_color()
+    assert base_colour == scaling.get_lines()[0].get_color()  # the base alike in every panel
+    assert len(heads.collections) >= 1  # the band over the base's three seeds
+
+
+def test_every_variant_keeps_its_colour_and_a_factor_never_repeats_one(data: Data) -> None:
+    colours = plots.variant_colors(data)
+    assert colours["base"] == plots.BASE_COLOR
+    heads = [colours[v] for v in ("model.num_heads=16", "model.num_heads=2")]
+    assert len(set(heads)) == 2 and plots.BASE_COLOR not in heads
+
+
+def overlaps(fig) -> list[str]:
+    """What a reader would find drawn over something else: a legend over plotted points or lines, or tick labels
+    of one axis that touch (matplotlib gives every extent once the figure is drawn)."""
+    canvas = FigureCanvasAgg(fig)  # the figure was closed once saved: draw it again to measure it
+    canvas.draw()
+    renderer, found = canvas.get_renderer(), []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is not None and legend.get_visible():
+            box = legend.get_window_extent(renderer)
+            points = [line.get_transform().transform(line.get_xydata()) for line in ax.get_lines()]
+            points += [c.get_offset_transform().transform(c.get_offsets()) for c in ax.collections
+                       if len(c.get_offsets())]  # fmt: skip
+            inside = [p for block in points for p in np.asarray(block) if box.contains(*p)]
+            if inside:
+                found.append(f"{ax.get_title() or ax.get_xlabel()}: legend over {len(inside)} plotted points")
+        for axis in (ax.xaxis, ax.yaxis):
+            boxes = [t.get_window_extent(renderer) for t in axis.get_ticklabels(which="both")
+                     if t.get_visible() and t.get_text()]  # fmt: skip
+            for i, a in enumerate(boxes):
+                for b in boxes[i + 1:]:
+                    if a.overlaps(b):
+                        found.append(f"{ax.get_title() or ax.get_xlabel()}: tick labels overlap")
+    return found
+
+
+def test_no_figure_draws_a_legend_over_data_or_tick_labels_over_each_other(data: Data, drawn: list) -> None:
+    table = _table()
+    flops = data.trials["model.num_heads"].map({2: 0.8e12, 4: 1e12, 16: 2.2e12}) * (1 + data.trials["trial"] % 3)
+    costed = Data("figs", "ablation", data.spec, "sqlite://", "sqlite://", study=None,
+                  trials=data.trials.assign(**{"cost/flops_total": flops}), client=None)  # fmt: skip
+    for draw in (lambda: plots.isolation(data, table), lambda: plots.lr_sensitivity(data, "train.lr", table),
+                 lambda: plots.curves(data, SEED_RUNS), lambda: plots.pareto(costed)):  # fmt: skip
+        draw()
+    assert len(drawn) == 4
+    assert [problem for fig in drawn for problem in overlaps(fig)] == []
 
 
 def test_interaction_shows_the_mean_per_cell_with_its_count(data: Data, drawn: list) -> None:
@@ -177,3 +233,16 @@ def test_nothing_to_draw_gives_no_figure(data: Data, empty: Data) -> None:
     assert plots.curves(data, {}) is None
     assert search_plots.interaction(empty, "model.num_heads", "train.lr") is None
     assert search_plots.importance(pd.DataFrame()) is None
+
+
+def test_the_overlap_check_sees_a_legend_over_data_and_crowded_tick_labels() -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot(np.linspace(0, 1, 50), np.linspace(0, 1, 50), label="a line under its legend")
+    ax.legend(loc="center")
+    ax.set_xticks(np.linspace(0, 1, 30))
+    ax.set_xticklabels([f"{x:.4f}" for x in np.linspace(0, 1, 30)])
+    problems = overlaps(fig)
+    plt.close(fig)
+    assert any("legend over" in p for p in problems) and any("tick labels overlap" in p for p in problems)

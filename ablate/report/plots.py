@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
 from ablate.core import names  # noqa: E402
@@ -57,12 +57,46 @@ def _colors(keys: list[str]) -> dict[str, tuple]:
     return dict(zip(keys, sns.color_palette(PALETTE, len(keys)), strict=False))
 
 
+BASE_COLOR = (0.3, 0.3, 0.3)  # the base, the same neutral grey in every panel and figure
+VALUE_COLORS = [c for i, c in enumerate(sns.color_palette(PALETTE)) if i != 7]  # the palette less its grey
+
+
 def variant_colors(data: StudyData) -> dict[str, tuple]:
-    """One colour per variant, the same in every figure of the page and whatever has run so far: the study file's
-    order (``StudySpec.variants``), then any variant only the trials name."""
-    planned = [v.name for v in data.spec.variants()]
-    ran = [v for v in dict.fromkeys(data.trials["variant"]) if v] if "variant" in data.trials else []
-    return _colors(planned + [v for v in ran if v not in planned])
+    """One colour per variant, the same in every figure of the page and whatever has run so far: the base grey, each
+    factor's values in palette order (the factors sit in panels of their own, so colours repeat only across panels);
+    then any variant only the trials name (a search's), in palette order."""
+    out = {"base": BASE_COLOR}
+    by_factor: dict[str, int] = {}
+    for v in data.spec.variants():
+        if v.name != "base":
+            k = by_factor[v.factor] = by_factor.get(v.factor, -1) + 1
+            out[v.name] = VALUE_COLORS[k % len(VALUE_COLORS)]
+    ran = [v for v in dict.fromkeys(data.trials["variant"]) if v and v not in out] if "variant" in data.trials else []
+    return {**out, **dict(zip(ran, VALUE_COLORS * (1 + len(ran) // len(VALUE_COLORS)), strict=False))}
+
+
+def _legend_outside(ax: plt.Axes, title: str | None = None) -> None:
+    """The legend right of the panel, never over its data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title=title or None, title_fontsize=7,
+                  frameon=False, borderaxespad=0)
+
+
+def _log_x(ax: plt.Axes) -> None:
+    """A log x axis with labels at 1, 2 and 5 of each decade only, written short (3e-3 would crowd its neighbours)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e")))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _factors(data: StudyData) -> dict[str, list[str]]:
+    """Each scientific factor's variants, base first: what one panel of a faceted figure draws."""
+    out: dict[str, list[str]] = {}
+    for v in data.spec.variants():
+        if v.factor:
+            out.setdefault(v.factor, ["base"]).append(v.name)
+    return out
 
 
 VERDICT_STYLE = {  # verdict -> (palette index, marker): colour and shape both, so a grey print still tells them apart
@@ -254,11 +288,11 @@ def lr_sensitivity(data: StudyData, param: str = "train.lr", table: pd.DataFrame
         if spec:
             ax.axvspan(spec.low, spec.high, color="0.95", zorder=0)
         if spec.log if spec else _wide(t[param]):
-            ax.set_xscale("log")
+            _log_x(ax)
         ax.margins(y=0.12)
         ax.set_xlabel(param)
         ax.set_ylabel("final val/loss (tune runs)")
-        ax.legend(fontsize=7, loc="best", title=factor or None, title_fontsize=7)
+        _legend_outside(ax, factor)
     fig.suptitle(f"Sensitivity to {param}: lines: seed means, dots: runs; ★ chosen point, bar under it: its basin "
                  f"(within ±{data.spec.margin:g} of the best mean);\n× along the top: diverged tune runs (no loss); "
                  "shaded: searched range", fontsize=9)
@@ -302,47 +336,57 @@ def _wide(values: pd.Series) -> bool:
     return len(v) > 0 and v.min() > 0 and v.max() > 20 * v.min()
 
 
-def curves(data: StudyData, runs: dict[str, str]) -> str | None:
-    """val/loss and train/loss histories of each variant's median seed run (``variant -> run id``): the typical
-    run, not the luckiest."""
-    frames = []
-    for variant, run_id in runs.items():
-        for key in (names.VAL_LOSS, names.TRAIN_LOSS):
-            h = data.history(run_id, key)
-            frames.append(h.assign(variant=variant, metric=key))
+def curves(data: StudyData, runs: dict[str, list[str]]) -> str | None:
+    """val/loss histories over every seed run of each variant (``variant -> run ids``): the median over seeds as a
+    line, the band from the lowest to the highest seed. An ablation gets a panel per factor, the base in each."""
+    frames = [data.history(run_id, names.VAL_LOSS).assign(variant=variant, run=run_id)
+              for variant, ids in runs.items() for run_id in ids]  # fmt: skip
     df = pd.concat(frames) if frames else pd.DataFrame()
     if df.empty:
         return None
-    fig, axes = _panels(2)
-    palette = {**_colors(list(runs)), **variant_colors(data)}
-    for ax, key in zip(axes, (names.VAL_LOSS, names.TRAIN_LOSS), strict=False):
-        sns.lineplot(df[df["metric"] == key], x="step", y="value", hue="variant", ax=ax, marker="." if key ==
-                     names.VAL_LOSS else None, palette={k: palette[k] for k in runs})
-        ax.set_ylabel(key)
-        ax.legend(fontsize=7, title="variant (median seed)", title_fontsize=7)
-    fig.suptitle("Training curves of each variant's median seed run", fontsize=9)
+    panels = {f: [v for v in vs if v in runs] for f, vs in _factors(data).items()} if data.kind == "ablation" \
+        else {"": list(runs)}  # fmt: skip
+    panels = {f: vs for f, vs in panels.items() if vs} or {"": list(runs)}
+    fig, axes = _panels(len(panels), height=2.8)
+    colors = {**_colors(list(runs)), **variant_colors(data)}
+    for ax, (factor, variants) in zip(axes, panels.items(), strict=False):
+        for variant in variants:
+            rows = df[df["variant"] == variant]
+            sns.lineplot(rows, x="step", y="value", estimator="median", errorbar=("pi", 100), ax=ax,
+                         color=colors[variant], label=_value_label(data, variant, factor), lw=1.2)
+        ax.set_ylabel(names.VAL_LOSS)
+        ax.set_title(factor, fontsize=8)
+        _legend_outside(ax)
+    fig.suptitle("Validation loss during training: median over seed runs, band from the lowest to the highest seed",
+                 fontsize=9)
     return to_uri(fig)
 
 
 def pareto(data: StudyData) -> str | None:
-    """Final val/loss of every completed run against training FLOPs and wall time; the Pareto front as a step."""
+    """Final val/loss of every completed run against training FLOPs (else wall time); the Pareto front of all runs
+    as a step. An ablation gets a panel per factor (the base in each), the front the same in every panel."""
     done = completed(data.trials)
-    xs = [k for k in (names.FLOPS_TOTAL, names.WALL_S) if k in done and done[k].notna().any()]
-    if not xs:
+    key = next((k for k in (names.FLOPS_TOTAL, names.WALL_S) if k in done and done[k].notna().any()), None)
+    if key is None:
         return None
-    fig, axes = _panels(len(xs))
-    hue = "variant" if data.kind == "ablation" else None
-    for ax, key in zip(axes, xs, strict=False):
-        rows = done.dropna(subset=[key])
-        colors = {v: c for v, c in variant_colors(data).items() if v in set(rows["variant"])}  # no empty entries
-        sns.scatterplot(rows, x=key, y="value", hue=hue, ax=ax, s=30, palette=colors if hue else None,
-                        hue_order=list(colors) if hue else None)
-        front = across.frontier(rows, key)
+    rows = done.dropna(subset=[key])
+    panels = _factors(data) if data.kind == "ablation" else {"": []}
+    fig, axes = _panels(len(panels), height=2.8)
+    colors = variant_colors(data)
+    front = across.frontier(rows, key)
+    for ax, (factor, variants) in zip(axes, panels.items(), strict=False):
+        for variant in variants or [None]:
+            sub = rows if variant is None else rows[rows["variant"] == variant]
+            if len(sub):
+                ax.scatter(sub[key], sub["value"], s=14, color=colors.get(variant, BASE_COLOR), alpha=0.8, lw=0,
+                           label=None if variant is None else _value_label(data, variant, factor))
         ax.step(front[key], front["value"], where="post", color="k", lw=1, label="Pareto front")
         if rows[key].max() > 20 * rows[key].min() > 0:
-            ax.set_xscale("log")
+            _log_x(ax)
+        ax.set_xlabel(key)
         ax.set_ylabel("final val/loss")
-        ax.legend(fontsize=7)
+        ax.set_title(factor, fontsize=8)
+        _legend_outside(ax)
     return to_uri(fig)
 
 

@@ -282,20 +282,22 @@ def _cost_display(data: StudyData, table: pd.DataFrame) -> dict | None:
                           for kind, n in costs["crossover"].items()]}  # fmt: skip
 
 
-def curve_runs(data: StudyData) -> dict[str, str]:
-    """Per variant the seed run with the median outcome (the typical run, not the luckiest); top 5 for search."""
+def curve_runs(data: StudyData) -> dict[str, list[str]]:
+    """Per variant its completed seed runs, median outcome first (its curve's band spans them); top 5 for search."""
     done = completed(data.trials)
     done = done[done["run_id"].astype(bool)] if not done.empty else done
     if done.empty:
         return {}
     if data.kind != "ablation":
-        return {f"trial {int(r.trial)}": r.run_id for r in done.nsmallest(5, "value").itertuples()}
+        return {f"trial {int(r.trial)}": [r.run_id] for r in done.nsmallest(5, "value").itertuples()}
     seeds = done[(done["phase"] == "seed") & done["outcome"].notna()]
     out = {}
     for variant in analysis.variant_order(data):
         rows = seeds[seeds["variant"] == variant].sort_values("outcome")
         if len(rows):
-            out[variant] = rows["run_id"].iloc[(len(rows) - 1) // 2]
+            ids = list(rows["run_id"])
+            median = ids.pop((len(ids) - 1) // 2)
+            out[variant] = [median, *ids]
     return out
 
 

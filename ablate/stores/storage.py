@@ -166,9 +166,10 @@ def retry_schema_race(create: Callable[[], T]) -> T:
 
 def create_sqlite(path: Path, build: Callable[[str], object]) -> None:
     """Creates the SQLite store at ``path`` if it is missing: ``build(url)`` makes its schema in a file beside it,
-    which then takes its name (``os.replace``, atomic). Creators take turns under a lock file; what a killed one
-    left beside the path (its file, its journal) is removed by the next. MLflow and Optuna migrate a new schema in
-    many steps, and a SIGKILL between two of them would leave a store that every later start fails to open."""
+    which then takes its name by a hard link (atomic, and never over a file made meanwhile). Creators take turns
+    under a lock file; what a killed one left beside the path (its file, its journal) is removed by the next. MLflow
+    and Optuna migrate a new schema in many steps, and a SIGKILL between two of them would leave a store that every
+    later start fails to open."""
     if path.exists():
         return
     lock = _FileLock(path.with_name(f"{path.name}.create.lock"))
@@ -180,7 +181,11 @@ def create_sqlite(path: Path, build: Callable[[str], object]) -> None:
         for leftover in (aside, aside.with_name(aside.name + "-journal")):
             leftover.unlink(missing_ok=True)
         build(f"sqlite:///{aside}")
-        os.replace(aside, path)
+        # Never over a file: a process not under this lock (a poller, optuna's CLI, a dashboard) may have made one
+        # meanwhile and hold it open; then that one is the store.
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+        aside.unlink()
     finally:
         lock.release()
 
