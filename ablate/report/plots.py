@@ -370,7 +370,7 @@ def pareto(data: StudyData) -> str | None:
     if key is None:
         return None
     rows = done.dropna(subset=[key])
-    panels = _factors(data) if data.kind == "ablation" else {"": []}
+    panels = (_factors(data) if data.kind == "ablation" else {}) or {"": []}  # one panel of every run otherwise
     fig, axes = _panels(len(panels), height=2.8)
     colors = variant_colors(data)
     front = across.frontier(rows, key)
