@@ -28,14 +28,13 @@ from ablate.core.config import (
     with_values,
 )
 from ablate.core.inputs import read_yaml
-from ablate.tasks.checks import check_task
+from ablate.tasks.checks import TRAITS, check_task, vocab_guess
 
 if TYPE_CHECKING:
     from ablate.design.spec import StudySpec
 
 FLOAT = 4  # bytes of an fp32 value: parameters, gradients and optimizer state stay fp32 under bf16 autocast
 STATE_COPIES = 4  # parameters, gradients, AdamW's two moments
-CHARLM_VOCAB = 256  # a guess before the text is read: the characters of most corpora
 CHARLM_BYTES_PER_CHAR = 40  # the text as str, utf-32 codes, windows as int32 rows (Arrow) and int64 tensors
 # The keys a run's memory grows with, each with its default: the one whose default saves the most is named.
 SIZE_KEYS = {
@@ -53,7 +52,6 @@ SIZE_KEYS = {
     "task.num_test": TaskConfig.num_test,
     "task.eval_lengths": TaskConfig.eval_lengths,
 }
-CLASSIFIERS = ("listops",)  # tasks whose model is a bidirectional classifier (``Task.num_classes`` set)
 
 
 def load_run_config(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> RunConfig:
@@ -81,7 +79,7 @@ def check_run(cfg: RunConfig, where: str = "") -> None:
 def check_model(cfg: RunConfig, where: str = "") -> None:
     """A ConfigError when the model cannot work on the task: no positions on a bidirectional classifier (an lstm or
     gru ignores positions)."""
-    if cfg.model.kind == "transformer" and cfg.model.position == "none" and cfg.task.name in CLASSIFIERS:
+    if cfg.model.kind == "transformer" and cfg.model.position == "none" and TRAITS[cfg.task.name].classifier:
         problem = (f"none needs a causal (language-model) task: {cfg.task.name}'s bidirectional classifier without "
                    "positions sees a bag of tokens; use rope or learned")  # fmt: skip
         raise ConfigError(where or "model.position", problem if not where else f"model.position: {problem}")
@@ -151,7 +149,7 @@ def estimate_bytes(s: dict) -> int:
     resident memory during training. An lstm or gru (``_recurrent_bytes``) keeps no T x T matrix."""
     model, B, T = _model_of(s), int(s["train.batch_size"]), int(s["task.seq_len"])
     C, L, H, D, hidden = model.embed_dim, model.num_layers, model.num_heads, model.resolved_head_dim, model.mlp_hidden
-    V = {"charlm": CHARLM_VOCAB, "recall": int(s["task.vocab_size"]) + 1}.get(s["task.name"], 16)
+    V = vocab_guess(s["task.name"], int(s["task.vocab_size"]))
     params = sizes.param_count(model, V, T) + C * max(V, 10)  # the head counted untied: a classifier's own head
     scores = B * H * T * T  # one layer's attention matrix
     training = L * B * T * (10 * C + 6 * H * D + 3 * hidden) + 3 * B * T * V
@@ -161,7 +159,7 @@ def estimate_bytes(s: dict) -> int:
     acts = max(training, 4 * scores, longer)  # evaluations run after the step's activations are freed
     if s["model.kind"] != "transformer":
         params, acts = _recurrent_bytes(s, V)
-    if s["task.name"] == "charlm":
+    if TRAITS[s["task.name"]].text:
         data = CHARLM_BYTES_PER_CHAR * int(s["text_bytes"])
     else:  # inputs and targets of every row, as int32 (Arrow) and int64 (tensors)
         data = sum(int(s[key]) for key in ("task.num_train", "task.num_val", "task.num_test")) * T * 2 * (4 + 8)
@@ -214,7 +212,7 @@ def _sizes(cfg: RunConfig) -> dict:
     sizes: dict = {key: getattr(sections[key.split(".")[0]], key.split(".")[1]) for key in SIZE_KEYS}
     sizes["task.name"], sizes["model.backend"], sizes["model.kind"] = cfg.task.name, cfg.model.backend, cfg.model.kind
     sizes["fused"] = cfg.train.device == "cuda" or cfg.train.device == "auto" and has_cuda()
-    sizes["text_bytes"] = _text_bytes(cfg.task.source) if cfg.task.name == "charlm" else 0
+    sizes["text_bytes"] = _text_bytes(cfg.task.source) if TRAITS[cfg.task.name].text else 0
     return sizes
 
 

@@ -41,6 +41,7 @@ from scipy import stats
 from ablate.core import names
 from ablate.design.spec import StudySpec
 from ablate.design.study_file import Claim
+from ablate.tasks.checks import TRAITS
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 DECIDED = ("better", "worse", "equivalent")
@@ -268,7 +269,7 @@ def _max_logit(runs: pd.DataFrame, logits: Mapping[str, float]) -> float:
 def setting(spec: StudySpec) -> str:
     """The scale and task a claim was tested at, for its caveats."""
     m, t, task = spec.base.model, spec.base.train, spec.base.task
-    data = f"{task.name} ({task.source})" if task.name == "charlm" else task.name
+    data = f"{task.name} ({task.source})" if TRAITS[task.name].text else task.name
     layers = f"{m.num_layers} layer{'s' * (m.num_layers != 1)}"
     return (f"tested at width {m.embed_dim}, {layers}, {t.steps} steps of {t.batch_size} x {task.seq_len} tokens"
             f" on {data}, {spec.min_seeds}-{spec.max_seeds} seeds per arm")

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ablate.core.config import TASKS, ConfigError, TaskConfig
+from ablate.core.config import ConfigError, TaskConfig
+from ablate.tasks.checks import TRAITS
 
 if TYPE_CHECKING:
     from ablate.tasks.base import IGNORE, SPLITS, Batch, Task, cache_dir
-
-BUILDERS = {"charlm": "charlm.build", "recall": "generated.build_recall", "listops": "generated.build_listops"}
-assert set(BUILDERS) == set(TASKS), "config.TASKS and the task registry must name the same tasks"
 
 
 def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
@@ -30,11 +28,11 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
 
     Generated tasks (recall, listops) draw their examples from ``seed``; charlm's split does not depend on it.
     """
-    if cfg.name not in BUILDERS:
-        raise ConfigError("task.name", f"unknown task {cfg.name!r}; allowed: {', '.join(BUILDERS)}")
+    if cfg.name not in TRAITS:
+        raise ConfigError("task.name", f"unknown task {cfg.name!r}; allowed: {', '.join(TRAITS)}")
     import importlib
 
-    module, _, function = BUILDERS[cfg.name].partition(".")
+    module, _, function = TRAITS[cfg.name].builder.partition(".")
     return getattr(importlib.import_module(f"ablate.tasks.{module}"), function)(cfg, seed)
 
 

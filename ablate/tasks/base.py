@@ -28,6 +28,7 @@ import datasets
 import torch
 
 from ablate.core.config import ConfigError
+from ablate.tasks.checks import TRAITS
 
 SPLITS = ("train", "validation", "test")
 IGNORE = -100  # targets at unscored positions; F.cross_entropy(..., ignore_index=-100)
@@ -67,7 +68,7 @@ class Task:
 
     def decode(self, ids: Any) -> str:
         """Token ids (list or tensor) as text; ids outside the vocabulary (-100) are skipped."""
-        joiner = "" if self.name == "charlm" else " "
+        joiner = "" if TRAITS[self.name].text else " "  # characters join as text, tokens with spaces
         return joiner.join(self.vocab[i] for i in map(int, ids) if 0 <= i < len(self.vocab))
 
     def batches(self, split: str, batch_size: int, *, seed: int, device: Any = "cpu") -> Iterator[Batch]:

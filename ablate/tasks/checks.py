@@ -12,18 +12,54 @@ from __future__ import annotations
 
 import codecs
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from ablate.core.config import ConfigError, TaskConfig
+from ablate.core.config import TASKS, ConfigError, TaskConfig
 
 CHUNK = 1 << 20  # files are checked in pieces: a large corpus is never held twice
 MAX_LISTOPS_DEPTH = 100
 MAX_LISTOPS_TOKENS = 10_000  # mean expression length above which generation takes hours (and almost none fit)
 
 
+@dataclass(frozen=True)
+class Traits:
+    """What a task is, known before it is built: the one table the builders, the preflight and the trainer read."""
+
+    builder: str
+    """``module.function`` in ``ablate.tasks`` that builds it."""
+    classifier: bool = False
+    """A bidirectional classifier (``Task.num_classes`` set) rather than a causal language model."""
+    text: bool = False
+    """Its data is a text corpus (``task.source``) cut into windows, its tokens characters."""
+    solves: bool = False
+    """Its test at longer lengths says up to which multiple it is solved (``test/solved_x``)."""
+    vocab: int | None = None
+    """Its vocabulary size when fixed by the task (None: set by its data or its config, see ``vocab_guess``)."""
+    vocab_from_config: bool = False
+    """Its vocabulary is ``task.vocab_size`` tokens and a filler."""
+
+
+TRAITS = {
+    "charlm": Traits("charlm.build", text=True),
+    "recall": Traits("generated.build_recall", solves=True, vocab_from_config=True),
+    "listops": Traits("generated.build_listops", classifier=True, vocab=16),
+}
+assert set(TRAITS) == set(TASKS), "config.TASKS names the tasks this table describes"
+CHARLM_VOCAB = 256  # a guess before the text is read: the characters of most corpora
+
+
+def vocab_guess(name: str, vocab_size: int) -> int:
+    """The vocabulary task ``name``'s model will have, before the task is built (for the memory estimate)."""
+    traits = TRAITS[name]
+    if traits.vocab is not None:
+        return traits.vocab
+    return vocab_size + 1 if traits.vocab_from_config else CHARLM_VOCAB
+
+
 def check_task(cfg: TaskConfig) -> None:
     """Every problem of ``cfg``'s data that shows without building it, as a ConfigError naming the key."""
-    if cfg.name == "charlm":
+    if TRAITS[cfg.name].text:
         check_source(cfg.source, cfg.text_column)
     elif cfg.name == "recall":
         check_recall(cfg)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ablate.core import names
 from ablate.core.config import RunConfig, to_yaml
 from ablate.core.sizes import ComputeBudget
+from ablate.tasks.checks import TRAITS
 from ablate.training.schedule import Schedule, make_optimizer
 
 
@@ -356,7 +357,7 @@ class Trainer:
         for times in lengths:
             loss, metric, _ = self.score("test", None, times)
             test.update({names.at_length(names.TEST_LOSS, times): loss, names.at_length(task_metric, times): metric})
-        if lengths and self.task.name == "recall":
+        if lengths and TRAITS[self.task.name].solves:
             accuracy = {1: test[task_metric], **{k: test[names.at_length(task_metric, k)] for k in lengths}}
             test[names.SOLVED_X] = float(solved_multiple(accuracy))
         return test
