@@ -24,7 +24,8 @@ BACKENDS = ("sdpa", "manual")
 POSITIONS = ("learned", "rope", "none")
 KINDS = ("transformer", "lstm", "gru")
 INITS = ("gpt2", "torch")
-TASKS = ("charlm", "recall", "listops")
+TASKS = ("charlm", "recall", "listops", "lm")
+TOKENIZERS = ("char", "bpe", "unigram")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_PATH = 4096  # characters of a path (Linux's PATH_MAX)
@@ -117,12 +118,17 @@ class ModelConfig:
 class TaskConfig:
     """What the model learns. Fields of other tasks are ignored by each task."""
 
-    name: str = choice("charlm", TASKS, "charlm: real text; recall: MQAR; listops: nested expressions")
+    name: str = choice("charlm", TASKS, "charlm: real text in characters; lm: documents of real text in characters "
+                                        "or subword tokens (bits per byte); recall: MQAR; listops: nested expressions")
     seq_len: int = 128
     # charlm
     source: str = "python-docs"
     """``python-docs`` (ships with CPython), a path to a .txt file or folder, or ``hf:<name>[:<config>]``."""
     text_column: str = "text"
+    tokenizer: str = "char"
+    """lm: ``char``, ``bpe`` or ``unigram`` (fitted to the train documents, ``tokenizer_vocab`` tokens), or a path to
+    a Hugging Face ``tokenizer.json``."""
+    tokenizer_vocab: int = 4096
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     # recall and listops: generated examples
@@ -153,6 +159,10 @@ class TaskConfig:
         _check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
         for key in ("num_train", "num_val", "num_test", "num_pairs", "vocab_size", "max_depth", "max_args"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.tokenizer in TOKENIZERS or self.tokenizer.endswith(".json"), "tokenizer",
+               f"must be one of {', '.join(TOKENIZERS)} or a path to a tokenizer.json, got {self.tokenizer!r}")
+        _check(32 <= self.tokenizer_vocab <= 1_000_000, "tokenizer_vocab",
+               f"must be in [32, 1000000], got {self.tokenizer_vocab}")
         for key in ("val_fraction", "test_fraction"):
             _check(0.0 < getattr(self, key) < 0.5, key, f"must be in (0, 0.5), got {getattr(self, key)}")
         for key, most in (("source", MAX_PATH), ("text_column", 256)):  # MLflow keeps params of 6000 characters

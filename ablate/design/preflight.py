@@ -47,6 +47,7 @@ SIZE_KEYS = {
     "train.batch_size": TrainConfig.batch_size,
     "task.seq_len": TaskConfig.seq_len,
     "task.vocab_size": TaskConfig.vocab_size,
+    "task.tokenizer_vocab": TaskConfig.tokenizer_vocab,
     "task.num_train": TaskConfig.num_train,
     "task.num_val": TaskConfig.num_val,
     "task.num_test": TaskConfig.num_test,
@@ -149,7 +150,7 @@ def estimate_bytes(s: dict) -> int:
     resident memory during training. An lstm or gru (``_recurrent_bytes``) keeps no T x T matrix."""
     model, B, T = _model_of(s), int(s["train.batch_size"]), int(s["task.seq_len"])
     C, L, H, D, hidden = model.embed_dim, model.num_layers, model.num_heads, model.resolved_head_dim, model.mlp_hidden
-    V = vocab_guess(s["task.name"], int(s["task.vocab_size"]))
+    V = vocab_guess(s["task.name"], int(s["task.vocab_size"]), s["task.tokenizer"], int(s["task.tokenizer_vocab"]))
     params = sizes.param_count(model, V, T) + C * max(V, 10)  # the head counted untied: a classifier's own head
     scores = B * H * T * T  # one layer's attention matrix
     training = L * B * T * (10 * C + 6 * H * D + 3 * hidden) + 3 * B * T * V
@@ -211,6 +212,7 @@ def _sizes(cfg: RunConfig) -> dict:
     sections = {"model": cfg.model, "train": cfg.train, "task": cfg.task}
     sizes: dict = {key: getattr(sections[key.split(".")[0]], key.split(".")[1]) for key in SIZE_KEYS}
     sizes["task.name"], sizes["model.backend"], sizes["model.kind"] = cfg.task.name, cfg.model.backend, cfg.model.kind
+    sizes["task.tokenizer"] = cfg.task.tokenizer
     sizes["fused"] = cfg.train.device == "cuda" or cfg.train.device == "auto" and has_cuda()
     sizes["text_bytes"] = _text_bytes(cfg.task.source) if TRAITS[cfg.task.name].text else 0
     return sizes

@@ -44,7 +44,8 @@ def on_dead_worker(spec: StudySpec, tracking_uri: str) -> Callable[[optuna.Study
 
 # Config fields added after plan digests were introduced: left out of the digest while at their default, so that a
 # study set up by an earlier version still resumes (its plan is the same).
-LATER_FIELDS = ("model.position", "task.eval_lengths", "model.kind", "model.rnn_hidden", "model.tie_head", "model.init")
+LATER_FIELDS = ("model.position", "task.eval_lengths", "model.kind", "model.rnn_hidden", "model.tie_head", "model.init",
+                "task.tokenizer", "task.tokenizer_vocab")  # at their defaults, out of the digest: older stores resume
 
 
 def _digest_base(base: RunConfig) -> dict:

@@ -54,13 +54,15 @@ class Task:
     vocab_size: int
     seq_len: int
     num_classes: int | None  # None: LM-style (targets per position, causal model)
-    metric: str  # "bpc" or "acc"
+    metric: str  # "bpc", "bpb" or "acc"
     digest: str  # short hash of everything the data depends on; equal digests mean identical data
     vocab: tuple[str, ...] = ()  # id -> token text, for decoding samples
     description: str = ""  # one line for logs and reports
     random_offsets: bool = False
     """The training rows tile one text (row i + 1 starts where row i's targets end): training draws windows of
     that text at random offsets instead of the rows. Validation and test still use the rows."""
+    tokens_per_byte: dict[str, float] = field(default_factory=dict)
+    """Per split, tokens per UTF-8 byte of its text: a ``bpb`` metric is the loss in bits per token times this."""
     longer: Callable[[int], datasets.Dataset] | None = None
     """``longer(k)``: the test split again at k x seq_len (k >= 2), rows of the same columns k x as long, about
     ``num_test // k`` of them; None when the task cannot lengthen it."""

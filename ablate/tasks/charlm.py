@@ -22,8 +22,8 @@ import numpy as np
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import Task, build_splits, cache_dir, digest_of, row_features
 from ablate.tasks.checks import hf_name, text_files, unreadable
+from ablate.tasks.corpus import UNKNOWN, split_text
 
-UNKNOWN = "\ufffd"  # id 0
 DOC_SEPARATOR = "\n\n"
 
 
@@ -116,22 +116,6 @@ def _load_hf(source: str, text_column: str) -> str:
     if text_column not in columns:
         raise ConfigError("task.text_column", f"{text_column!r} is not a column of {source!r}; it has {columns}")
     return DOC_SEPARATOR.join(DOC_SEPARATOR.join(t for t in dd[s][text_column] if t) for s in names)
-
-
-def split_text(text: str, cfg: TaskConfig) -> dict[str, str]:
-    """Train, validation and test as contiguous blocks, each long enough for one window."""
-    n = len(text)
-    n_val, n_test = int(n * cfg.val_fraction), int(n * cfg.test_fraction)
-    n_train = n - n_val - n_test
-    blocks = {"train": text[:n_train], "validation": text[n_train : n_train + n_val], "test": text[n_train + n_val :]}
-    for split, block in blocks.items():
-        if len(block) < cfg.seq_len + 1:
-            raise ConfigError(
-                "task.seq_len",
-                f"{cfg.seq_len} is longer than the {split} block of {cfg.source!r} ({len(block)} of {n} characters); "
-                "lower task.seq_len, raise the split's fraction or use more text",
-            )
-    return blocks
 
 
 def encode(text: str, vocab: tuple[str, ...]) -> np.ndarray:

@@ -11,6 +11,7 @@ run before any store exists, and the builders run again. No torch here (the repo
 from __future__ import annotations
 
 import codecs
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +45,32 @@ TRAITS = {
     "charlm": Traits("charlm.build", text=True),
     "recall": Traits("generated.build_recall", solves=True, vocab_from_config=True),
     "listops": Traits("generated.build_listops", classifier=True, vocab=16),
+    "lm": Traits("lm.build", text=True),
 }
 assert set(TRAITS) == set(TASKS), "config.TASKS names the tasks this table describes"
 CHARLM_VOCAB = 256  # a guess before the text is read: the characters of most corpora
 
 
-def vocab_guess(name: str, vocab_size: int) -> int:
+def vocab_guess(name: str, vocab_size: int, tokenizer: str = "char", tokenizer_vocab: int = 0) -> int:
     """The vocabulary task ``name``'s model will have, before the task is built (for the memory estimate)."""
     traits = TRAITS[name]
     if traits.vocab is not None:
         return traits.vocab
-    return vocab_size + 1 if traits.vocab_from_config else CHARLM_VOCAB
+    if traits.vocab_from_config:
+        return vocab_size + 1
+    return CHARLM_VOCAB if name != "lm" or tokenizer == "char" else max(tokenizer_vocab, CHARLM_VOCAB)
 
 
 def check_task(cfg: TaskConfig) -> None:
     """Every problem of ``cfg``'s data that shows without building it, as a ConfigError naming the key."""
     if TRAITS[cfg.name].text:
-        check_source(cfg.source, cfg.text_column)
+        check_source(cfg.source, cfg.text_column, cfg.name)
+    if cfg.name == "lm":
+        if cfg.tokenizer.endswith(".json") and not Path(cfg.tokenizer).expanduser().is_file():
+            raise ConfigError("task.tokenizer", f"{cfg.tokenizer!r}: no such file")
+        from ablate.tasks.corpus import check_corpus  # datasets and tokenizers: only for a corpus
+
+        check_corpus(cfg)
     elif cfg.name == "recall":
         check_recall(cfg)
     elif cfg.name == "listops":
@@ -71,12 +81,34 @@ def check_task(cfg: TaskConfig) -> None:
 # charlm: the source
 
 
-def check_source(source: str, text_column: str = "text") -> None:
+DATA_FILES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}  # suffix -> datasets builder
+
+
+def data_files(source: str) -> list[Path]:
+    """The Parquet, JSON Lines or CSV files a local ``source`` names (a file or a glob, one format), else []."""
+    path = Path(source).expanduser()
+    if any(ch in source for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    else:
+        files = [path] if path.is_file() else []
+    files = [f for f in files if f.suffix.lower() in DATA_FILES]
+    if len({DATA_FILES[f.suffix.lower()] for f in files}) > 1:
+        raise ConfigError("task.source", f"{source!r} mixes formats ({', '.join(sorted({f.suffix for f in files}))}); "
+                                         "name one")  # fmt: skip
+    if not files and any(ch in source for ch in "*?["):
+        raise ConfigError("task.source", f"{source!r} matches no .parquet, .jsonl, .json or .csv file")
+    return files
+
+
+def check_source(source: str, text_column: str = "text", task: str = "charlm") -> None:
     """``source`` can be read as text (see the module docstring), or a ConfigError naming ``task.source``."""
     if source == "python-docs":
         return
     if source.startswith("hf:"):
         _check_hf(source, text_column)
+        return
+    if task == "lm" and (files := data_files(source)):
+        _check_columns(source, files, text_column)
         return
     files = text_files(source)
     if not any(_check_text_file(source, path) for path in files):
@@ -96,6 +128,31 @@ def text_files(source: str) -> list[Path]:
     raise ConfigError(
         "task.source", f"{source!r}: no such file or folder; use python-docs, a .txt file or folder, or hf:<name>"
     )
+
+
+def _check_columns(source: str, files: list[Path], column: str) -> None:
+    """The text column is in the first file (Parquet: its schema; JSON Lines, CSV: its first record)."""
+    first, kind = files[0], DATA_FILES[files[0].suffix.lower()]
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(first).names
+        elif kind == "csv":
+            import csv
+
+            with first.open(encoding="utf-8", newline="") as f:
+                columns = next(csv.reader(f), [])
+        else:
+            import json
+
+            with first.open(encoding="utf-8") as f:
+                record = json.loads(f.readline() or "{}")
+            columns = list(record) if isinstance(record, dict) else []
+    except Exception as err:  # noqa: BLE001 - a file that does not parse is unusable, whatever the reason
+        raise ConfigError("task.source", f"{source!r}: {first.name} does not read as {kind} ({err})") from None
+    if column not in columns:
+        raise ConfigError("task.text_column", f"{column!r} is not a column of {source!r}; it has {columns}")
 
 
 def unreadable(source: str, err: Exception) -> ConfigError:

@@ -324,7 +324,10 @@ class Trainer:
             correct += ((logits.argmax(-1) == batch.targets) & scored).sum()
             count += scored.sum()
         loss = (loss_sum / count.clamp(min=1)).item()
-        metric = loss / math.log(2) if self.task.metric == "bpc" else (correct / count.clamp(min=1)).item()
+        if self.task.metric == "bpb":  # bits per token, per byte of the split's text
+            metric = loss / math.log(2) * self.task.tokens_per_byte[split]
+        else:
+            metric = loss / math.log(2) if self.task.metric == "bpc" else (correct / count.clamp(min=1)).item()
         return loss, metric, first
 
     @torch.no_grad()
