@@ -22,7 +22,7 @@ from ablate.design import plan
 from ablate.design.families import family_specs
 from ablate.design.spec import StudySpec
 from ablate.design.study_file import check_name
-from ablate.report import across, analysis, claims, html, plots
+from ablate.report import across, analysis, claims, family_plots, html, plots
 from ablate.report.load import StudyData, checked_storage, load_study
 
 TEMPLATE = "family.html.j2"
@@ -109,10 +109,10 @@ def context(family: str, members: list[Member]) -> dict:
         "side_by_side": html.table(_side_by_side(compared, [m.label for m in done], axis)) if len(compared) else None,
         "frontier": [f"{r.member}: {r.variant} ({r.test_mean:.4f} at {r[names.FLOPS_TOTAL]:.3g} FLOPs)"
                      for _, r in on.iterrows()],  # fmt: skip
-        "frontier_figure": plots.frontier(points, on) if len(points) else None,
+        "frontier_figure": family_plots.frontier(points, on) if len(points) else None,
         "lr": html.table(lr) if len(lr) else None, "lr_text": lr_sentences(lr, first),
         "level": claims.level(first.alpha),
-        "lr_figure": plots.lr_by_width(lr) if len(lr) else None,
+        "lr_figure": family_plots.lr_by_width(lr) if len(lr) else None,
         "claims": found,
         "generated": pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
     }

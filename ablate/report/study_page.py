@@ -18,7 +18,7 @@ from ablate.core.config import ConfigError
 from ablate.core.sizes import ComputeBudget
 from ablate.core.urls import redact, redact_text
 from ablate.design.study_file import check_name
-from ablate.report import analysis, claims, html, plots, search_plots
+from ablate.report import analysis, attention_plots, claims, html, plots, search_plots
 from ablate.report.index import build_index, commands
 from ablate.report.load import StudyData, completed, dataset_digests, load_study
 
@@ -320,7 +320,7 @@ def _attention(data: StudyData) -> dict | None:
         maps = plots.png_uri(path.read_bytes()) if path and path.is_file() else None
     label = row["variant"] or f"trial {int(row['trial'])}"
     return {"run_id": row["run_id"], "label": label, "trial": int(row["trial"]), "value": row["value"],
-            "maps": maps, "entropy": plots.entropy(row), "max_logit": plots.max_logit(data, row)}
+            "maps": maps, "entropy": attention_plots.entropy(row), "max_logit": attention_plots.max_logit(data, row)}
 
 
 def _failures(t: pd.DataFrame) -> list[dict]:
