@@ -223,7 +223,8 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
                     "verdict": label, "decided": answer.decided,
                     "study_decided": study.decided and study.choice == answer.choice,
                     "text": text, "statement": rule.statement(len(alternatives)),
-                    "seeds": _seeds_line(verdicts.seeds_to_decide_factor(comparisons, rule), data.spec.max_seeds)})
+                    "seeds": in_words(_seeds_line(verdicts.seeds_to_decide_factor(comparisons, rule),
+                                                  data.spec.max_seeds), labels, bval)})  # fmt: skip
     return out
 
 
@@ -241,7 +242,8 @@ def in_words(text: str, labels: dict[str, str], base_label: str) -> str:
     for name in sorted(labels, key=len, reverse=True):
         text = text.replace(name, labels[name])
     first = "Keep base" if "Keep base" in text else "base"  # the first mention is named; the rest stay short
-    return re.sub(rf"\b{first}\b", first.replace("base", f"the base ({base_label})"), text, count=1)
+    text = re.sub(rf"\b{first}\b", first.replace("base", f"the base ({base_label})"), text, count=1)
+    return text[:1].upper() + text[1:]  # a sentence may now start with a value: "8 heads", "width 128"
 
 
 def study_statement(data: StudyData) -> str:

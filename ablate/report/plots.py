@@ -310,7 +310,8 @@ def _value_label(data: StudyData, variant: str, factor: str) -> str:
     if not factor:
         return variant
     if variant == "base":
-        return f"base ({display(data.spec.base_value(factor))})"
+        value = data.spec.base_value(factor)
+        return f"base ({'width / heads' if value is None and factor == 'model.head_dim' else display(value)})"
     return variant.partition("=")[2] if variant.startswith(f"{factor}=") else variant
 
 

@@ -43,7 +43,8 @@ def answer_factor(base: ArmResult, comparisons: list[Comparison], alternatives: 
     else:
         guess = min(by["undecided"] + by["equivalent"], key=_mean)
         choice = guess.name if _mean(guess) < 0 else base.name
-        reason = f"Undecided: {undecided} still straddle the margin; best guess so far, not a verdict: {choice}."
+        verb = "straddles" if len(by["undecided"]) == 1 else "straddle"
+        reason = f"Undecided: {undecided} still {verb} the margin; best guess so far, not a verdict: {choice}."
     diverged = [c for c in comparisons if c.diverged]
     if diverged:
         reason += " Diverged seed runs, counted at the uniform-guess loss: " + ", ".join(
