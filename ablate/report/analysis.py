@@ -218,7 +218,7 @@ def answers(data: StudyData, table: pd.DataFrame, results: list[plan.Result]) ->
             label = "keep base" if answer.decided else "undecided"  # a best guess is not labelled by its verdict
         choice = arm_label(answer.choice, factor, data) if chosen else bval
         labels = {a.name: arm_label(a.name, factor, data) for a in alternatives}
-        text = in_words(answer.reason + _cost_sentence(table, answer.choice), labels, bval)
+        text = in_words(answer.reason, labels, bval) + in_words(_cost_sentence(table, answer.choice), labels)
         out.append({"factor": factor, "choice": choice, "choice_key": answer.choice if chosen else base_key,
                     "verdict": label, "decided": answer.decided,
                     "study_decided": study.decided and study.choice == answer.choice,
@@ -237,10 +237,13 @@ def arm_label(variant: str, factor: str, data: StudyData) -> str:
     return value_label(factor, value, model)
 
 
-def in_words(text: str, labels: dict[str, str], base_label: str) -> str:
-    """``text`` with each variant's config name (``model.num_heads=8``) in words, and the base named by its value."""
+def in_words(text: str, labels: dict[str, str], base_label: str = "") -> str:
+    """``text`` with each variant's config name (``model.num_heads=8``) in words, and (given ``base_label``) the
+    base's first mention named by its value."""
     for name in sorted(labels, key=len, reverse=True):
         text = text.replace(name, labels[name])
+    if not base_label:
+        return text
     first = "Keep base" if "Keep base" in text else "base"  # the first mention is named; the rest stay short
     text = re.sub(rf"\b{first}\b", first.replace("base", f"the base ({base_label})"), text, count=1)
     return text[:1].upper() + text[1:]  # a sentence may now start with a value: "8 heads", "width 128"
