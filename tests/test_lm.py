@@ -85,8 +85,8 @@ def test_bits_per_byte_is_the_loss_in_bits_times_tokens_per_byte_counted_by_hand
     tokens = sum(len(e.ids) + 1 for e in tokenizer.encode_batch(split_docs["test"]["text"]))  # + the end token
     text_bytes = sum(len(t.encode("utf-8")) for t in split_docs["test"]["text"])
     assert task.tokens_per_byte["test"] == pytest.approx(tokens / text_bytes)
-    run = run_config_from({**yaml.safe_load(yaml.safe_dump({"task": {"name": "lm", "source": source, "seq_len": 32,
-                           "tokenizer": "bpe", "tokenizer_vocab": 400, "val_fraction": 0.1, "test_fraction": 0.1}})),
+    run = run_config_from({"task": {"name": "lm", "source": source, "seq_len": 32, "tokenizer": "bpe",
+                                    "tokenizer_vocab": 400, "val_fraction": 0.1, "test_fraction": 0.1},
                            "model": {"embed_dim": 16, "num_heads": 2, "num_layers": 1},
                            "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "log_every": 2,
                                      "device": "cpu", "threads": 1, "warmup_steps": 1}})  # fmt: skip

@@ -62,11 +62,11 @@ def build(cfg: TaskConfig, seed: int) -> Task:
         description=f"charlm on {cfg.source}: {len(text):,} characters, vocabulary {len(vocab)}, "
         f"windows train/val/test {sizes['train']}/{sizes['validation']}/{sizes['test']}",
         random_offsets=True,
-        longer=functools.partial(_longer, data["test"], cfg.seq_len),
+        longer=functools.partial(longer_windows, data["test"], cfg.seq_len),
     )
 
 
-def _longer(test: datasets.Dataset, seq_len: int, times: int) -> datasets.Dataset:
+def longer_windows(test: datasets.Dataset, seq_len: int, times: int) -> datasets.Dataset:
     """The test rows' text cut into windows of ``times * seq_len`` (rebuilt from the cached rows, in memory)."""
     rows = test.with_format("numpy")[:]
     text = np.concatenate([rows["inputs"].reshape(-1), rows["targets"][-1, -1:]])

@@ -43,19 +43,12 @@ def split_text(text: str, cfg: TaskConfig) -> dict[str, str]:
     return blocks
 
 
+@functools.cache  # one fit per corpus and setting: a study's arms share their task section
 def check_corpus(cfg: TaskConfig) -> None:
     """Everything about ``cfg``'s corpus that can fail before training, as a ConfigError naming the key: the text
     column, an empty corpus, a split without a document, a tokenizer file that does not parse, a vocabulary larger
     than the train documents support. Fits (and caches) the tokenizer the trials then load."""
-    _prepared(cfg.source, cfg.text_column, cfg.tokenizer, cfg.tokenizer_vocab, cfg.val_fraction, cfg.test_fraction,
-              cfg.seq_len)  # fmt: skip
-
-
-@functools.cache
-def _prepared(*key: object) -> None:
-    source, column, tokenizer, vocab, val, test, seq_len = key
-    prepare(TaskConfig(name="lm", source=source, text_column=column, tokenizer=tokenizer, tokenizer_vocab=vocab,
-                       val_fraction=val, test_fraction=test, seq_len=seq_len))  # fmt: skip
+    prepare(cfg)
 
 
 def prepare(cfg: TaskConfig):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import SPLITS, Task, build_splits, digest_of, row_features
-from ablate.tasks.charlm import DOC_SEPARATOR, _longer, encode
+from ablate.tasks.charlm import DOC_SEPARATOR, encode, longer_windows
 from ablate.tasks.corpus import END, prepare, processes, quiet, utf8_bytes
 
 
@@ -50,7 +50,7 @@ def build(cfg: TaskConfig, seed: int) -> Task:
                     f"{sum(text_bytes.values()):,} bytes, tokenizer {cfg.tokenizer} ({len(vocab)} tokens), "
                     f"{sum(len(i) for i in ids.values()):,} tokens, windows train/val/test "
                     f"{sizes['train']}/{sizes['validation']}/{sizes['test']}",
-        longer=functools.partial(_longer, data["test"], cfg.seq_len),
+        longer=functools.partial(longer_windows, data["test"], cfg.seq_len),
     )
 
 
