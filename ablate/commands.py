@@ -34,6 +34,10 @@ def train_from_file(path: str | Path, overrides: list[str] = ()) -> int:
     from ablate.design.preflight import load_run_config
 
     config = load_run_config(path, overrides)  # a bad config fails before torch and MLflow are imported
+    from ablate.tasks.checks import describe_data
+
+    if line := describe_data(config.task):
+        print(f"ablate train: {line}")
     from ablate.core.urls import default_tracking_uri
     from ablate.stores.storage import check_tracking
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,9 +85,9 @@ def test_bits_per_byte_is_the_loss_in_bits_times_tokens_per_byte_counted_by_hand
     source = write_corpus(tmp_path / "c.parquet", docs)
     cfg = lm(source)
     task = build_task(cfg)
-    split_docs, tokenizer, _, _ = corpus.prepare(cfg)
-    tokens = sum(len(e.ids) + 1 for e in tokenizer.encode_batch(split_docs["test"]["text"]))  # + the end token
-    text_bytes = sum(len(t.encode("utf-8")) for t in split_docs["test"]["text"])
+    built = corpus.check_corpus(cfg)
+    tokens = sum(len(e.ids) + 1 for e in built.tokenizer.encode_batch(built.docs["test"]["text"]))  # + the end token
+    text_bytes = sum(len(t.encode("utf-8")) for t in built.docs["test"]["text"])
     assert task.tokens_per_byte["test"] == pytest.approx(tokens / text_bytes)
     run = run_config_from({"task": {"name": "lm", "source": source, "seq_len": 32, "tokenizer": "bpe",
                                     "tokenizer_vocab": 400, "val_fraction": 0.1, "test_fraction": 0.1},
@@ -95,13 +99,33 @@ def test_bits_per_byte_is_the_loss_in_bits_times_tokens_per_byte_counted_by_hand
     assert result.metrics["test/bpb"] == pytest.approx(bpb)
 
 
-def test_ablate_train_runs_on_a_parquet_corpus_with_a_bpe_tokenizer(tmp_path, docs, monkeypatch):
+def test_ablate_train_runs_on_a_parquet_corpus_with_a_bpe_tokenizer(tmp_path, docs, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     study = {**TINY_STUDY, "task": {"name": "lm", "source": write_corpus(tmp_path / "c.parquet", docs),
                                     "seq_len": 32, "tokenizer": "bpe", "tokenizer_vocab": 400}}  # fmt: skip
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
     assert cli.main(["train", "s.yaml", "--set", "train.steps=4"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"ablate train: corpus {tmp_path / 'c.parquet'}: {len(docs):,} documents"), first
+    assert "bpe tokens (400 in the vocabulary" in first and f"cached in {tmp_path / 'hf'}" in first, first
+
+
+def test_the_study_check_says_the_corpus_size_tokens_and_cache_before_any_store(tmp_path, docs, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    study = {**TINY_STUDY, "task": {"name": "lm", "source": write_corpus(tmp_path / "c.jsonl", docs),
+                                    "seq_len": 32, "tokenizer": "char"}}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert cli.main(["study", "s.yaml", "--check"]) == 0
+    built = corpus.check_corpus(run_config_from(study).task)
+    tokens = [built.tokens(split) for split in ("train", "validation", "test")]
+    assert tokens[0] == len(built.ids("train")) and sum(tokens) == sum(map(len, docs)) + 2 * (len(docs) - 3)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"{sum(tokens):,} char tokens" in line and "train/val/test {:,}/{:,}/{:,}".format(*tokens) in line, line
+    assert f"cached in {tmp_path / 'hf'}" in line and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize(("case", "key", "words"), [
@@ -131,6 +155,46 @@ def test_a_bad_corpus_stops_the_study_in_one_line_before_any_store(tmp_path, doc
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and key in err and words in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def write_large_corpus(path: Path, docs: list[str], megabytes: float) -> str:
+    """A Parquet corpus of about ``megabytes`` of text: documents of five paragraphs drawn at random, each numbered
+    (so no two are equal), in row groups of 500 documents, as a corpus written in pieces is."""
+    rng, texts, size = random.Random(0), [], 0
+    while size < megabytes * 1e6:
+        texts.append(" ".join(rng.sample(docs, 5)) + f" ({len(texts)})")
+        size += len(texts[-1])
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=500)
+    return str(path)
+
+
+def test_a_corpus_larger_than_the_memory_cap_trains_under_it(tmp_path, docs):
+    """64 MB of text (256 MB of character ids) trains and is scored with the process's data memory capped at 48 MiB
+    above what a first run left: documents, tokens and windows stay in memory-mapped files, read a batch at a time.
+    Joining the ids in memory, as a text task does, needs 256 MB and fails."""
+    warmup = write_large_corpus(tmp_path / "warmup.parquet", docs, 1)
+    big = write_large_corpus(tmp_path / "big.parquet", docs, 64)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           # pyarrow's and glibc's own pools keep freed blocks (and mimalloc reserves large ones), which the cap
+           # would count as the corpus's: the system allocator with a fixed mmap threshold returns them
+           "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": "131072",
+           "MALLOC_ARENA_MAX": "1"}  # fmt: skip
+    script = Path(__file__).parent / "support" / "capped.py"
+    out = subprocess.run([sys.executable, str(script), warmup, big, "48"], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "completed" and result["grew_mib"] < 48 and math.isfinite(result["test_bpb"]), result
+
+
+def test_the_memory_check_lets_a_corpus_larger_than_memory_through_where_a_text_task_is_refused():
+    from ablate.design.preflight import _sizes, estimate_bytes
+
+    sizes = {name: _sizes(run_config_from({"task": {"name": name, "source": "python-docs"}}))
+             for name in ("lm", "charlm")}
+    for s in sizes.values():
+        s["text_bytes"] = 100 * 2**30  # a 100 GiB corpus
+    assert estimate_bytes(sizes["lm"]) < 2**30 < 40 * 2**30 < estimate_bytes(sizes["charlm"])
 
 
 def test_a_tokenizer_setting_is_checked_in_the_config():

@@ -28,7 +28,7 @@ from ablate.core.config import (
     with_values,
 )
 from ablate.core.inputs import read_yaml
-from ablate.tasks.checks import TRAITS, check_task, vocab_guess
+from ablate.tasks.checks import IN_MEMORY_SPLIT_BYTES, TRAITS, check_task, describe_data, vocab_guess
 
 if TYPE_CHECKING:
     from ablate.design.spec import StudySpec
@@ -89,16 +89,8 @@ def check_model(cfg: RunConfig, where: str = "") -> None:
 def check_study(spec: StudySpec) -> None:
     """``check_run`` for every configuration a study can train: the base, each variant, each nuisance range's ends.
     The data source is checked once per distinct task."""
-    configs: list[tuple[str, RunConfig]] = [("", spec.base)]
-    for variant in spec.variants()[1:]:
-        value = variant.values[variant.factor]
-        configs.append((f"scientific.{variant.factor}", with_values(spec.base, {variant.factor: value})))
-    for p in spec.nuisance:
-        for end in (p.low, p.high):
-            value = int(end) if p.integer else end
-            configs.append((f"nuisance.{p.key}", with_values(spec.base, {p.key: value})))
     tasks_seen: set[TaskConfig] = set()
-    for where, cfg in configs:
+    for where, cfg in _configs(spec):
         if cfg.task not in tasks_seen:
             tasks_seen.add(cfg.task)
             try:
@@ -110,6 +102,26 @@ def check_study(spec: StudySpec) -> None:
             check_memory(cfg)
         except ConfigError as err:
             raise _at(where, err) from None
+
+
+def data_lines(spec: StudySpec) -> list[str]:
+    """What ``check_study`` found of each distinct corpus the study trains on (size, tokens, cache), a line each."""
+    tasks = dict.fromkeys(cfg.task for _, cfg in _configs(spec))
+    return [line for task in tasks if (line := describe_data(task))]
+
+
+def _configs(spec: StudySpec) -> list[tuple[str, RunConfig]]:
+    """Every configuration a study can train, with the study key that makes it: the base, each variant, each
+    nuisance range's ends."""
+    configs: list[tuple[str, RunConfig]] = [("", spec.base)]
+    for variant in spec.variants()[1:]:
+        value = variant.values[variant.factor]
+        configs.append((f"scientific.{variant.factor}", with_values(spec.base, {variant.factor: value})))
+    for p in spec.nuisance:
+        for end in (p.low, p.high):
+            value = int(end) if p.integer else end
+            configs.append((f"nuisance.{p.key}", with_values(spec.base, {p.key: value})))
+    return configs
 
 
 def _at(where: str, err: ConfigError) -> ConfigError:
@@ -162,6 +174,8 @@ def estimate_bytes(s: dict) -> int:
         params, acts = _recurrent_bytes(s, V)
     if TRAITS[s["task.name"]].text:
         data = CHARLM_BYTES_PER_CHAR * int(s["text_bytes"])
+        if s["task.name"] == "lm":  # memory-mapped but for validation and test rows up to a size, as int64 tensors
+            data = min(data, 2 * 2 * 2 * IN_MEMORY_SPLIT_BYTES)
     else:  # inputs and targets of every row, as int32 (Arrow) and int64 (tensors)
         data = sum(int(s[key]) for key in ("task.num_train", "task.num_val", "task.num_test")) * T * 2 * (4 + 8)
         data += len(s["task.eval_lengths"]) * int(s["task.num_test"]) * T * 2 * (4 + 8)  # the longer test sets

@@ -40,7 +40,7 @@ from ablate.core.interrupts import STOP_REQUESTED, handling, sigterm_as_interrup
 from ablate.core.urls import default_storage, default_tracking_uri, redact, runs_url
 from ablate.design import plan, recovery
 from ablate.design.families import load_specs
-from ablate.design.preflight import run_bytes
+from ablate.design.preflight import data_lines, run_bytes
 from ablate.design.spec import StudySpec
 from ablate.design.study_file import check_workers
 from ablate.runner.objective import Objective
@@ -89,6 +89,8 @@ def run_study(
     storage_url = storage or specs[0].storage or default_storage()
     tracking_uri = specs[0].tracking_uri or default_tracking_uri()
     check_stores(storage_url, tracking_uri)  # an unreachable or bad store: one line, before anything is written
+    for line in dict.fromkeys(line for spec in specs for line in data_lines(spec)):
+        print(f"ablate study: {line}")
     if check_only:
         print(f"ablate study: {spec_path}: {', '.join(s.name for s in specs)} checked; stores {redact(storage_url)} "
               f"and {redact(tracking_uri)} answer")  # fmt: skip

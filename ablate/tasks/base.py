@@ -8,7 +8,9 @@ trials of a study build a task once. Iterators turn each split into torch tensor
 Training batches are rows in a new random order each epoch, or, for a task whose training rows tile one text
 (``random_offsets``), windows of that text at random offsets: each epoch draws a phase in [0, seq_len) and a
 permutation of the windows starting at phase + k * seq_len, so the model sees new contexts every epoch and still
-predicts about every character once. Evaluation always reads the fixed rows.
+predicts about every character once. A task with ``token_files`` (``lm``) reads those windows from its memory-mapped
+id file, so its training text is never in memory whole. Evaluation always reads the fixed rows: as tensors made
+once, or, for a split larger than ``IN_MEMORY_SPLIT_BYTES``, a batch at a time from its memory-mapped Arrow file.
 
 A task that can lengthen its test split (``Task.longer``) also gives it at k x seq_len (``eval_batches(...,
 times=k)``): each task's builder says how, deterministically, and caches generated rows like the splits.
@@ -25,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 
 from ablate.core.config import ConfigError
+from ablate.tasks import checks
 from ablate.tasks.checks import TRAITS
 
 SPLITS = ("train", "validation", "test")
@@ -61,6 +65,9 @@ class Task:
     random_offsets: bool = False
     """The training rows tile one text (row i + 1 starts where row i's targets end): training draws windows of
     that text at random offsets instead of the rows. Validation and test still use the rows."""
+    token_files: dict[str, Path] = field(default_factory=dict)
+    """Per split, its text as one flat int32 id file (``ablate.tasks.corpus``): training windows are read from it
+    memory-mapped instead of from a text rebuilt in memory."""
     tokens_per_byte: dict[str, float] = field(default_factory=dict)
     """Per split, tokens per UTF-8 byte of its text: a ``bpb`` metric is the loss in bits per token times this."""
     longer: Callable[[int], datasets.Dataset] | None = None
@@ -80,10 +87,9 @@ class Task:
             raise ConfigError("train.batch_size", f"must be >= 1, got {batch_size}")
         gen = torch.Generator().manual_seed(seed)
         if self.random_offsets and split == "train":
-            text = self._text_tensor(split, device)
+            text = self._training_text(split, device)
             epochs = _window_epochs(len(text), self.seq_len, gen)
-            offsets = torch.arange(self.seq_len + 1, device=text.device)  # (T + 1,)
-            return (_window_batch(text, starts, offsets, device) for starts in _index_stream(epochs, batch_size))
+            return (_window_batch(text, starts, self.seq_len, device) for starts in _index_stream(epochs, batch_size))
         tensors = self._split_tensors(split, device)
         epochs = _row_epochs(len(tensors["inputs"]), gen)
         return (_batch(tensors, idx, device) for idx in _index_stream(epochs, batch_size))
@@ -93,11 +99,12 @@ class Task:
     ) -> Iterator[Batch]:
         """The split in its fixed order, the last batch possibly smaller; at most ``limit`` batches. ``times`` k > 1:
         the test split at k x seq_len (``longer``), built on first use."""
+        rows = self.data[split] if times == 1 and split in self.data else None
+        if rows is not None and len(rows) * 8 * self.seq_len > checks.IN_MEMORY_SPLIT_BYTES:  # int32 in and out
+            return (_batch(_to_tensors(rows.select(range(s, min(s + batch_size, len(rows)))), self.seq_len),
+                           slice(None), device) for s in _starts(len(rows), batch_size, limit))  # fmt: skip
         tensors = self._split_tensors(split, device, times)
-        n = len(tensors["inputs"])
-        starts = range(0, n, batch_size)
-        if limit is not None:
-            starts = starts[:limit]
+        starts = _starts(len(tensors["inputs"]), batch_size, limit)
         return (_batch(tensors, slice(s, s + batch_size), device) for s in starts)
 
     def num_examples(self, split: str) -> int:
@@ -115,6 +122,19 @@ class Task:
             rows = self.data[split] if times == 1 else self.longer(times)
             self._tensors[key] = _to_tensors(rows, self.seq_len * times)
         return self._on_device(key, device)
+
+    def _training_text(self, split: str, device: Any) -> torch.Tensor | np.ndarray:
+        """The ids the training windows are cut from: the split's id file memory-mapped (copied to an accelerator
+        once when small enough), else the text rebuilt from the rows."""
+        if split not in self.token_files:
+            return self._text_tensor(split, device)
+        ids = np.memmap(self.token_files[split], dtype=np.int32, mode="r")
+        if torch.device(device).type == "cpu" or 2 * ids.nbytes > DEVICE_CACHE_BYTES:
+            return ids
+        key = f"{split}/file@{device}"
+        if key not in self._tensors:
+            self._tensors[key] = {"ids": torch.from_numpy(np.array(ids)).long().to(device)}
+        return self._tensors[key]["ids"]
 
     def _text_tensor(self, split: str, device: Any) -> torch.Tensor:
         """The text the rows of ``split`` tile, as one (N * seq_len + 1,) id tensor rebuilt from the rows."""
@@ -136,6 +156,11 @@ class Task:
             if sum(t.nbytes for t in host.values()) <= DEVICE_CACHE_BYTES:
                 self._tensors[on_device] = {name: t.to(device) for name, t in host.items()}
         return self._tensors.get(on_device, self._tensors[key])
+
+
+def _starts(n: int, batch_size: int, limit: int | None) -> range:
+    starts = range(0, n, batch_size)
+    return starts if limit is None else starts[:limit]
 
 
 def _to_tensors(ds: datasets.Dataset, seq_len: int) -> dict[str, torch.Tensor]:
@@ -175,9 +200,14 @@ def _window_epochs(text_len: int, seq_len: int, gen: torch.Generator) -> Iterato
         yield phase + seq_len * torch.randperm(count, generator=gen)
 
 
-def _window_batch(text: torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor, device: Any) -> Batch:
-    """The windows at ``starts`` as one gather where the text lives: inputs window[:-1], targets window[1:]."""
-    windows = text[starts.to(text.device)[:, None] + offsets].to(device, non_blocking=True)  # (B, T + 1)
+def _window_batch(text: torch.Tensor | np.ndarray, starts: torch.Tensor, seq_len: int, device: Any) -> Batch:
+    """The windows at ``starts`` as one gather where the text lives (a tensor, or a memory-mapped file read for
+    just these windows): inputs window[:-1], targets window[1:]."""
+    if isinstance(text, np.ndarray):
+        windows = torch.from_numpy(text[starts.numpy()[:, None] + np.arange(seq_len + 1)]).long()
+    else:
+        windows = text[starts.to(text.device)[:, None] + torch.arange(seq_len + 1, device=text.device)]
+    windows = windows.to(device, non_blocking=True)  # (B, T + 1)
     return Batch(windows[:, :-1], windows[:, 1:])
 
 

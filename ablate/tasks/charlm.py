@@ -22,9 +22,7 @@ import numpy as np
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import Task, build_splits, cache_dir, digest_of, row_features
 from ablate.tasks.checks import hf_name, text_files, unreadable
-from ablate.tasks.corpus import UNKNOWN, split_text
-
-DOC_SEPARATOR = "\n\n"
+from ablate.tasks.corpus import DOC_SEPARATOR, UNKNOWN, char_ids, code_table, split_text
 
 
 def build(cfg: TaskConfig, seed: int) -> Task:
@@ -118,18 +116,10 @@ def _load_hf(source: str, text_column: str) -> str:
     return DOC_SEPARATOR.join(DOC_SEPARATOR.join(t for t in dd[s][text_column] if t) for s in names)
 
 
-def encode(text: str, vocab: tuple[str, ...]) -> np.ndarray:
-    """Character ids through a lookup table over code points (vectorised); unseen characters become 0."""
-    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    table = np.zeros(max(int(points.max(initial=0)), max(ord(c) for c in vocab)) + 1, dtype=np.int32)
-    for i, ch in enumerate(vocab[1:], start=1):
-        table[ord(ch)] = i
-    return table[points]
-
-
 def _rows(blocks: dict[str, str], vocab: tuple[str, ...], seq_len: int):
+    table = code_table(vocab)
     for split in ("train", "validation", "test"):
-        ids = encode(blocks[split], vocab)
+        ids = char_ids(blocks[split], table)
         for start in range(0, len(ids) - seq_len, seq_len):
             window = ids[start : start + seq_len + 1]
             yield {"inputs": window[:-1], "targets": window[1:]}

@@ -19,6 +19,7 @@ from pathlib import Path
 from ablate.core.config import TASKS, ConfigError, TaskConfig
 
 CHUNK = 1 << 20  # files are checked in pieces: a large corpus is never held twice
+IN_MEMORY_SPLIT_BYTES = 64 << 20  # evaluation rows (Arrow int32) up to this size become tensors; larger: per batch
 MAX_LISTOPS_DEPTH = 100
 MAX_LISTOPS_TOKENS = 10_000  # mean expression length above which generation takes hours (and almost none fit)
 
@@ -59,6 +60,16 @@ def vocab_guess(name: str, vocab_size: int, tokenizer: str = "char", tokenizer_v
     if traits.vocab_from_config:
         return vocab_size + 1
     return CHARLM_VOCAB if name != "lm" or tokenizer == "char" else max(tokenizer_vocab, CHARLM_VOCAB)
+
+
+def describe_data(cfg: TaskConfig) -> str | None:
+    """One line on a corpus before any training: its documents, bytes, tokens and where its tokens are cached (the
+    checks built them, so this costs nothing after ``check_task``); None for a task that is not a corpus of tokens."""
+    if cfg.name != "lm":
+        return None
+    from ablate.tasks.corpus import check_corpus
+
+    return check_corpus(cfg).summary()
 
 
 def check_task(cfg: TaskConfig) -> None:

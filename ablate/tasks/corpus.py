@@ -1,7 +1,11 @@
-"""A text corpus before any model: its documents, their split, and the tokenizer fitted to the train documents.
-No torch: ``ablate study`` runs this in its checks, before any store exists, so a missing column, an empty corpus or
-a vocabulary larger than the corpus supports stops there (the tokenizer is cached: the trials reuse it). See
-``ablate.tasks.lm`` for the documents, splits and tokens this makes.
+"""A text corpus before any model: its documents, their split, the tokenizer fitted to the train documents and each
+split's token ids. No torch: ``ablate study`` runs this in its checks, before any store exists, so a missing column,
+an empty corpus or a vocabulary larger than the corpus supports stops there, and says how large the corpus is and
+where its tokens are cached (the trials reuse them). See ``ablate.tasks.lm`` for the documents, splits and tokens.
+
+Nothing here holds a whole corpus in memory: documents stay in ``datasets``' Arrow files (memory-mapped), they are
+tokenised through ``datasets.map`` a batch at a time, and each split's ids are written to one flat int32 file in the
+cache (as nanoGPT's ``train.bin``), which training reads memory-mapped.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ import functools
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.checks import DATA_FILES, data_files, hf_cache, hf_name, text_files, unreadable
@@ -21,6 +29,9 @@ from ablate.tasks.checks import DATA_FILES, data_files, hf_cache, hf_name, text_
 SPLITS = ("train", "validation", "test")
 END = "<|endoftext|>"  # between documents; also the unknown token of a unigram model
 UNKNOWN = "\ufffd"  # a character's id 0: anything seen only outside train
+DOC_SEPARATOR = "\n\n"  # between documents read as characters
+TOKEN_DTYPE = np.int32
+TOKENIZE_BATCH = 64  # documents per datasets.map batch: memory grows with a batch, never with the corpus
 
 
 def digest_of(spec: dict) -> str:
@@ -43,19 +54,53 @@ def split_text(text: str, cfg: TaskConfig) -> dict[str, str]:
     return blocks
 
 
-@functools.cache  # one fit per corpus and setting: a study's arms share their task section
-def check_corpus(cfg: TaskConfig) -> None:
-    """Everything about ``cfg``'s corpus that can fail before training, as a ConfigError naming the key: the text
-    column, an empty corpus, a split without a document, a tokenizer file that does not parse, a vocabulary larger
-    than the train documents support. Fits (and caches) the tokenizer the trials then load."""
-    prepare(cfg)
+@dataclass(frozen=True, eq=False)
+class Corpus:
+    """A corpus ready to train on: per split its documents, their UTF-8 bytes and a flat file of their token ids
+    (documents joined by an end token, or a blank line for characters) in the cache."""
+
+    source: str
+    tokenizer_kind: str
+    docs: dict[str, datasets.Dataset]
+    tokenizer: Any  # a tokenizers.Tokenizer, or None for characters
+    vocab: tuple[str, ...]  # id -> token text
+    tokenizer_digest: str
+    text_bytes: dict[str, int]
+    token_files: dict[str, Path]
+
+    def ids(self, split: str) -> np.ndarray:
+        """The split's token ids, memory-mapped read-only: pages are read as windows need them."""
+        return np.memmap(self.token_files[split], dtype=TOKEN_DTYPE, mode="r")
+
+    def tokens(self, split: str) -> int:
+        return self.token_files[split].stat().st_size // np.dtype(TOKEN_DTYPE).itemsize
+
+    def summary(self) -> str:
+        """One line: how large the corpus is, in documents, bytes and tokens, and where its tokens are cached."""
+        docs, size = sum(len(d) for d in self.docs.values()), sum(self.text_bytes.values())
+        tokens = {split: self.tokens(split) for split in SPLITS}
+        return (f"corpus {self.source}: {docs:,} documents, {_mb(size)} of text, {sum(tokens.values()):,} "
+                f"{self.tokenizer_kind} tokens ({len(self.vocab):,} in the vocabulary; train/val/test "
+                f"{tokens['train']:,}/{tokens['validation']:,}/{tokens['test']:,}); "
+                f"cached in {self.token_files['train'].parent}")  # fmt: skip
 
 
-def prepare(cfg: TaskConfig):
-    """The documents of each split and the fitted tokenizer (None for characters), its vocabulary and digest."""
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
+
+
+@functools.cache  # one build per corpus and setting in a process: a study's arms share their task section
+def check_corpus(cfg: TaskConfig) -> Corpus:
+    """``cfg``'s corpus, documents split, tokenizer fitted and ids written (all cached), or a ConfigError naming
+    the key of what cannot work: the text column, an empty corpus, a split without a document, a tokenizer file
+    that does not parse, a vocabulary larger than the train documents support."""
     with quiet():
         docs = split_documents(load_documents(cfg), cfg)
-        return docs, *train_tokenizer(docs["train"], cfg)
+        tokenizer, vocab, tok_digest = train_tokenizer(docs["train"], cfg)
+        files = {split: token_file(docs[split], tokenizer, vocab, tok_digest) for split in SPLITS}
+        text_bytes = {split: utf8_bytes(docs[split]) for split in SPLITS}
+    kind = cfg.tokenizer if cfg.tokenizer in ("char", "bpe", "unigram") else Path(cfg.tokenizer).name
+    return Corpus(cfg.source, kind, docs, tokenizer, vocab, tok_digest, text_bytes, files)
 
 
 @contextlib.contextmanager
@@ -155,6 +200,51 @@ def utf8_bytes(docs: datasets.Dataset) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tokens
+
+
+def token_file(docs: datasets.Dataset, tokenizer: Any, vocab: tuple[str, ...], tok_digest: str) -> Path:
+    """The documents' ids as one flat int32 file, cached by the documents and the tokenizer: written a batch of
+    documents at a time, never held whole (a corpus larger than memory is fine)."""
+    key = digest_of({"docs": docs._fingerprint, "tokenizer": tok_digest, "dtype": np.dtype(TOKEN_DTYPE).str})
+    path = Path(hf_cache()) / "ablate" / "tokens" / f"{key}.bin"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encode = _char_encoder(vocab) if tokenizer is None else _token_encoder(tokenizer)
+    encoded = docs.map(encode, batched=True, batch_size=TOKENIZE_BATCH, writer_batch_size=TOKENIZE_BATCH,
+                       remove_columns=["text"], num_proc=processes(len(docs)))  # fmt: skip
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as out:
+        for table in encoded.with_format("arrow").iter(batch_size=TOKENIZE_BATCH):
+            out.write(pc.list_flatten(table["ids"]).to_numpy().astype(TOKEN_DTYPE, copy=False).tobytes())
+        if tokenizer is None:  # a separator between documents, none after the last
+            out.truncate(out.tell() - len(DOC_SEPARATOR) * np.dtype(TOKEN_DTYPE).itemsize)
+    os.replace(tmp, path)  # whole or absent: a worker killed mid-write leaves only its own .tmp
+    return path
+
+
+def _char_encoder(vocab: tuple[str, ...]):
+    table = code_table(vocab)
+    return lambda batch: {"ids": [char_ids(text + DOC_SEPARATOR, table) for text in batch["text"]]}
+
+
+def code_table(vocab: tuple[str, ...]) -> np.ndarray:
+    """Code point -> character id (0, the unknown character, for any code point outside the vocabulary)."""
+    table = np.zeros(max(ord(c) for c in vocab) + 1, dtype=TOKEN_DTYPE)
+    for i, ch in enumerate(vocab[1:], start=1):
+        table[ord(ch)] = i
+    return table
+
+
+def char_ids(text: str, table: np.ndarray) -> np.ndarray:
+    """Character ids through a lookup table over code points (vectorised)."""
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return np.where(points < len(table), table[np.minimum(points, len(table) - 1)], 0).astype(TOKEN_DTYPE)
+
+
+def _token_encoder(tokenizer: Any):
+    end = tokenizer.token_to_id(END)
+    return lambda batch: {"ids": [e.ids + [end] for e in tokenizer.encode_batch(batch["text"])]}
 
 
 def train_tokenizer(train: datasets.Dataset, cfg: TaskConfig):
