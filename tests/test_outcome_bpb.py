@@ -74,7 +74,8 @@ def test_a_loss_in_bits_per_byte_by_hand():
     assert names.in_outcome_units(math.log(1024), "bpb", 0.28) == pytest.approx(10 * 0.28)  # ln V / ln 2 = 10 bits
     assert names.in_outcome_units(1.7, "loss", 0.28) == 1.7  # a loss outcome is the loss itself
     assert names.outcome_label("bpb") == "test/bpb (bits per byte)"
-    assert names.outcome_label("loss", "val") == "val/loss (nats per token)"
+    assert names.outcome_label("bpb", "val", prose=True) == "val/bpb (bits per byte)"
+    assert names.outcome_label("loss") == "test/loss" and names.outcome_label("loss", prose=True) == "test loss"
 
 
 @pytest.mark.parametrize(("study", "digest"), [("default", "4258c6b2"), ("smoke", "4cc0b2d1")])
@@ -91,7 +92,7 @@ def test_an_outcome_left_at_loss_keeps_every_existing_plan_digest(tmp_path, stud
         load_spec(tmp_path / "loss.yaml", preflight=False))
 
 
-def test_a_tiny_lm_study_of_two_tokenizers_is_tuned_and_judged_in_bits_per_byte(tmp_path, monkeypatch):
+def test_a_tiny_lm_study_of_two_tokenizers_is_tuned_and_judged_in_bits_per_byte(tmp_path, monkeypatch, capsys):
     from ablate.runner.study import run_study
 
     monkeypatch.chdir(tmp_path)
@@ -100,6 +101,7 @@ def test_a_tiny_lm_study_of_two_tokenizers_is_tuned_and_judged_in_bits_per_byte(
     (tmp_path / "bytes.yaml").write_text(yaml.safe_dump(study))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert run_study(tmp_path / "bytes.yaml", storage=storage, report=True) == 0
+    out = capsys.readouterr().out
     trials = optuna.load_study(study_name="bytes", storage=storage).get_trials()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert {t.user_attrs[names.ATTR_VARIANT] for t in trials} == {"base", "task.tokenizer_vocab=512"}
@@ -111,3 +113,7 @@ def test_a_tiny_lm_study_of_two_tokenizers_is_tuned_and_judged_in_bits_per_byte(
         assert t.user_attrs[names.ATTR_UNIFORM] == pytest.approx(math.log(vocab) / math.log(2) * per_byte)
         if t.user_attrs[names.ATTR_PHASE] == "seed":
             assert t.user_attrs[names.ATTR_OUTCOME] == pytest.approx(run.metrics["test/bpb"])
+    page = (tmp_path / "reports" / "bytes" / "index.html").read_text()
+    assert "test/bpb (bits per byte) (mean ± 95% CI)" in page and "val/bpb (bits per byte) (mean)" in page
+    assert "test loss" not in page and "test/loss" not in page and "val/loss" not in page
+    assert "margin of ±0.03 test/bpb (bits per byte)" in out  # the answer, in the terminal too

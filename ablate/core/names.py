@@ -131,11 +131,15 @@ def test_metric(task_metric: str) -> str:
 
 # The study's outcome (``outcome:`` in a study file): the metric its tuning and verdicts are on. Per-token loss
 # (nats) compares only arms that share a tokenizer; bits per byte compare any.
-OUTCOME_UNITS = {"loss": "nats per token", "bpb": "bits per byte"}
+OUTCOME_UNITS = {"loss": "nats", "bpb": "bits per byte"}
 
 
-def outcome_label(outcome: str, split: str = "test") -> str:
-    """``("bpb")`` -> ``"test/bpb (bits per byte)"``: the outcome's metric with its unit, as pages and tables say it."""
+def outcome_label(outcome: str, split: str = "test", prose: bool = False) -> str:
+    """The outcome on ``split`` (test or val) as pages, tables, plots and the terminal name it: loss as they always
+    have (``test/loss``; in prose ``test loss``, ``validation loss``), any other with its unit, ``test/bpb (bits per
+    byte)``: a number in bits per byte must never pass for a loss."""
+    if outcome == "loss":
+        return f"{'validation' if split == 'val' else split} loss" if prose else f"{split}/loss"
     return f"{split}/{outcome} ({OUTCOME_UNITS[outcome]})"
 
 
