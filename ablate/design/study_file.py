@@ -185,7 +185,7 @@ class StudyFile:
                                             "change the tokenizer need bpb: per-token losses of different tokens do "
                                             "not compare")  # fmt: skip
     margin: float = 0.03
-    """The smallest difference of the verdict metric that matters, in the units of ``outcome`` (test loss: nats per
+    """The smallest difference of the verdict metric that matters, in the units of ``outcome`` (loss: nats per
     token; bpb: bits per byte); differences within +-margin count as "equivalent". 0.03 nats is about 2% of a small
     char-level model's loss (1.7 nats/char): less than that rarely decides an architecture. Set it in the metric's
     units for other tasks and outcomes (0.03 nats per character is 0.043 bits per byte of ASCII text)."""
