@@ -2,12 +2,12 @@
 
 For every decided alternative and the base, each arm is re-run on fresh seeds (``FRESH``: neither tune nor verdict
 seeds) at its chosen learning rate and at the tried points on either side of its best one. Each arm is then
-re-tuned on those runs' mean test loss (the best of its three learning rates, a search around the study's own
-choice), and the alternative is judged against the base again by the study's rule (one look, Bonferroni within the
-factor, no tuning penalty: the re-tuned point is taken as tuned). As a claim's expectation is judged
-(``report.claims.judge_verdict``): the verdict holds when the re-tuned one meets it, is contradicted when the
-re-tuned interval lies wholly outside what the verdict says ("worse" against an interval at or below 0, say), and is
-questioned otherwise. Writes ``reports/bench/retune.md`` (and prints it).
+re-tuned on those runs' mean outcome (test loss; test/bpb with ``outcome: bpb``): the best of its three learning
+rates, a search around the study's own choice. Then the alternative is judged against the base again by the
+study's rule (one look, Bonferroni within the factor, no tuning penalty: the re-tuned point is taken as tuned). As a
+claim's expectation is judged (``report.claims.judge_verdict``): the verdict holds when the re-tuned one meets it,
+is contradicted when the re-tuned interval lies wholly outside what the verdict says ("worse" against an interval at
+or below 0, say), and is questioned otherwise. Writes ``reports/bench/retune.md`` (and prints it).
 
 A benchmark, not a test: it trains (three learning rates x fresh seeds per arm), which takes minutes on a CPU.
 """
@@ -30,6 +30,7 @@ from ablate.design import plan
 from ablate.design.families import load_spec
 from ablate.design.spec import StudySpec
 from ablate.report import claims
+from ablate.runner.objective import outcome_of
 from ablate.stats import verdicts
 
 FRESH = (2001, 2002, 2003, 2004)
@@ -64,12 +65,11 @@ def _run(job: tuple[StudySpec, str, float, int]) -> tuple[str, float, int, float
     spec, name, lr, seed = job
     values = {**spec.variant(name).values, spec.nuisance[0].key: lr, "train.seed": seed, "train.threads": 1}
     result = train(with_values(spec.base, values))
-    loss = result.metrics.get(names.TEST_LOSS) if result.status == "completed" else result.uniform_loss
-    return name, lr, seed, float(loss)
+    return name, lr, seed, float(outcome_of(result, spec.outcome))  # train raises rather than return a failed run
 
 
 def retuned(losses: dict[tuple[str, float, int], float], name: str) -> dict[int, float]:
-    """An arm's fresh-seed test losses at its best learning rate by mean over the fresh seeds."""
+    """An arm's fresh-seed outcomes at its best learning rate by mean over the fresh seeds."""
     mine = {lr for n, lr, _ in losses if n == name}
     best = min(mine, key=lambda lr: np.mean([v for (n, r, _), v in losses.items() if n == name and r == lr]))
     return {s: v for (n, r, s), v in losses.items() if n == name and r == best}
@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 def _markdown(spec: StudySpec, rates: dict[str, list[float]], rows: list[dict]) -> str:
     lines = [f"# Re-tuning check of {spec.name}", "",
              f"Fresh seeds {list(FRESH)}; each arm at its chosen {spec.nuisance[0].key} and the tried points beside "
-             "its best one, re-tuned on the fresh seeds' mean test loss, then judged again by the study's rule.", "",
-             "| variant | learning rates | study | re-tuned | Δ test/loss [interval] | outcome |",
+             f"its best one, re-tuned on the fresh seeds' mean {names.outcome_label(spec.outcome)}, then judged "
+             "again by the study's rule.", "",
+             f"| variant | learning rates | study | re-tuned | Δ {names.test_metric(spec.outcome)} [interval] "
+             "| outcome |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lrs = ", ".join(f"{x:.3g}" for x in rates[r["variant"]])

@@ -234,13 +234,13 @@ def test_a_real_study_shows_its_claims_with_verdicts_computed_from_its_numbers(t
 def test_lr_grid_marks_divergence_and_leaves_untried_rates_blank():
     tune = pd.DataFrame({"variant": ["a", "a", "b"], "train.lr": [1e-3, 1e-2, 1e-3], "value": [2.0, np.nan, 2.5],
                          "status": ["completed", "diverged", "completed"], "run_id": ["r1", "r2", "r3"]})  # fmt: skip
-    grid = claims.lr_grid(tune, "train.lr", ["a", "b"], {"r1": 3.0, "r2": 40.0})
+    grid = claims.lr_grid(tune, "train.lr", ["a", "b"], {"r1": 3.0, "r2": 40.0}, "loss")
     assert grid["a: val/loss"].tolist() == ["2.0000", "diverged"] and grid["b: val/loss"].tolist() == ["2.5000", ""]
     assert grid["a: max logit"].tolist() == [3.0, 40.0] and math.isnan(grid["b: max logit"][0])
     seeds = pd.DataFrame({"variant": ["a"] * 4, "train.lr": [1e-3, 1e-3, 1e-2, 1e-2], "value": [2.0, 2.2, np.nan, 1.9],
                           "status": ["completed", "completed", "diverged", "completed"],
                           "run_id": ["r1", "r2", "r3", "r4"]})  # several tune seeds per rate  # fmt: skip
-    grid = claims.lr_grid(seeds, "train.lr", ["a"], {"r1": 3.0, "r2": 5.0, "r3": 40.0})
+    grid = claims.lr_grid(seeds, "train.lr", ["a"], {"r1": 3.0, "r2": 5.0, "r3": 40.0}, "loss")
     assert grid["a: val/loss"].tolist() == ["2.1000 (mean of 2)", "1.9000, 1 of 2 diverged"]
     assert grid["a: max logit"].tolist() == [5.0, 40.0]
 

@@ -5,6 +5,8 @@ nested child run per trial. Params are the resolved config flattened with dots (
 ``derived.*``. Metric names follow ``train/loss``, ``val/loss``, ``val/bpc``, ``val/acc``, ``perf/tokens_per_s``.
 """
 
+import math
+
 DEFAULT_EXPERIMENT = "ablate"
 
 # Tags (MLflow) ---------------------------------------------------------------------------------------------------
@@ -46,8 +48,10 @@ ATTR_RETRY_OF = "retry_of"  # on a re-enqueued copy: the number of the attempt i
 ATTR_ATTEMPT = "attempt"  # on a planned trial: 1 for the first attempt at its key, then 2, 3, ...
 ATTR_REASON = "reason"  # on a failed or interrupted trial: why (the exception, the signal, the lost heartbeat)
 ATTR_WORKER = "worker"  # on a trial: host:pid of the worker that took it
-ATTR_UNIFORM = "uniform_loss"  # on a finished trial: the loss of a uniform guess (what a diverged run counts as)
-ATTR_OUTCOME = "outcome"  # on a seed trial: the verdict metric (test loss; a diverged run: the uniform-guess loss)
+ATTR_UNIFORM = "uniform_loss"  # on a finished trial: a uniform guess's score on validation, in the study's outcome
+# units (what a diverged tune run counts as)
+ATTR_OUTCOME = "outcome"  # on a seed trial: the verdict metric in the study's outcome units (test/loss or test/bpb; a
+# diverged run: the uniform guess's score on test)
 
 # Statuses: the trainer's status of a run, and how Optuna and MLflow record it. One table, following
 # mlflow.optuna.MlflowStorage (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED). A diverged run is an
@@ -123,6 +127,26 @@ def val_metric(task_metric: str) -> str:
 def test_metric(task_metric: str) -> str:
     """``"bpc"`` -> ``"test/bpc"``; the task's own metric on the test split."""
     return f"test/{task_metric}"
+
+
+# The study's outcome (``outcome:`` in a study file): the metric its tuning and verdicts are on. Per-token loss
+# (nats) compares only arms that share a tokenizer; bits per byte compare any.
+OUTCOME_UNITS = {"loss": "nats", "bpb": "bits per byte"}
+
+
+def outcome_label(outcome: str, split: str = "test", prose: bool = False) -> str:
+    """The outcome on ``split`` (test or val) as pages, tables, plots and the terminal name it: loss as they always
+    have (``test/loss``; in prose ``test loss``, ``validation loss``), any other with its unit, ``test/bpb (bits per
+    byte)``: a number in bits per byte must never pass for a loss."""
+    if outcome == "loss":
+        return f"{'validation' if split == 'val' else split} loss" if prose else f"{split}/loss"
+    return f"{split}/{outcome} ({OUTCOME_UNITS[outcome]})"
+
+
+def in_outcome_units(loss: float, outcome: str, tokens_per_byte: float) -> float:
+    """A loss in nats per token in the outcome's units: itself, or bits per byte (bits per token times the split's
+    tokens per byte). The one conversion: the trainer's bpb metric and the uniform-guess ceilings both use it."""
+    return loss / math.log(2) * tokens_per_byte if outcome == "bpb" else loss
 
 
 def entropy_metric(layer: int, head: int) -> str:

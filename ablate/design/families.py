@@ -11,12 +11,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ablate.core.config import RUN_SECTIONS, ConfigError, set_path, with_sections_copied
+from ablate.core.config import RUN_SECTIONS, ConfigError, flatten, set_path, to_dict, with_sections_copied
 from ablate.core.inputs import read_text, read_yaml
 from ablate.core.sizes import MATCHES
 from ablate.design.preflight import check_study
 from ablate.design.spec import StudySpec, redacted, spec_from_mapping
-from ablate.design.study_file import check_name
+from ablate.design.study_file import TOKENIZER_KEYS, check_name, check_tokenizer_outcome
 
 
 def load_specs(path: str | Path, overrides: list[str] = (), *, preflight: bool = True) -> list[StudySpec]:
@@ -69,6 +69,8 @@ def family_specs(data: dict, overrides: list[str] = (), *, source: str = "", tex
         except ConfigError as err:
             raise ConfigError(err.key, f"{err.problem} (in member {label})") from None
         out.append(dataclasses.replace(spec, family=data["name"], member=label, family_data=family_data))
+    changed = [k for k in TOKENIZER_KEYS if len({flatten(to_dict(s.base))[k] for s in out}) > 1]
+    check_tokenizer_outcome(changed, out[0].outcome)  # the family page compares its members' losses too
     return out
 
 

@@ -29,7 +29,16 @@ from ablate.core.config import (
 )
 from ablate.core.sizes import ComputeBudget, from_study
 from ablate.core.urls import redact_text
-from ablate.design.study_file import HALTON_SEED, MAX_SEARCH_COMBINATIONS, MAX_VARIANTS, Claim, Range, Seeds, StudyFile
+from ablate.design.study_file import (
+    HALTON_SEED,
+    MAX_SEARCH_COMBINATIONS,
+    MAX_VARIANTS,
+    Claim,
+    Range,
+    Seeds,
+    StudyFile,
+    check_tokenizer_outcome,
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,8 @@ class StudySpec:
     tune_seeds: int = 2
     min_seeds: int = 3
     max_seeds: int = 3
-    margin: float = 0.03
+    outcome: str = "loss"  # the metric tuning and verdicts are on: loss (nats per token) or bpb (bits per byte)
+    margin: float = 0.03  # in the outcome's units
     alpha: float = 0.05
     max_extra_points: int = 3
     trials: int | None = None
@@ -153,6 +163,7 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
     scientific = _scientific(raw.scientific, base, fields)
     seeds = raw.seeds if isinstance(raw.seeds, Seeds) else Seeds(raw.seeds, raw.seeds)
     nuisance = _nuisance(raw.nuisance, base, fields, scientific)
+    check_tokenizer_outcome([*scientific, *(p.key for p in nuisance)], raw.outcome)
     compute = from_study(raw.budget.match, raw.budget.value, base, scientific, [p.key for p in nuisance])
     spec = StudySpec(
         name=raw.name,
@@ -164,6 +175,7 @@ def spec_from_mapping(data: dict, overrides: list[str] = (), *, source: str = ""
         tune_seeds=raw.tune_seeds,
         min_seeds=seeds.min,
         max_seeds=seeds.max,
+        outcome=raw.outcome,
         margin=raw.margin,
         alpha=raw.alpha,
         max_extra_points=raw.max_extra_points,

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ablate.core import names
 from ablate.core.config import (
     ConfigError,
     ModelConfig,
@@ -18,6 +19,9 @@ from ablate.core.config import (
 from ablate.core.sizes import MATCHES
 
 KINDS = ("ablation", "search")
+OUTCOMES = tuple(names.OUTCOME_UNITS)  # loss, bpb
+BPB_TASKS = ("lm",)  # the tasks whose metric is bits per byte (``ablate.tasks.lm``): those an outcome bpb can use
+TOKENIZER_KEYS = ("task.tokenizer", "task.tokenizer_vocab")  # arms that differ in these differ in what a token is
 SAMPLERS = ("tpe", "random", "halton")
 PRUNERS = ("none", "median", "hyperband")
 HALTON_SEED = 0  # the same nuisance points for every variant, and for every run of the same study file
@@ -175,10 +179,16 @@ class StudyFile:
     tune_seeds: int = 2
     """Ablation: tune seeds each tune point runs on (never verdict seeds). Two or more let each arm's learning rate be
     chosen from seed means, and bound what the choice costs it (``ablate.stats.tuning``); one run per point cannot."""
+    outcome: str = choice("loss", OUTCOMES, "the metric tuning and verdicts are on: loss (nats per token; val/loss "
+                                            "picks learning rates, test/loss decides) or bpb (bits per byte, val/bpb "
+                                            "and test/bpb; a task scored in bits per byte, lm, only). Arms that "
+                                            "change the tokenizer need bpb: per-token losses of different tokens do "
+                                            "not compare")  # fmt: skip
     margin: float = 0.03
-    """The smallest difference of the verdict metric (test loss, nats per token) that matters; differences within
-    +-margin count as "equivalent". 0.03 nats is about 2% of a small char-level model's loss (1.7 nats/char): less
-    than that rarely decides an architecture. Set it in the metric's units for other tasks."""
+    """The smallest difference of the verdict metric that matters, in the units of ``outcome`` (loss: nats per
+    token; bpb: bits per byte); differences within +-margin count as "equivalent". 0.03 nats is about 2% of a small
+    char-level model's loss (1.7 nats/char): less than that rarely decides an architecture. Set it in the metric's
+    units for other tasks and outcomes (0.03 nats per character is 0.043 bits per byte of ASCII text)."""
     alpha: float = 0.05
     """Per factor, the chance of any false better/worse/equivalent claim is at most this."""
     max_extra_points: int = 3
@@ -219,3 +229,15 @@ class StudyFile:
             raise ConfigError("margin", f"must be > 0, got {self.margin}")
         if not 0 < self.alpha < 0.5:
             raise ConfigError("alpha", f"must be in (0, 0.5), got {self.alpha}")
+        if self.outcome == "bpb" and self.task.name not in BPB_TASKS:
+            raise ConfigError("outcome", f"bpb needs a task scored in bits per byte ({', '.join(BPB_TASKS)}); task "
+                                         f"{self.task.name} allows loss")  # fmt: skip
+
+
+def check_tokenizer_outcome(keys: list[str], outcome: str) -> None:
+    """Arms that change ``task.tokenizer`` or ``task.tokenizer_vocab`` (``keys``: resolved scientific and nuisance
+    keys, or what a ladder changes) are compared in bits per byte: a ConfigError naming ``outcome`` otherwise."""
+    changed = [k for k in keys if k in TOKENIZER_KEYS]
+    if changed and outcome != "bpb":
+        raise ConfigError("outcome", f"must be bpb when arms change {', '.join(changed)}: per-token loss does not "
+                                     f"compare across tokenizers, got {outcome}")  # fmt: skip

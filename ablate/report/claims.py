@@ -186,7 +186,7 @@ def judge(claim: Claim, spec: StudySpec, table: pd.DataFrame, tune: pd.DataFrame
     (``across.lr_by_width``), None in a single study (its lr_exponent expectations are then left to the family
     page); ``seeds``: its seed runs (``analysis.seed_runs``)."""
     rows = table.set_index("variant") if len(table) else pd.DataFrame()
-    lines = [_expect_line(variant, expected, rows, spec.margin) for variant, expected in claim.expect.items()]
+    lines = [_expect_line(variant, expected, rows, spec) for variant, expected in claim.expect.items()]
     if claim.less_sensitive:
         lines.append(_sensitivity_line(claim, spec, tune))
     lines += [_solved_line(v, pd.DataFrame() if seeds is None else seeds, spec.alpha) for v in claim.solves]
@@ -196,13 +196,14 @@ def judge(claim: Claim, spec: StudySpec, table: pd.DataFrame, tune: pd.DataFrame
     return {"verdict": verdict, "lines": [{"outcome": o, "text": t} for o, t in lines]}
 
 
-def _expect_line(variant: str, expected: str, rows: pd.DataFrame, margin: float) -> tuple[str, str]:
-    r = rows.loc[variant] if variant in rows.index else None
+def _expect_line(variant: str, expected: str, rows: pd.DataFrame, spec: StudySpec) -> tuple[str, str]:
+    margin, r = spec.margin, rows.loc[variant] if variant in rows.index else None
     if r is None:
         return INCONCLUSIVE, f"{variant}: expected {expected}, measured not run"
     measured = r["verdict"] or "undecided"
-    detail = "" if math.isnan(r["diff"]) else \
-        f" ({r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}] test loss vs the base, {int(r['seeds'])} seeds)"
+    detail = "" if math.isnan(r["diff"]) else (
+        f" ({r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}] {names.outcome_label(spec.outcome, prose=True)} vs the "
+        f"base, {int(r['seeds'])} seeds)")
     outcome = judge_verdict(expected, measured, float(r["lo"]), float(r["hi"]), margin)
     why = "" if outcome != INCONCLUSIVE or measured == "undecided" else \
         f"; its interval does not exclude {expected} (margin ±{margin:g})"
@@ -216,12 +217,14 @@ def _sensitivity_line(claim: Claim, spec: StudySpec, tune: pd.DataFrame) -> tupl
     if sens.empty:
         return INCONCLUSIVE, f"LR sensitivity of {a} against {b}: no tune seed ran both at two rates {expected}"
     if len(sens) < 2:
-        return INCONCLUSIVE, (f"LR sensitivity of {a} {sens[a].iloc[0]:.3f} against {b} {sens[b].iloc[0]:.3f} nats on "
+        return INCONCLUSIVE, (f"LR sensitivity of {a} {sens[a].iloc[0]:.3f} against {b} {sens[b].iloc[0]:.3f} "
+                              f"{names.OUTCOME_UNITS[spec.outcome]} on "
                               f"1 tune seed and the {lrs} learning rates both tried: no interval, which needs 2 tune "
                               f"seeds (set tune_seeds: 4) {expected}")
     mean, lo, hi = paired_interval((sens[a] - sens[b]).to_numpy(), spec.alpha)
     return judge_sensitivity(lo, hi, spec.margin), (
-        f"LR sensitivity of {a} {sens[a].mean():.3f} against {b} {sens[b].mean():.3f} nats: difference {mean:+.3f}, "
+        f"LR sensitivity of {a} {sens[a].mean():.3f} against {b} {sens[b].mean():.3f} "
+        f"{names.OUTCOME_UNITS[spec.outcome]}: difference {mean:+.3f}, "
         f"{level(spec.alpha)} interval [{lo:+.3f}, {hi:+.3f}] over {len(sens)} tune seeds, paired, and the {lrs} "
         f"learning rates both tried {expected}")
 
@@ -238,16 +241,19 @@ def _exponent_line(variant: str, bounds: list[float], exponents: Mapping, alpha:
             f"{variant}: best lr ∝ width^b, expected b in [{bounds[0]:+g}, {bounds[1]:+g}], {measured}")
 
 
-def lr_grid(tune: pd.DataFrame, param: str, arms: list[str], logits: Mapping[str, float]) -> pd.DataFrame:
+def lr_grid(tune: pd.DataFrame, param: str, arms: list[str], logits: Mapping[str, float],
+            outcome: str) -> pd.DataFrame:  # fmt: skip
     """Loss and divergence against the learning rate, arm by arm: per learning rate tried (rows), each arm's final
-    val loss over its tune seeds (the mean of those that completed, and how many diverged; "diverged" when all did)
-    and the largest attention logit over their training (``logits``: run id -> that logit; blank when not logged)."""
+    validation outcome (``outcome``: val/loss, val/bpb) over its tune seeds (the mean of those that completed, and how
+    many diverged; "diverged" when all did) and the largest attention logit over their training (``logits``: run id
+    -> that logit; blank when not logged)."""
     rows = tune[tune["variant"].isin(arms)]
     rows = rows.assign(lr=rows[param].astype(float).round(12))
     out = pd.DataFrame({param: sorted(rows["lr"].unique())})
     for arm in arms:
         at = dict(tuple(rows[rows["variant"] == arm].groupby("lr")))
-        out[f"{arm}: val/loss"] = [_loss_text(at[lr]) if lr in at else "" for lr in out[param]]
+        out[f"{arm}: {names.outcome_label(outcome, 'val')}"] = [_loss_text(at[lr]) if lr in at else ""
+                                                               for lr in out[param]]  # fmt: skip
         out[f"{arm}: max logit"] = [_max_logit(at[lr], logits) if lr in at else math.nan for lr in out[param]]
     return out
 

@@ -109,7 +109,8 @@ def context(family: str, members: list[Member]) -> dict:
         "side_by_side": html.table(_side_by_side(compared, [m.label for m in done], axis)) if len(compared) else None,
         "frontier": [f"{r.member}: {r.variant} ({r.test_mean:.4f} at {r[names.FLOPS_TOTAL]:.3g} FLOPs)"
                      for _, r in on.iterrows()],  # fmt: skip
-        "frontier_figure": family_plots.frontier(points, on) if len(points) else None,
+        "frontier_figure": family_plots.frontier(points, on, first.outcome) if len(points) else None,
+        "test_label": names.outcome_label(first.outcome, prose=True),
         "lr": html.table(lr) if len(lr) else None, "lr_text": lr_sentences(lr, first),
         "level": claims.level(first.alpha),
         "lr_figure": family_plots.lr_by_width(lr) if len(lr) else None,
@@ -190,7 +191,8 @@ def error_statement(spec: StudySpec, members: int, axis: str = "across members")
     k, a = f"{spec.alpha:g}", spec.alpha
     along = "log2 width" if axis == "with width" else "the members' order"
     return (f"Each member's verdicts control, per factor, the chance of any false better/worse/equivalent claim at "
-            f"α = {k} (margin ±{spec.margin:g} test loss). '{across.changes(axis)}' and 'flips' rest on a test of "
+            f"α = {k} (margin ±{spec.margin:g} {names.outcome_label(spec.outcome, prose=True)}). "
+            f"'{across.changes(axis)}' and 'flips' rest on a test of "
             f"change: the slope of each value's paired difference against {along}, least squares over the members "
             f"with each member's standard error, its interval at 1 − α/v for a factor of v values and widened by the "
             f"arms' tuning penalties; when each value's effect is the same in every member, a factor is labelled "
@@ -200,7 +202,7 @@ def error_statement(spec: StudySpec, members: int, axis: str = "across members")
 
 
 def frontier_points(members: list[Member]) -> pd.DataFrame:
-    """Every arm of every member: its mean test loss against its mean training FLOPs."""
+    """Every arm of every member: its mean outcome (test loss, test/bpb) against its mean training FLOPs."""
     frames = []
     for m in members:
         t = m.table

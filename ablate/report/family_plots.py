@@ -1,5 +1,6 @@
-"""A family's figures (a ladder of widths, several budgets): every arm's test loss against its training FLOPs with
-the frontier, and each arm's chosen learning rate across widths. In the report's theme (``plots``)."""
+"""A family's figures (a ladder of widths, several budgets): every arm's outcome (test loss, test/bpb) against its
+training FLOPs with the frontier, and each arm's chosen learning rate across widths. In the report's theme
+(``plots``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from ablate.core import names
 from ablate.report.plots import WIDTH, to_uri
 
 
-def frontier(points: pd.DataFrame, on: pd.DataFrame) -> str | None:
-    """A family's arms: mean test loss against mean training FLOPs, a marker per member, the frontier as a step."""
+def frontier(points: pd.DataFrame, on: pd.DataFrame, outcome: str) -> str | None:
+    """A family's arms: mean outcome (``outcome``: test loss, test/bpb) against mean training FLOPs, a marker per
+    member, the frontier as a step."""
     if points.empty:
         return None
     fig, ax = plt.subplots(figsize=(WIDTH * 1.6, 3.6), layout="constrained")
@@ -23,7 +25,7 @@ def frontier(points: pd.DataFrame, on: pd.DataFrame) -> str | None:
                     textcoords="offset points")
     if points[names.FLOPS_TOTAL].max() > 20 * points[names.FLOPS_TOTAL].min() > 0:
         ax.set_xscale("log")
-    ax.set(xlabel="training FLOPs (mean over seeds)", ylabel="test/loss (mean over seeds)")
+    ax.set(xlabel="training FLOPs (mean over seeds)", ylabel=f"{names.outcome_label(outcome)} (mean over seeds)")
     ax.legend(fontsize=7)
     return to_uri(fig)
 

@@ -108,7 +108,7 @@ VERDICT_STYLE = {  # verdict -> (palette index, marker): colour and shape both, 
 
 
 def isolation(data: StudyData, table: pd.DataFrame) -> str | None:
-    """Per factor: each value's paired difference from the base on the verdict metric (test loss), with the interval
+    """Per factor: each value's paired difference from the base on the verdict metric (the outcome), with the interval
     the verdict was read off, the ±margin band of "equivalent", and every seed's own difference as a grey dot."""
     factors = [f for f in dict.fromkeys(table["factor"]) if f] if "factor" in table else []
     seeds = seed_differences(data)
@@ -123,9 +123,9 @@ def isolation(data: StudyData, table: pd.DataFrame) -> str | None:
         _isolation_panel(ax, data, factor, base, rows, seeds)
     fig.legend(handles=_isolation_legend(seen, data.spec.margin, seeds["diverged"].any()), loc="outside lower center",
                ncols=4, fontsize=7, frameon=False)
-    fig.suptitle(f"{names.TEST_LOSS}: each value minus the base, paired by seed; error bar: the interval the verdict "
-                 f"uses ({_levels(table)})\nshaded: ±{data.spec.margin:g}, the margin inside which values are "
-                 "equivalent", fontsize=9)
+    fig.suptitle(f"{names.outcome_label(data.spec.outcome)}: each value minus the base, paired by seed; error bar: "
+                 f"the interval the verdict uses ({_levels(table)})\nshaded: ±{data.spec.margin:g}, the margin inside "
+                 "which values are equivalent", fontsize=9)
     return to_uri(fig)
 
 
@@ -183,12 +183,12 @@ def _isolation_panel(ax: plt.Axes, data: StudyData, factor: str, base: pd.DataFr
                   fontsize=8 if len(points) <= 4 else 6)
     ax.set_xlim(-0.5, len(points) - 0.5)
     ax.set_xlabel(factor)
-    ax.set_ylabel(f"{names.TEST_LOSS} − base")
+    ax.set_ylabel(f"{names.outcome_label(data.spec.outcome)} − base")
     ax.margins(y=0.15)
     extent = [e for e in extent if math.isfinite(e)]
     if max(map(abs, extent)) > 20 * margin:  # a diverged seed (uniform-guess loss) would flatten the margin band
         _symlog(ax, margin, min(extent), max(extent))
-        ax.set_ylabel(f"{names.TEST_LOSS} − base\n(log scale beyond ±{5 * margin:g})")
+        ax.set_ylabel(f"{names.outcome_label(data.spec.outcome)} − base\n(log scale beyond ±{5 * margin:g})")
 
 
 def _symlog(ax: plt.Axes, margin: float, lo: float, hi: float) -> None:
@@ -258,9 +258,10 @@ def sort_key(value: object, listed: list[str] = ()) -> tuple:
 
 
 def lr_sensitivity(data: StudyData, param: str = "train.lr", table: pd.DataFrame | None = None) -> str | None:
-    """Tune phase: val/loss against a nuisance parameter, one line per variant (panels by factor, the base in each),
-    the chosen point starred with its basin (the range within the margin of its loss) as a bar under it, diverged
-    tune runs as crosses along the top (they have no loss), and the searched range shaded."""
+    """Tune phase: the validation outcome (val/loss, val/bpb) against a nuisance parameter, one line per variant
+    (panels by factor, the base in each), the chosen point starred with its basin (the range within the margin of its
+    value) as a bar under it, diverged tune runs as crosses along the top (they have no value), and the searched range
+    shaded."""
     t = data.trials
     if t.empty or "phase" not in t or param not in t:
         return None
@@ -291,7 +292,7 @@ def lr_sensitivity(data: StudyData, param: str = "train.lr", table: pd.DataFrame
             _log_x(ax)
         ax.margins(y=0.12)
         ax.set_xlabel(param)
-        ax.set_ylabel("final val/loss (tune runs)")
+        ax.set_ylabel(f"final {names.outcome_label(data.spec.outcome, 'val')} (tune runs)")
         _legend_outside(ax, factor)
     fig.suptitle(f"Sensitivity to {param}: lines: seed means, dots: runs; ★ chosen point, bar under it: its basin "
                  f"(within ±{data.spec.margin:g} of the best mean);\n× along the top: diverged tune runs (no loss); "
@@ -338,9 +339,11 @@ def _wide(values: pd.Series) -> bool:
 
 
 def curves(data: StudyData, runs: dict[str, list[str]]) -> str | None:
-    """val/loss histories over every seed run of each variant (``variant -> run ids``): the median over seeds as a
-    line, the band from the lowest to the highest seed. An ablation gets a panel per factor, the base in each."""
-    frames = [data.history(run_id, names.VAL_LOSS).assign(variant=variant, run=run_id)
+    """Validation outcome histories (val/loss, val/bpb) over every seed run of each variant (``variant -> run
+    ids``): the median over seeds as a line, the band from the lowest to the highest seed. An ablation gets a panel
+    per factor, the base in each."""
+    metric = names.val_metric(data.spec.outcome)  # bpb: logged at every evaluation, as the loss is
+    frames = [data.history(run_id, metric).assign(variant=variant, run=run_id)
               for variant, ids in runs.items() for run_id in ids]  # fmt: skip
     df = pd.concat(frames) if frames else pd.DataFrame()
     if df.empty:
@@ -355,17 +358,18 @@ def curves(data: StudyData, runs: dict[str, list[str]]) -> str | None:
             rows = df[df["variant"] == variant]
             sns.lineplot(rows, x="step", y="value", estimator="median", errorbar=("pi", 100), ax=ax,
                          color=colors[variant], label=_value_label(data, variant, factor), lw=1.2)
-        ax.set_ylabel(names.VAL_LOSS)
+        ax.set_ylabel(names.outcome_label(data.spec.outcome, "val"))
         ax.set_title(factor, fontsize=8)
         _legend_outside(ax)
-    fig.suptitle("Validation loss during training: median over seed runs, band from the lowest to the highest seed",
-                 fontsize=9)
+    fig.suptitle(f"{names.outcome_label(data.spec.outcome, 'val', prose=True)} during training: median over seed runs, "
+                 "band from the lowest to the highest seed", fontsize=9)
     return to_uri(fig)
 
 
 def pareto(data: StudyData) -> str | None:
-    """Final val/loss of every completed run against training FLOPs (else wall time); the Pareto front of all runs
-    as a step. An ablation gets a panel per factor (the base in each), the front the same in every panel."""
+    """The final validation outcome (val/loss, val/bpb) of every completed run against training FLOPs (else wall
+    time); the Pareto front of all runs as a step. An ablation gets a panel per factor (the base in each), the front
+    the same in every panel."""
     done = completed(data.trials)
     key = next((k for k in (names.FLOPS_TOTAL, names.WALL_S) if k in done and done[k].notna().any()), None)
     if key is None:
@@ -385,7 +389,7 @@ def pareto(data: StudyData) -> str | None:
         if rows[key].max() > 20 * rows[key].min() > 0:
             _log_x(ax)
         ax.set_xlabel(key)
-        ax.set_ylabel("final val/loss")
+        ax.set_ylabel(f"final {names.outcome_label(data.spec.outcome, 'val')}")
         ax.set_title(factor, fontsize=8)
         _legend_outside(ax)
     return to_uri(fig)

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from ablate.core import names
 from ablate.report import plots  # noqa: E402
 from ablate.report.analysis import display  # noqa: E402
 from ablate.report.load import StudyData, completed  # noqa: E402
@@ -35,8 +36,9 @@ def importance(imp: pd.DataFrame) -> str | None:
 
 
 def interaction(data: StudyData, a: str, b: str) -> str | None:
-    """Mean val/loss per cell of two parameters (continuous ones binned into quartiles), with each cell's count: a
-    cell's minimum would reward the cells that happened to get more trials."""
+    """Mean trial value (val/loss, val/bpb: the study's outcome) per cell of two parameters (continuous ones binned
+    into quartiles), with each cell's count: a cell's minimum would reward the cells that happened to get more
+    trials."""
     done = completed(data.trials).dropna(subset=[a, b])
     if done.empty:
         return None
@@ -44,14 +46,15 @@ def interaction(data: StudyData, a: str, b: str) -> str | None:
     annot = np.where(count.to_numpy() > 0, [[f"{m:.3g}\n(n={int(n)})" for m, n in zip(mr, nr, strict=True)]
                                             for mr, nr in zip(mean.to_numpy(), count.to_numpy(), strict=True)], "")
     fig, ax = plt.subplots(figsize=(plots.WIDTH + 1, 3.4))
+    metric = names.outcome_label(data.spec.outcome, "val")
     sns.heatmap(mean, annot=annot, fmt="", annot_kws={"fontsize": 7}, cmap="viridis_r", ax=ax,
-                cbar_kws={"label": "mean val/loss"})
-    ax.set_title(f"Interaction: {a} × {b} (mean val/loss of the completed runs per cell)", fontsize=9)
+                cbar_kws={"label": f"mean {metric}"})
+    ax.set_title(f"Interaction: {a} × {b} (mean {metric} of the completed runs per cell)", fontsize=9)
     return plots.to_uri(fig)
 
 
 def cell_means(grid: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mean val/loss and run count per ``(a, b)`` cell, ``a`` down and ``b`` across; an empty cell is NaN and 0."""
+    """Mean trial value and run count per ``(a, b)`` cell, ``a`` down and ``b`` across; an empty cell is NaN and 0."""
     cells = grid.groupby([a, b], observed=False)["value"].agg(["mean", "count"])
     return cells["mean"].unstack(b), cells["count"].unstack(b).fillna(0).astype(int)
 

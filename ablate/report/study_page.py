@@ -86,6 +86,9 @@ def _context(data: StudyData) -> dict:
     ctx = {
         "name": data.name, "kind": data.kind, "description": data.spec.description,
         "task_metric": data.task_metric, "edges": [], "fair": "", "study_statement": "", "margin": data.spec.margin,
+        "test_label": names.outcome_label(data.spec.outcome, prose=True),
+        "val_label": names.outcome_label(data.spec.outcome, "val", prose=True),
+        "val_metric": names.outcome_label(data.spec.outcome, "val"),
         "health": html.table(analysis.health(data)) if not t.empty else None,
         "reruns": data.reruns, "lengths": None, "costs": None, "claims": [], "solved_acc": names.SOLVED_ACC,
         "failures": _failures(t), "answers": [], "variant_df": pd.DataFrame(), "variants": None,
@@ -115,10 +118,10 @@ def _ablation(data: StudyData, ctx: dict) -> None:
     wide = sum(a["study_decided"] for a in ctx["answers"])
     ctx["study_statement"] = analysis.study_statement(data)
     ctx["headline"] = (f"{wide} of {len(ctx['answers'])} scientific parameters decided study-wide ({decided} at "
-                       f"alpha per factor) at a margin of ±{data.spec.margin:g} test "
-                       f"loss{_budget_phrase(data.spec.compute)}: " + "; ".join(
+                       f"alpha per factor) at a margin of ±{data.spec.margin:g} "
+                       f"{ctx['test_label']}{_budget_phrase(data.spec.compute)}: " + "; ".join(
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
-    ctx["variant_df"] = _variant_display(table, data.task_metric)
+    ctx["variant_df"] = _variant_display(table, data.task_metric, data.spec.outcome)
     ctx["lengths"] = _length_display(data, table)
     ctx["costs"] = _cost_display(data, table)
     ctx["claims"] = _claims(data, table)
@@ -138,7 +141,8 @@ def _fairness(data: StudyData, tuned: pd.DataFrame) -> str:
     how = (f"Each variant's learning rate is chosen from the means of {spec.tune_seeds} tune seed"
            f"{'s' * (spec.tune_seeds != 1)} per point (never verdict seeds), at the vertex of the parabola through "
            "the best mean and its neighbours. Its tuning penalty is what that choice can cost it against its best "
-           f"learning rate in the range (bootstrap over the seed spread, {tuned['seed_sd'].iloc[0]:.3g} nats at a "
+           f"learning rate in the range (bootstrap over the seed spread, {tuned['seed_sd'].iloc[0]:.3g} "
+           f"{names.OUTCOME_UNITS[spec.outcome]} at a "
            "fixed point); every verdict's interval is widened by both arms' penalty bounds, so a decided verdict "
            "holds of the arms as tuned well. ")
     tuned = tuned.assign(penalty_95=tuned["penalty_95"].fillna(math.inf))  # unknown: not shown to be small
@@ -170,7 +174,7 @@ def _nuisance_param(data: StudyData) -> str:
 def _search(data: StudyData, ctx: dict) -> None:
     imp = analysis.importances(data)
     best = analysis.best_trials(data)
-    ctx["headline"] = (f"search study: best val/loss {html.num(best['value'].iloc[0])} (trial "
+    ctx["headline"] = (f"search study: best {ctx['val_metric']} {html.num(best['value'].iloc[0])} (trial "
                        f"{int(best['trial'].iloc[0])}); no ablation conclusions are drawn from adaptive search"
                        if len(best) else "search study: no completed trials yet")
     top = list(imp["param"][:2]) if len(imp) >= 2 else analysis.varied_params(data)[:2]
@@ -183,8 +187,11 @@ def _search(data: StudyData, ctx: dict) -> None:
     ctx["figures"]["interaction"] = search_plots.interaction(data, *top) if len(top) == 2 else None
 
 
-def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
-    """Table 3 as strings: the tuning, the seed re-runs on the test split, the verdict's interval, the costs."""
+def _variant_display(table: pd.DataFrame, metric: str | None, outcome: str) -> pd.DataFrame:
+    """Table 3 as strings: the tuning, the seed re-runs on the test split, the verdict's interval, the costs; the
+    validation and test columns in ``outcome``'s units, named so."""
+    test = names.outcome_label(outcome)
+
     def pm(mean: float, half: float) -> str:
         return "" if math.isnan(mean) else f"{mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
 
@@ -214,9 +221,9 @@ def _variant_display(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
         "lr basin (within margin)": [("" if math.isnan(lo) else f"{analysis.display(lo)}–{analysis.display(hi)}")
                                      for lo, hi in zip(table["basin_lo"], table["basin_hi"], strict=True)],
         "seeds": [seeds(r) for _, r in table.iterrows()],
-        "val/loss (mean)": table["val_mean"],
-        "test/loss (mean ± 95% CI)": [pm(m, h) for m, h in zip(table["test_mean"], table["test_ci"], strict=True)],
-        "Δ test/loss vs base [verdict's interval]": [delta(r) for _, r in table.iterrows()],
+        f"{names.outcome_label(outcome, 'val')} (mean)": table["val_mean"],
+        f"{test} (mean ± 95% CI)": [pm(m, h) for m, h in zip(table["test_mean"], table["test_ci"], strict=True)],
+        f"Δ {test} vs base [verdict's interval]": [delta(r) for _, r in table.iterrows()],
         "verdict": [v or "—" for v in table["verdict"]],
         "params": table[names.PARAMS], "FLOPs/token": table[names.FLOPS_PER_TOKEN],
         "tokens/s": table[names.TOKENS_PER_S], "wall s": table[names.WALL_S],
@@ -239,7 +246,8 @@ def _claims(data: StudyData, table: pd.DataFrame, exponents: dict | None = None)
         if claim.less_sensitive and len(tune):  # Wortsman et al.'s evidence: loss, divergence and logits by LR
             arms = [claim.less_sensitive, claim.than]
             runs = tune[tune["variant"].isin(arms)]["run_id"]
-            grid = html.table(claims.lr_grid(tune, data.spec.nuisance[0].key, arms, _max_logits(data, runs)))
+            grid = html.table(claims.lr_grid(tune, data.spec.nuisance[0].key, arms, _max_logits(data, runs),
+                                              data.spec.outcome))
         out.append({"id": key, "claim": claim.claim, "source": claim.source, "published": claim.published,
                     "caveats": caveats, "grid": grid, **judged})
     return out

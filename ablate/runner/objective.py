@@ -2,12 +2,14 @@
 
 Every trial is enqueued with its nuisance values (``ablate.design.plan``); the objective only suggests them back so that
 Optuna records them as params. A diverged run raises :class:`Diverged`, so Optuna records a FAIL (the report tells
-diverged from failed by the ``status`` attr); its outcome for the verdicts is the uniform-guess loss.
+diverged from failed by the ``status`` attr); its outcome for the verdicts is the uniform-guess loss. Every value is
+in the study's outcome units (``spec.outcome``): val/loss and test/loss, or val/bpb and test/bpb.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -27,7 +29,8 @@ class Diverged(RuntimeError):
 
 
 class Objective:
-    """Turns an Optuna trial into a config, trains it with the MLflow tracker and a pruning bridge, returns val/loss.
+    """Turns an Optuna trial into a config, trains it with the MLflow tracker and a pruning bridge, returns its
+    validation outcome (val/loss, or val/bpb with ``outcome: bpb``).
 
     One trial at a time (``__call__``, for ``study.optimize``), or several of one architecture trained as one stacked
     model (``group``, ``training.together``): both prepare and conclude each trial alike, so its attrs, run and state
@@ -88,7 +91,7 @@ class Objective:
         params.update(self._nuisance(trial))
         tracker = self._tracker(trial, trial.user_attrs.get(names.ATTR_PHASE, "search"), params)
         config = self.config(params, trial.user_attrs)
-        return config, [tracker, TrialBridge(trial, tracker, prune=spec.pruner != "none")]
+        return config, [tracker, TrialBridge(trial, tracker, prune=spec.pruner != "none", outcome=spec.outcome)]
 
     def conclude(self, result: Any) -> float:
         """The trial's value, or why it has none: pruned (stopped), or ``Diverged``."""
@@ -97,7 +100,7 @@ class Objective:
             raise optuna.TrialPruned(result.reason)
         if result.status == "diverged":
             raise Diverged(result.reason)
-        return result.metrics[names.VAL_LOSS]
+        return result.metrics[names.val_metric(self.spec.outcome)]
 
     def _take(self, trials: list[optuna.Trial]) -> None:
         self.numbers = [t.number for t in trials]
@@ -150,6 +153,19 @@ class Objective:
         return name, ",".join(changed)
 
 
+def outcome_of(result: Any, outcome: str) -> float | None:
+    """A run's verdict score in ``outcome``'s units: what a completed run logged on test (``test/bpb``), a diverged
+    run's uniform-guess loss on test, None for any other run. The study's trials and ``ablate.retune`` score alike."""
+    if result.status == "completed":
+        return result.metrics.get(names.test_metric(outcome))
+    return uniform_of(result, outcome, "test") if result.status == "diverged" else None
+
+
+def uniform_of(result: Any, outcome: str, split: str) -> float:
+    """A uniform guess's score on ``split`` in ``outcome``'s units (NaN when the run never built its task)."""
+    return names.in_outcome_units(result.uniform_loss, outcome, result.tokens_per_byte.get(split, math.nan))
+
+
 def _raise(err: BaseException | None) -> Callable[[], float]:
     def again() -> float:
         raise err or RuntimeError("ended without a result")
@@ -160,8 +176,8 @@ def _raise(err: BaseException | None) -> Callable[[], float]:
 class TrialBridge:
     """A train callback after the tracker: records the run id on the trial and reports each evaluation for pruning."""
 
-    def __init__(self, trial: optuna.Trial, tracker: Any, prune: bool) -> None:
-        self.trial, self.tracker, self.prune = trial, tracker, prune
+    def __init__(self, trial: optuna.Trial, tracker: Any, prune: bool, outcome: str) -> None:
+        self.trial, self.tracker, self.prune, self.outcome = trial, tracker, prune, outcome
         self.result: Any = None  # how the run ended (``on_end``)
 
     def on_start(self, start: Any) -> None:
@@ -173,7 +189,7 @@ class TrialBridge:
             raise KeyboardInterrupt("stop requested")
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> bool:
-        self.trial.report(metrics[names.VAL_LOSS], step)
+        self.trial.report(metrics[names.val_metric(self.outcome)], step)  # what the trial's value will be
         return self.prune and self.trial.should_prune()
 
     def on_end(self, result: Any) -> None:
@@ -183,10 +199,9 @@ class TrialBridge:
         self.trial.set_user_attr(names.ATTR_STATUS, result.status)
         if result.status != "completed" and result.reason:
             self.trial.set_user_attr(names.ATTR_REASON, redact_text(result.reason)[:2000])
-        if result.uniform_loss == result.uniform_loss:  # the ceiling of a learning-rate sensitivity (ablate.claims)
-            self.trial.set_user_attr(names.ATTR_UNIFORM, float(result.uniform_loss))
-        outcome = result.metrics.get(names.TEST_LOSS) if result.status == "completed" else None
-        if result.status == "diverged":
-            outcome = result.uniform_loss  # a diverged run is the worst outcome, never a dropped one
+        uniform = uniform_of(result, self.outcome, "validation")  # a diverged tune run's ceiling, on val values
+        if uniform == uniform:  # the ceiling of a learning-rate sensitivity (ablate.claims)
+            self.trial.set_user_attr(names.ATTR_UNIFORM, float(uniform))
+        outcome = outcome_of(result, self.outcome)  # a diverged run is the worst outcome, never a dropped one
         if outcome is not None and outcome == outcome:
             self.trial.set_user_attr(names.ATTR_OUTCOME, float(outcome))

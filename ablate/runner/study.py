@@ -142,7 +142,7 @@ def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline
             recovery.retry_failed(study)
         parent.resume()
         try:
-            with Monitor(study, total=lambda trials: planned_size(spec, trials)):
+            with Monitor(study, lambda trials: planned_size(spec, trials), names.outcome_label(spec.outcome, "val")):
                 if len(slots) == 1:  # in this process, on the default device
                     work(target, trials, deadline, slots[0].threads, 0, together)
                 else:

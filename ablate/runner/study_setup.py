@@ -63,7 +63,9 @@ def plan_digest(spec: StudySpec) -> str:
     rules = [spec.points, spec.tune_seeds, spec.min_seeds, spec.max_seeds, spec.margin, spec.alpha,
              spec.max_extra_points, [(p.key, p.low, p.high, p.log) for p in spec.nuisance]]  # fmt: skip
     compute = [] if spec.compute is None else [[spec.compute.match, spec.compute.value]]  # none: digest as before
-    blob = json.dumps([spec.kind, _digest_base(spec.base), first, rules, *compute], sort_keys=True, default=str)
+    outcome = [] if spec.outcome == "loss" else [["outcome", spec.outcome]]  # loss, the default: digest as before
+    blob = json.dumps([spec.kind, _digest_base(spec.base), first, rules, *compute, *outcome], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -82,7 +84,7 @@ def setup_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.
             study = optuna.load_study(study_name=spec.name, storage=storage)
         recovery.failpoint("setup:created")
         if study.metric_names is None:  # the dashboard's name for the objective, also on a study made before this
-            study.set_metric_names([names.VAL_LOSS])
+            study.set_metric_names([names.val_metric(spec.outcome)])
         attrs = study.user_attrs
         digest = attrs.get(PLAN_DIGEST)
         if digest is not None and digest != plan_digest(spec):

@@ -142,10 +142,11 @@ def _settle(parent: ParentRun, trial: FrozenTrial, runs: list[Any], status: str,
     client.set_terminated(run.info.run_id, status)
 
 
-def describe(t: FrozenTrial) -> str:
-    """One line per finished trial."""
+def describe(t: FrozenTrial, value_name: str) -> str:
+    """One line per finished trial; ``value_name`` says what its value is (``val/loss``, ``val/bpb (bits per
+    byte)``)."""
     a = t.user_attrs
-    value = f"val/loss {t.value:.4f}" if t.value is not None else a.get(names.ATTR_STATUS, "")
+    value = f"{value_name} {t.value:.4f}" if t.value is not None else a.get(names.ATTR_STATUS, "")
     took = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else 0
     where = f"{a.get(names.ATTR_PHASE, '')} {a.get(names.ATTR_VARIANT, '')} #{a.get(names.ATTR_POINT, '-')}"
     return f"trial {t.number:>4} {t.state.name:<8} {where:<40} {value}  ({took:.0f}s)"
@@ -157,9 +158,9 @@ class Monitor:
     It polls the storage from a thread, so it sees the trials of every worker process alike.
     """
 
-    def __init__(self, study: optuna.Study, total: Callable[[list[FrozenTrial]], int | None], every_s: float = 2.0
-                 ) -> None:  # fmt: skip
-        self.study, self.total, self.every_s = study, total, every_s
+    def __init__(self, study: optuna.Study, total: Callable[[list[FrozenTrial]], int | None], value_name: str,
+                 every_s: float = 2.0) -> None:  # fmt: skip
+        self.study, self.total, self.value_name, self.every_s = study, total, value_name, every_s
         self._stop = threading.Event()
         trials = study.get_trials(deepcopy=False)
         self._seen: set[int] = {t.number for t in trials if t.state in FINISHED}
@@ -192,7 +193,7 @@ class Monitor:
         for t in trials:
             if t.state in FINISHED and t.number not in self._seen:
                 self._seen.add(t.number)
-                tqdm.write(describe(t))
+                tqdm.write(describe(t, self.value_name))
                 self.bar.update(1)
         done = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
         if done:
@@ -200,17 +201,20 @@ class Monitor:
 
 
 def print_results(spec: StudySpec, study: optuna.Study) -> None:
-    """Until a report exists (and in the log): per variant, the seed-phase outcome (test/loss; a diverged run at
-    the uniform-guess loss), mean ± std (n), and the best tune run's val/loss."""
+    """Until a report exists (and in the log): per variant, the seed-phase outcome (test/loss or test/bpb; a diverged
+    run at the uniform guess's), mean ± std (n), and the best tune run's value (val/loss or val/bpb)."""
+    test, val = names.outcome_label(spec.outcome), names.outcome_label(spec.outcome, "val")
     trials = study.get_trials(deepcopy=False)
     print(f"\nStudy {spec.name} ({spec.kind}): {len(trials)} trials, "
           f"{sum(t.state == TrialState.COMPLETE for t in trials)} complete")  # fmt: skip
     if spec.kind == "search":
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         for t in sorted(done, key=lambda t: t.value)[:5]:
-            print(f"  val/loss {t.value:.4f}  {t.params}")
+            print(f"  {val} {t.value:.4f}  {t.params}")
         return
-    print(f"  {'variant':<36} {'seed-phase test/loss':>22} {'best tune val':>13}")
+    header = f"seed-phase {test}"
+    width = max(22, len(header))
+    print(f"  {'variant':<36} {header:>{width}} {'best tune val':>13}")
     for variant in spec.variants():
         mine = [t for t in trials if t.user_attrs.get(names.ATTR_VARIANT) == variant.name]
         seeds = [t.user_attrs[names.ATTR_OUTCOME] for t in mine
@@ -218,7 +222,7 @@ def print_results(spec: StudySpec, study: optuna.Study) -> None:
         tune = [t.value for t in mine if _is(t, "tune")]
         mean = _mean_std(seeds)
         best = f"{min(tune):.4f}" if tune else "-"
-        print(f"  {variant.name:<36} {mean:>22} {best:>13}")
+        print(f"  {variant.name:<36} {mean:>{width}} {best:>13}")
 
 
 def _is(t: FrozenTrial, phase: str) -> bool:

@@ -54,6 +54,9 @@ class RunResult:
     uniform_loss: float = math.nan
     """Cross-entropy of a uniform guess, ln(output classes): the score a diverged run stands for. NaN only when a
     run failed before its task was built."""
+    tokens_per_byte: dict[str, float] = field(default_factory=dict)
+    """The task's tokens per UTF-8 byte of each split's text (``Task.tokens_per_byte``; empty but for a bpb task): what
+    turns a loss, the uniform guess's too, into bits per byte (``names.in_outcome_units``)."""
 
 
 class Callback(Protocol):
@@ -143,6 +146,7 @@ class Trainer:
         self.tokens = 0
         self.initial = math.nan  # the first step's loss: the reference for divergence
         self.uniform_loss = math.nan
+        self.tokens_per_byte: dict[str, float] = {}
         self.test: dict[str, float] = {}  # test/loss and test/<metric>, once a completed run is scored
 
     # -- setup ----------------------------------------------------------------------------------------------------
@@ -158,6 +162,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device)
         self.task = task if task is not None else build_task(cfg.task, seed=DATA_SEED)
         self.uniform_loss = math.log(self.task.num_classes or self.task.vocab_size)  # the output layer's classes
+        self.tokens_per_byte = dict(self.task.tokens_per_byte)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, self.task.vocab_size, self.task.seq_len, self.task.num_classes)
         self.model.to(self.device)
@@ -325,7 +330,7 @@ class Trainer:
             count += scored.sum()
         loss = (loss_sum / count.clamp(min=1)).item()
         if self.task.metric == "bpb":  # bits per token, per byte of the split's text
-            metric = loss / math.log(2) * self.task.tokens_per_byte[split]
+            metric = names.in_outcome_units(loss, "bpb", self.task.tokens_per_byte[split])
         else:
             metric = loss / math.log(2) if self.task.metric == "bpc" else (correct / count.clamp(min=1)).item()
         return loss, metric, first
@@ -375,7 +380,8 @@ class Trainer:
         """The result of a run that ``err`` ended: failed, or interrupted by a KeyboardInterrupt."""
         reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        return RunResult(status, reason, self.step, config_yaml=to_yaml(self.config), uniform_loss=self.uniform_loss)
+        return RunResult(status, reason, self.step, config_yaml=to_yaml(self.config), uniform_loss=self.uniform_loss,
+                         tokens_per_byte=self.tokens_per_byte)
 
     def result(self, status: str, reason: str, start: float) -> RunResult:
         metrics: dict[str, float] = {
@@ -400,5 +406,5 @@ class Trainer:
             checkpoint = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return RunResult(
             status, reason, self.step, metrics, self.history, self.maps, to_yaml(self.config), checkpoint,
-            uniform_loss=self.uniform_loss,
+            uniform_loss=self.uniform_loss, tokens_per_byte=self.tokens_per_byte,
         )  # fmt: skip
