@@ -17,10 +17,10 @@ from ablate.core.config import (
     choice,
 )
 from ablate.core.sizes import MATCHES
+from ablate.tasks.checks import TRAITS
 
 KINDS = ("ablation", "search")
 OUTCOMES = tuple(names.OUTCOME_UNITS)  # loss, bpb
-BPB_TASKS = ("lm",)  # the tasks whose metric is bits per byte (``ablate.tasks.lm``): those an outcome bpb can use
 TOKENIZER_KEYS = ("task.tokenizer", "task.tokenizer_vocab")  # arms that differ in these differ in what a token is
 SAMPLERS = ("tpe", "random", "halton")
 PRUNERS = ("none", "median", "hyperband")
@@ -229,8 +229,10 @@ class StudyFile:
             raise ConfigError("margin", f"must be > 0, got {self.margin}")
         if not 0 < self.alpha < 0.5:
             raise ConfigError("alpha", f"must be in (0, 0.5), got {self.alpha}")
-        if self.outcome == "bpb" and self.task.name not in BPB_TASKS:
-            raise ConfigError("outcome", f"bpb needs a task scored in bits per byte ({', '.join(BPB_TASKS)}); task "
+        if self.outcome != "loss" and TRAITS[self.task.name].metric != self.outcome:
+            scored = ", ".join(name for name, traits in TRAITS.items() if traits.metric == self.outcome)
+            raise ConfigError("outcome", f"{self.outcome} needs a task scored in {names.OUTCOME_UNITS[self.outcome]} "
+                                         f"({scored}); task "
                                          f"{self.task.name} allows loss")  # fmt: skip
 
 

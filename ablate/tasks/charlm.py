@@ -21,7 +21,7 @@ import numpy as np
 
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import Task, build_splits, cache_dir, digest_of, row_features
-from ablate.tasks.checks import hf_name, text_files, unreadable
+from ablate.tasks.checks import TRAITS, hf_name, text_files, unreadable
 from ablate.tasks.corpus import DOC_SEPARATOR, UNKNOWN, char_ids, code_table, split_text
 
 
@@ -54,7 +54,7 @@ def build(cfg: TaskConfig, seed: int) -> Task:
         vocab_size=len(vocab),
         seq_len=cfg.seq_len,
         num_classes=None,
-        metric="bpc",
+        metric=TRAITS["charlm"].metric,
         digest=digest,
         vocab=vocab,
         description=f"charlm on {cfg.source}: {len(text):,} characters, vocabulary {len(vocab)}, "

@@ -30,6 +30,8 @@ class Traits:
 
     builder: str
     """``module.function`` in ``ablate.tasks`` that builds it."""
+    metric: str
+    """Its own score beside the loss (``val/<metric>``, ``test/<metric>``): bpc, bpb or acc."""
     classifier: bool = False
     """A bidirectional classifier (``Task.num_classes`` set) rather than a causal language model."""
     text: bool = False
@@ -43,10 +45,10 @@ class Traits:
 
 
 TRAITS = {
-    "charlm": Traits("charlm.build", text=True),
-    "recall": Traits("generated.build_recall", solves=True, vocab_from_config=True),
-    "listops": Traits("generated.build_listops", classifier=True, vocab=16),
-    "lm": Traits("lm.build", text=True),
+    "charlm": Traits("charlm.build", "bpc", text=True),
+    "recall": Traits("generated.build_recall", "acc", solves=True, vocab_from_config=True),
+    "listops": Traits("generated.build_listops", "acc", classifier=True, vocab=16),
+    "lm": Traits("lm.build", "bpb", text=True),
 }
 assert set(TRAITS) == set(TASKS), "config.TASKS names the tasks this table describes"
 CHARLM_VOCAB = 256  # a guess before the text is read: the characters of most corpora

@@ -23,7 +23,7 @@ import numpy as np
 
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import IGNORE, SPLITS, Task, build_rows, build_splits, digest_of, row_features
-from ablate.tasks.checks import MAX_LISTOPS_DEPTH, check_listops, check_recall
+from ablate.tasks.checks import MAX_LISTOPS_DEPTH, TRAITS, check_listops, check_recall
 
 # ---------------------------------------------------------------------------------------------------------------
 # recall: multi-query associative recall (Arora et al. 2023, "Zoology")
@@ -52,7 +52,7 @@ def build_recall(cfg: TaskConfig, seed: int) -> Task:
         vocab_size=cfg.vocab_size + 1,
         seq_len=cfg.seq_len,
         num_classes=None,
-        metric="acc",
+        metric=TRAITS["recall"].metric,
         digest=digest,
         vocab=("_", *(f"k{i}" for i in range(1, n_keys + 1)), *(f"v{i}" for i in range(1, n_values + 1))),
         description=f"recall (MQAR): {pairs} pairs in {cfg.seq_len} tokens, {cfg.vocab_size} key/value tokens",
@@ -141,7 +141,7 @@ def build_listops(cfg: TaskConfig, seed: int) -> Task:
         vocab_size=len(LISTOPS_VOCAB),
         seq_len=cfg.seq_len,
         num_classes=10,
-        metric="acc",
+        metric=TRAITS["listops"].metric,
         digest=digest,
         vocab=LISTOPS_VOCAB,
         description=f"listops: depth <= {cfg.max_depth}, <= {cfg.max_args} arguments, padded to {cfg.seq_len}",

@@ -27,6 +27,7 @@ import pyarrow as pa
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import SPLITS, Task, digest_of, row_features
 from ablate.tasks.charlm import longer_windows
+from ablate.tasks.checks import TRAITS
 from ablate.tasks.corpus import check_corpus
 
 
@@ -46,8 +47,8 @@ def build(cfg: TaskConfig, seed: int) -> Task:
     data = datasets.DatasetDict({s: _windows(corpus.ids(s), cfg.seq_len, f"lm-{digest}-{s}") for s in SPLITS})
     per_byte = {split: tokens[split] / max(1, corpus.text_bytes[split]) for split in SPLITS}
     return Task(
-        name="lm", data=data, vocab_size=len(corpus.vocab), seq_len=cfg.seq_len, num_classes=None, metric="bpb",
-        digest=digest, vocab=corpus.vocab, random_offsets=True, tokens_per_byte=per_byte,
+        name="lm", data=data, vocab_size=len(corpus.vocab), seq_len=cfg.seq_len, num_classes=None,
+        metric=TRAITS["lm"].metric, digest=digest, vocab=corpus.vocab, random_offsets=True, tokens_per_byte=per_byte,
         token_files=dict(corpus.token_files),
         description=f"lm on {cfg.source}: {sum(len(d) for d in corpus.docs.values()):,} documents, "
                     f"{sum(corpus.text_bytes.values()):,} bytes, tokenizer {cfg.tokenizer} ({len(corpus.vocab)} "
