@@ -41,14 +41,6 @@ class StudyData:
     client: MlflowClient | None = None
     reruns: int = 0  # earlier attempts at a planned trial (interrupted, lost, failed) that were run again
 
-    @property
-    def task_metric(self) -> str | None:
-        """``val/bpc`` or ``val/acc``: the task's own validation metric, if any run logged one."""
-        for key in ("val/bpc", "val/acc"):
-            if key in self.trials and self.trials[key].notna().any():
-                return key
-        return None
-
     def history(self, run_id: str, key: str) -> pd.DataFrame:
         """A metric's history for one run: columns step, value (empty when the run or metric is missing)."""
         if not run_id or self.client is None:

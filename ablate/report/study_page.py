@@ -85,7 +85,7 @@ def _context(data: StudyData) -> dict:
     statuses = t["status"].value_counts().to_dict() if not t.empty else {}
     ctx = {
         "name": data.name, "kind": data.kind, "description": data.spec.description,
-        "task_metric": data.task_metric, "edges": [], "fair": "", "study_statement": "", "margin": data.spec.margin,
+        "edges": [], "fair": "", "study_statement": "", "margin": data.spec.margin,
         "test_label": names.outcome_label(data.spec.outcome, prose=True),
         "val_label": names.outcome_label(data.spec.outcome, "val", prose=True),
         "val_metric": names.outcome_label(data.spec.outcome, "val"),
@@ -121,7 +121,7 @@ def _ablation(data: StudyData, ctx: dict) -> None:
                        f"alpha per factor) at a margin of ±{data.spec.margin:g} "
                        f"{ctx['test_label']}{_budget_phrase(data.spec.compute)}: " + "; ".join(
                            f"{a['factor']} → {a['choice']} ({a['verdict']})" for a in ctx["answers"]))
-    ctx["variant_df"] = _variant_display(table, data.task_metric, data.spec.outcome)
+    ctx["variant_df"] = _variant_display(table, data.spec.outcome)
     ctx["lengths"] = _length_display(data, table)
     ctx["costs"] = _cost_display(data, table)
     ctx["claims"] = _claims(data, table)
@@ -187,7 +187,7 @@ def _search(data: StudyData, ctx: dict) -> None:
     ctx["figures"]["interaction"] = search_plots.interaction(data, *top) if len(top) == 2 else None
 
 
-def _variant_display(table: pd.DataFrame, metric: str | None, outcome: str) -> pd.DataFrame:
+def _variant_display(table: pd.DataFrame, outcome: str) -> pd.DataFrame:
     """Table 3 as strings: the tuning, the seed re-runs on the test split, the verdict's interval, the costs; the
     validation and test columns in ``outcome``'s units, named so."""
     test = names.outcome_label(outcome)
