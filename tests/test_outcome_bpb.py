@@ -20,13 +20,14 @@ from ablate.runner.study_setup import plan_digest
 
 
 def corpus(path) -> str:
-    """Documents of real text (the standard library's help topics), one .txt file each: a folder lm reads."""
+    """Documents of real text (the standard library's help topics), a row each of a Parquet file."""
     import pydoc_data.topics
 
-    path.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     topics = pydoc_data.topics.topics
-    for i, key in enumerate(sorted(topics)[:120]):
-        (path / f"{i:03d}.txt").write_text(topics[key])
+    pq.write_table(pa.table({"text": [topics[key] for key in sorted(topics)[:120]]}), path)
     return str(path)
 
 
@@ -97,7 +98,7 @@ def test_a_tiny_lm_study_of_two_tokenizers_is_tuned_and_judged_in_bits_per_byte(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    study = lm_study(corpus(tmp_path / "docs"), seeds=2)
+    study = lm_study(corpus(tmp_path / "docs.parquet"), seeds=2)
     (tmp_path / "bytes.yaml").write_text(yaml.safe_dump(study))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert run_study(tmp_path / "bytes.yaml", storage=storage, report=True) == 0

@@ -32,10 +32,12 @@ UI_HOST = "127.0.0.1"
 RUNS_TABLE = {"workflowType": "machine_learning", "orderByKey": f"metrics.`{names.VAL_LOSS}`", "orderByAsc": "true"}
 
 
-def runs_url(experiment_id: str, run_id: str | None = None, port: int = 5000) -> str:
-    """The MLflow UI's runs table of ``experiment_id`` (or the page of ``run_id`` in it), served by ``ablate ui``."""
+def runs_url(experiment_id: str, run_id: str | None = None, port: int = 5000, order_by: str = names.VAL_LOSS) -> str:
+    """The MLflow UI's runs table of ``experiment_id``, best ``order_by`` first (or the page of ``run_id`` in it),
+    served by ``ablate ui``."""
     if run_id is None:
-        return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs?{urlencode(RUNS_TABLE)}"
+        table = {**RUNS_TABLE, "orderByKey": f"metrics.`{order_by}`"}
+        return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs?{urlencode(table)}"
     workflow = urlencode({"workflowType": RUNS_TABLE["workflowType"]})
     return f"http://{UI_HOST}:{port}/#/experiments/{experiment_id}/runs/{run_id}?{workflow}"
 

@@ -157,7 +157,7 @@ def _run_one(spec: StudySpec, target: WorkerTarget, trials: int | None, deadline
               file=sys.stderr)  # fmt: skip
         return 130, False
     print_results(spec, study)
-    print(f"All runs: make ui, then {runs_url(parent.experiment_id)}")
+    print(f"All runs: make ui, then {runs_url(parent.experiment_id, order_by=names.val_metric(spec.outcome))}")
     code = _exit_code(study, before)
     if not report:
         return code, False
