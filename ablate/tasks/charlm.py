@@ -21,8 +21,9 @@ import numpy as np
 
 from ablate.core.config import ConfigError, TaskConfig
 from ablate.tasks.base import Task, build_splits, cache_dir, digest_of, row_features
-from ablate.tasks.checks import TRAITS, hf_name, text_files, unreadable
+from ablate.tasks.checks import TRAITS
 from ablate.tasks.corpus import DOC_SEPARATOR, UNKNOWN, char_ids, code_table, split_text
+from ablate.tasks.sources import hf_name, text_files, unreadable
 
 
 def build(cfg: TaskConfig, seed: int) -> Task:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ablate.core.config import ConfigError, TaskConfig
-from ablate.tasks.checks import DATA_FILES, data_files, hf_cache, hf_name, text_files, unreadable
+from ablate.tasks.sources import DATA_FILES, data_files, hf_cache, hf_name, text_files, unreadable
 
 SPLITS = ("train", "validation", "test")
 END = "<|endoftext|>"  # between documents; also the unknown token of a unigram model
