@@ -90,6 +90,37 @@ def test_sigterm_ends_the_run_failed_instead_of_running(client: MlflowClient) ->
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
 
 
+def test_a_stop_swallowed_in_a_weakref_callback_sets_the_flag_and_prints_no_traceback(monkeypatch):
+    """SIGTERM landing in a weakref callback (SQLAlchemy's registry during garbage collection) cannot raise: Python
+    prints it as "Exception ignored". The flag carries the stop, so that print is dropped; other errors still print."""
+    import weakref
+
+    from ablate.core.interrupts import STOP_REQUESTED
+
+    class Thing:
+        pass
+
+    def collect(callback) -> None:
+        thing = Thing()
+        ref = weakref.ref(thing, callback)  # noqa: F841 - alive until the thing is collected
+        del thing
+
+    def fail(ref) -> None:
+        raise ValueError("not a stop")
+
+    printed = []  # what Python's hook would print as "Exception ignored in ..."
+    record = lambda hook: printed.append(type(hook.exc_value).__name__)  # noqa: E731
+    monkeypatch.setattr(sys, "unraisablehook", record)
+    try:
+        with sigterm_as_interrupt():
+            collect(lambda ref: signal.raise_signal(signal.SIGTERM))
+            assert STOP_REQUESTED.is_set()
+            collect(fail)
+    finally:
+        STOP_REQUESTED.clear()
+    assert printed == ["ValueError"] and sys.unraisablehook is record  # restored
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's zombie may wait for a reaper that never comes in a container)."""
     try:

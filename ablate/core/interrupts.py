@@ -3,8 +3,8 @@ scheduler) and Ctrl-C into a clean stop, and the flag a loop checks when an inte
 
 from __future__ import annotations
 
-import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,18 +29,28 @@ def handling(signals: tuple[signal.Signals, ...], handler: Any) -> Iterator[None
             signal.signal(sig, old)
 
 
-def sigterm_as_interrupt(sigint: bool = False) -> contextlib.AbstractContextManager[None]:
+@contextmanager
+def sigterm_as_interrupt(sigint: bool = False) -> Iterator[None]:
     """Inside, SIGTERM (``kill``, ``timeout``, a scheduler), and SIGINT too with ``sigint``, raises KeyboardInterrupt,
     so the trainer's cleanup runs and the MLflow run ends KILLED instead of staying RUNNING forever. The signal also
-    sets ``STOP_REQUESTED``: an interrupt raised inside a ``__del__`` is swallowed by Python, and a loop that checks
-    the flag stops anyway."""
+    sets ``STOP_REQUESTED``: an interrupt raised inside a ``__del__`` or a weakref callback (SQLAlchemy's registry,
+    during garbage collection) is swallowed by Python, and a loop that checks the flag stops anyway. Such a
+    swallowed stop is not printed as "Exception ignored": the flag carries it."""
 
     def interrupt(signum: int, frame: Any) -> None:
         STOP_REQUESTED.set()
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    return handling((signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,), interrupt)
+    def unraisable(hook: Any) -> None:
+        if not (isinstance(hook.exc_value, KeyboardInterrupt) and STOP_REQUESTED.is_set()):
+            previous(hook)
 
+    previous, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        with handling((signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,), interrupt):
+            yield
+    finally:
+        sys.unraisablehook = previous
 
 
 @contextmanager
