@@ -89,7 +89,9 @@ class Task:
         if self.random_offsets and split == "train":
             text = self._training_text(split, device)
             epochs = _window_epochs(len(text), self.seq_len, gen)
-            return (_window_batch(text, starts, self.seq_len, device) for starts in _index_stream(epochs, batch_size))
+            span = np.arange(self.seq_len + 1)  # a window's offsets from its start, made once, not per step
+            offsets = span if isinstance(text, np.ndarray) else torch.from_numpy(span).to(text.device)
+            return (_window_batch(text, starts, offsets, device) for starts in _index_stream(epochs, batch_size))
         tensors = self._split_tensors(split, device)
         epochs = _row_epochs(len(tensors["inputs"]), gen)
         return (_batch(tensors, idx, device) for idx in _index_stream(epochs, batch_size))
@@ -200,13 +202,14 @@ def _window_epochs(text_len: int, seq_len: int, gen: torch.Generator) -> Iterato
         yield phase + seq_len * torch.randperm(count, generator=gen)
 
 
-def _window_batch(text: torch.Tensor | np.ndarray, starts: torch.Tensor, seq_len: int, device: Any) -> Batch:
+def _window_batch(text: torch.Tensor | np.ndarray, starts: torch.Tensor, offsets: torch.Tensor | np.ndarray,
+                  device: Any) -> Batch:  # fmt: skip
     """The windows at ``starts`` as one gather where the text lives (a tensor, or a memory-mapped file read for
-    just these windows): inputs window[:-1], targets window[1:]."""
+    just these windows; ``offsets`` of the same kind): inputs window[:-1], targets window[1:]."""
     if isinstance(text, np.ndarray):
-        windows = torch.from_numpy(text[starts.numpy()[:, None] + np.arange(seq_len + 1)]).long()
+        windows = torch.from_numpy(text[starts.numpy()[:, None] + offsets]).long()
     else:
-        windows = text[starts.to(text.device)[:, None] + torch.arange(seq_len + 1, device=text.device)]
+        windows = text[starts.to(text.device)[:, None] + offsets]
     windows = windows.to(device, non_blocking=True)  # (B, T + 1)
     return Batch(windows[:, :-1], windows[:, 1:])
 
